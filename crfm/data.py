@@ -1,0 +1,204 @@
+"""Dataset index (`index.jsonl`) reading and validation, and loading of image–mask pairs.
+
+An index line is `{"source": label path, "target": image path, "prompt": text}` with paths relative
+to the data root; any further keys (e.g. "index" added by vectorize, "dataset") are kept. Labels are
+single-channel PNGs of class indices with 255 as "ignore".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE_INDEX = 255
+REQUIRED_KEYS = ("source", "target", "prompt")
+PROMPT_PREFIX = "a satellite image of "
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the file and line or item at fault."""
+
+
+@dataclass(frozen=True)
+class IndexItem:
+    line: int  # 1-based line number in the index file, for error messages
+    source: str  # label path relative to the data root
+    target: str  # image path relative to the data root
+    prompt: str
+    record: dict = field(repr=False)  # the whole JSON object, extra keys included
+    index_file: str = ""  # where the line came from, for error messages
+
+    def where(self) -> str:
+        return f"{self.index_file}:{self.line} ({self.target})"
+
+
+def read_index(
+    index_file: str | Path, data_root: str | Path | None = None, check_files: bool = True
+) -> list[IndexItem]:
+    """Parse and validate every line before returning; raises `DatasetError` listing all bad lines.
+
+    `data_root` defaults to the index file's folder. `"prompts"` is accepted as an alias of `"prompt"`
+    (the original scripts renamed the key in their output index).
+    """
+    index_file = Path(index_file)
+    if not index_file.is_file():
+        raise DatasetError(f"index file not found: {index_file}")
+    root = Path(data_root) if data_root is not None else index_file.parent
+    items: list[IndexItem] = []
+    problems: list[str] = []
+    with index_file.open(encoding="utf-8") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            where = f"{index_file}:{line_no}"
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            if not isinstance(record, dict):
+                problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
+                continue
+            if "prompt" not in record and "prompts" in record:
+                record = {**record, "prompt": record["prompts"]}
+            missing = [k for k in REQUIRED_KEYS if k not in record]
+            if missing:
+                problems.append(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}")
+                continue
+            wrong_type = [k for k in REQUIRED_KEYS if not isinstance(record[k], str)]
+            if wrong_type:
+                problems.append(f"{where}: key(s) {', '.join(repr(k) for k in wrong_type)} must be strings")
+                continue
+            if check_files:
+                absent = [record[k] for k in ("source", "target") if not (root / record[k]).is_file()]
+                if absent:
+                    problems.append(f"{where}: file(s) not found under {root}: {', '.join(absent)}")
+                    continue
+            items.append(
+                IndexItem(line_no, record["source"], record["target"], record["prompt"], record, str(index_file))
+            )
+    if problems:
+        shown = problems[:20]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise DatasetError(f"{len(problems)} bad line(s) in {index_file}:\n  " + "\n  ".join(shown) + more)
+    if not items:
+        raise DatasetError(f"{index_file} holds no items")
+    return items
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB, turning decoder errors into a `DatasetError` naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+
+
+def load_label(path: str | Path, num_cls: int | None = None) -> np.ndarray:
+    """Open a class-index label as uint8 HxW; with `num_cls`, reject ids >= num_cls other than 255."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16"):
+                raise DatasetError(
+                    f"label {path} has mode {img.mode}: expected a single-channel class-index PNG "
+                    "(convert colour masks to class ids first)"
+                )
+            label = np.array(img)
+    except (OSError, SyntaxError) as exc:
+        raise DatasetError(f"cannot read label {path}: {exc}") from exc
+    if label.max(initial=0) > IGNORE_INDEX:
+        raise DatasetError(f"label {path} has values above 255; class ids must fit in uint8")
+    label = label.astype(np.uint8)
+    if num_cls is not None:
+        bad = np.unique(label[(label >= num_cls) & (label != IGNORE_INDEX)])
+        if bad.size:
+            raise DatasetError(
+                f"label {path} has class id(s) {bad.tolist()} >= num_cls={num_cls} (only 255 may exceed it)"
+            )
+    return label
+
+
+def describe_label(label: np.ndarray, class_names: Sequence[str], min_fraction: float = 0.001) -> str:
+    """Prompt naming the classes that cover >= `min_fraction` of the labelled pixels, largest first.
+
+    The rule the real sample data's prompts follow; ties are broken by class id for determinism.
+    """
+    valid = label[label != IGNORE_INDEX]
+    if valid.size == 0:
+        return PROMPT_PREFIX.removesuffix(" of ")  # nothing labelled: no class list to give
+    counts = np.bincount(valid.ravel(), minlength=len(class_names))
+    present = [c for c in range(len(class_names)) if counts[c] > 0 and counts[c] >= min_fraction * valid.size]
+    present.sort(key=lambda c: (-int(counts[c]), c))
+    return PROMPT_PREFIX + ", ".join(class_names[c] for c in present)
+
+
+def _resize_center_crop(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+    """Scale the short side to `size`, then crop the centre square — keeps aspect ratio and scale cues."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), resample=resample)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Image–mask–prompt triples from an index; optionally with the prompt vectors made by vectorize.
+
+    Returns dicts with `image` (float32 3xHxW in [-1, 1]), `label` (int64 HxW, 255 = ignore),
+    `prompt`, `position` (row in the index) and, with `vectors_dir`, `prompt_embeds` and
+    `pooled_prompt_embeds`.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[IndexItem],
+        data_root: str | Path,
+        resolution: int | None = None,
+        num_cls: int | None = None,
+        vectors_dir: str | Path | None = None,
+    ) -> None:
+        self.items = list(items)
+        self.data_root = Path(data_root)
+        self.resolution = resolution
+        self.num_cls = num_cls
+        self.vectors_dir = Path(vectors_dir) if vectors_dir is not None else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, position: int) -> dict:
+        item = self.items[position]
+        try:
+            image = load_image(self.data_root / item.target)
+            label_array = load_label(self.data_root / item.source, self.num_cls)
+        except DatasetError as exc:
+            raise DatasetError(f"item {item.where()}: {exc}") from exc
+        if image.size != (label_array.shape[1], label_array.shape[0]):
+            raise DatasetError(
+                f"item {item.where()}: image size {image.size} differs from label size "
+                f"{(label_array.shape[1], label_array.shape[0])}"
+            )
+        label = Image.fromarray(label_array)
+        if self.resolution is not None:
+            image = _resize_center_crop(image, self.resolution, Image.Resampling.BICUBIC)
+            label = _resize_center_crop(label, self.resolution, Image.Resampling.NEAREST)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        sample = {
+            "image": pixels,
+            "label": torch.from_numpy(np.asarray(label, dtype=np.int64)),
+            "prompt": item.prompt,
+            "position": position,
+        }
+        if self.vectors_dir is not None:
+            from crfm.text import load_item_vectors
+
+            sample.update(load_item_vectors(self.vectors_dir, item))
+        return sample

@@ -1,0 +1,86 @@
+"""The tiny offline pipeline must be a real diffusers SD3 directory that loads and generates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd35_dir", "tiny_sd3_dir"])
+def test_tiny_pipeline_loads_offline_and_generates(fixture, request):
+    from diffusers import StableDiffusion3Pipeline
+
+    path = request.getfixturevalue(fixture)
+    assert {p.name for p in path.iterdir()} >= {
+        "model_index.json",
+        "transformer",
+        "vae",
+        "scheduler",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+    }
+    pipe = StableDiffusion3Pipeline.from_pretrained(path)
+    out = pipe(
+        "a satellite image of water, road",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert out.shape == (1, 64, 64, 3)
+    assert np.isfinite(out).all()
+    assert out.std() > 0  # an image, not a constant
+
+
+def test_sd35_config_has_qk_norm_and_dual_attention(tiny_sd35_dir, tiny_sd3_dir):
+    sd35 = json.loads((tiny_sd35_dir / "transformer" / "config.json").read_text())
+    sd3 = json.loads((tiny_sd3_dir / "transformer" / "config.json").read_text())
+    assert sd35["qk_norm"] == "rms_norm" and len(sd35["dual_attention_layers"]) > 0
+    assert sd3["qk_norm"] is None and sd3["dual_attention_layers"] == []
+    # Widths are consistent with the text encoders, as in the real SD3.
+    te1 = json.loads((tiny_sd3_dir / "text_encoder" / "config.json").read_text())
+    te2 = json.loads((tiny_sd3_dir / "text_encoder_2" / "config.json").read_text())
+    t5 = json.loads((tiny_sd3_dir / "text_encoder_3" / "config.json").read_text())
+    assert sd3["pooled_projection_dim"] == te1["projection_dim"] + te2["projection_dim"]
+    assert sd3["joint_attention_dim"] == t5["d_model"]
+
+
+def test_tiny_build_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    from crfm.tiny import main
+
+    assert main([str(tmp_path / "a"), "--layers", "2", "--seed", "3"]) == 0
+    assert main([str(tmp_path / "b"), "--layers", "2", "--seed", "3"]) == 0
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_3/model.safetensors"):
+        a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokenizers_behave_like_sd3s(tiny_sd35_dir):
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    prompt = "a satellite image of farmland, forest, road, building"
+    clip_l = CLIPTokenizer.from_pretrained(tiny_sd35_dir / "tokenizer")
+    clip_g = CLIPTokenizer.from_pretrained(tiny_sd35_dir / "tokenizer_2")
+    t5 = T5TokenizerFast.from_pretrained(tiny_sd35_dir / "tokenizer_3")
+    for tok in (clip_l, clip_g):
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length).input_ids
+        assert len(ids) == 77
+        tokens = tok.convert_ids_to_tokens(ids)
+        assert tokens[0] == "<|startoftext|>"
+        assert "farmland</w>" in tokens and tok.unk_token_id not in ids[1:12]  # 11 word tokens, then <eos>
+    # CLIP-L pads with <|endoftext|>, CLIP-G with "!" — as the real SD3 tokenizers.
+    assert clip_l.pad_token == "<|endoftext|>" and clip_g.pad_token == "!"
+    t5_ids = t5(prompt).input_ids
+    assert t5_ids[-1] == t5.eos_token_id and t5.unk_token_id not in t5_ids
+    assert t5.pad_token_id == 0
