@@ -1,38 +1,28 @@
 #!/usr/bin/env bash
 # README's first command: set up, then run the pipeline on the embedded default, offline, on a CPU.
-# Stages done so far: tiny SD3.5 pipeline -> toy remote-sensing dataset -> prompt vectors.
-# A re-run reuses what exists; --fresh rebuilds everything. Knobs (env): DEMO_OUT, DEMO_NUM, DEMO_SIZE.
+# Stages done so far: tiny SD3.5 pipeline -> toy remote-sensing dataset -> prompt vectors -> MM-DiT training.
+# A re-run reuses what exists (training resumes from its latest checkpoint); --fresh starts over.
+# Knobs (env): DEFAULT_OUT (outputs/demo), DEMO_NUM (64 scenes), DEMO_SIZE (256 px), DEMO_STEPS (300),
+# DEMO_RESOLUTION (64 px for training).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-OUT=${DEMO_OUT:-outputs/demo}
-NUM=${DEMO_NUM:-64}
-SIZE=${DEMO_SIZE:-256}
-if [[ "${1:-}" == "--fresh" ]]; then rm -rf "$OUT"; fi
-
-bash scripts/setup.sh
-source "${CRFM_VENV:-.venv}/bin/activate"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-stage() { printf '\n=== %s ===\n' "$*"; }
+export DEFAULT_OUT=${DEFAULT_OUT:-outputs/demo}
+if [[ "${1:-}" == "--fresh" ]]; then rm -rf "$DEFAULT_OUT"; fi
 start=$SECONDS
 
-stage "1/3 tiny SD3.5 pipeline (random weights, diffusers layout) -> $OUT/tiny_sd35"
-if [[ -f "$OUT/tiny_sd35/model_index.json" ]]; then echo "exists, reused"; else python -m crfm.tiny "$OUT/tiny_sd35"; fi
+bash scripts/setup.sh
+bash scripts/prepare_default.sh
 
-stage "2/3 toy remote-sensing dataset: $NUM scenes of $SIZE px -> $OUT/toydata"
-if [[ -f "$OUT/toydata/index.jsonl" ]] && [[ $(wc -l < "$OUT/toydata/index.jsonl") -eq $NUM ]]; then
-  echo "exists, reused"
-else
-  python -m crfm.toydata "$OUT/toydata" --num "$NUM" --size "$SIZE" --seed 0 --workers 2
-fi
+printf '\n=== train the mask-conditioned MM-DiT (full mode) -> %s/train ===\n' "$DEFAULT_OUT"
+PRETRAINED="$DEFAULT_OUT/tiny_sd35" DATA_ROOT="$DEFAULT_OUT/toydata" VECTORS="$DEFAULT_OUT/vectors" \
+  WORK_DIR="$DEFAULT_OUT/train" MAX_TRAIN_STEPS="${DEMO_STEPS:-300}" RESOLUTION="${DEMO_RESOLUTION:-64}" \
+  bash train.sh
 
-stage "3/3 prompt vectors (SD3 encode_prompt, resumable) -> $OUT/vectors"
-python preprocess/vectorize.py --pretrained_model_name_or_path "$OUT/tiny_sd35" --data_root "$OUT/toydata" \
-  --src_json_file index.jsonl --out_json_file index_.jsonl --work_dir "$OUT/vectors" \
-  --mixed_precision no --device cpu
-
-stage "summary"
-echo "pipeline  : $OUT/tiny_sd35"
-echo "dataset   : $OUT/toydata ($(wc -l < "$OUT/toydata/index.jsonl") pairs, classes in $OUT/toydata/classes.json)"
-echo "vectors   : $OUT/vectors ($(find "$OUT/vectors" -name '*.safetensors' | wc -l) files), index $OUT/toydata/index_.jsonl"
+printf '\n=== summary ===\n'
+echo "pipeline  : $DEFAULT_OUT/tiny_sd35"
+echo "dataset   : $DEFAULT_OUT/toydata ($(wc -l < "$DEFAULT_OUT/toydata/index.jsonl") pairs)"
+echo "vectors   : $DEFAULT_OUT/vectors"
+echo "training  : $(cat "$DEFAULT_OUT/train/summary.json" | tr -d '\n ')"
+echo "loss curve: $DEFAULT_OUT/train/loss_curve.png"
 echo "time      : $((SECONDS - start)) s"
-echo "next      : training (train.sh, issue #3) and CRFM synthesis (crfm_test.sh, issue #4) are not implemented yet."
+echo "next      : CRFM synthesis (crfm_test.sh, issue #4) is not implemented yet."

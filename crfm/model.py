@@ -195,7 +195,9 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
             path = Path(transformer)
             subfolder = "transformer" if (path / "transformer" / "config.json").is_file() else None
             transformer = SD3Transformer2DModel.from_pretrained(path, subfolder=subfolder, **load_kwargs)
-        model = cls(transformer_config=dict(transformer.config), mask_init=mask_init, transformer=transformer)
+        # Private keys ("_name_or_path" may be a Path) are not part of the architecture and not JSON-safe.
+        config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        model = cls(transformer_config=config, mask_init=mask_init, transformer=transformer)
         # Only the new branch needs moving; the wrapped transformer keeps its own placement and dtype.
         for branch in (model.mask_embed, model.mask_blocks):
             branch.to(device=transformer.device, dtype=transformer.dtype)
@@ -368,6 +370,8 @@ def save_trained(model: MaskSD3Transformer2DModel, out_dir: str | Path, meta: di
     """Write only the trained weights (`model.safetensors`) and what is needed to rebuild the model (JSON)."""
     out_dir = Path(out_dir)
     tensors = {name: t.contiguous().cpu() for name, t in trained_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model has no trainable parameters: call configure_training before save_trained")
     with atomic_path(out_dir / CHECKPOINT_WEIGHTS) as tmp:
         save_file(tensors, str(tmp))
     info = {"format": "crfm-mask-mmdit/1", "mask_init": model.config.mask_init, **meta}
@@ -394,12 +398,14 @@ def load_trained(
     model = MaskSD3Transformer2DModel.from_sd3(base, mask_init=meta.get("mask_init", "copy"))
     configure_training(model, meta["train_mode"], meta.get("lora_rank", 16))
     weights = load_file(str(Path(ckpt_dir) / CHECKPOINT_WEIGHTS))
-    expected = trained_state_dict(model).keys()
-    missing, unexpected = sorted(set(expected) - weights.keys()), sorted(weights.keys() - set(expected))
-    if missing or unexpected:
+    expected = trained_state_dict(model)
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    resized = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
+    if missing or unexpected or resized:
         raise ValueError(
-            f"checkpoint {ckpt_dir} does not fit {base} in mode {meta['train_mode']}: "
-            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            f"checkpoint {ckpt_dir} does not fit {base} in mode {meta['train_mode']}: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(resized)} of "
+            f"another shape (e.g. {resized[:2]})"
         )
     model.load_state_dict(weights, strict=False)
     model.requires_grad_(False).eval()

@@ -251,6 +251,57 @@ def save_tiny_pipeline(out_dir: str | Path, config: TinyConfig | None = None) ->
     return out_dir
 
 
+def fit_vae(
+    pipe_dir: str | Path,
+    index_file: str | Path,
+    steps: int = 1500,
+    size: int = 64,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the tiny VAE as an autoencoder on a dataset's images, in place, so decoded latents look like images.
+
+    A random VAE decodes anything to noise, which hides whether the MM-DiT learned to follow the mask. Afterwards
+    `shift_factor`/`scaling_factor` are set from the latents' statistics (as SD3's were), so scaled latents have
+    zero mean and unit variance, which flow matching's noise assumes.
+    """
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    from crfm.data import PairDataset, read_index
+
+    pipe_dir = Path(pipe_dir)
+    dataset = PairDataset(read_index(index_file), Path(index_file).parent, resolution=size)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    vae = AutoencoderKL.from_pretrained(pipe_dir / "vae").train()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="fit tiny VAE", unit="step", disable=not progress)
+    for _ in bar:
+        batch = images[torch.randint(len(images), (batch_size,), generator=gen)]
+        flip = torch.rand(batch_size, generator=gen) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        mse = torch.nn.functional.mse_loss(recon, batch)
+        loss = mse + kl_weight * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 32]).latent_dist.mode() for i in range(0, len(images), 32)])
+        recon_mse = torch.nn.functional.mse_loss(vae.decode(latents[:32]).sample, images[:32]).item()
+    shift, scale = latents.mean().item(), 1.0 / latents.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    vae.save_pretrained(pipe_dir / "vae")
+    return {"reconstruction_mse": recon_mse, "shift_factor": shift, "scaling_factor": scale}
+
+
 def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part.strip())
 
@@ -274,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--t5-dim", type=int, default=defaults.t5_dim)
     parser.add_argument("--text-layers", type=int, default=defaults.text_layers)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--fit-vae-on", type=Path, help="index.jsonl whose images the tiny VAE is fitted to")
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-size", type=int, default=64, help="image size for fitting the VAE")
     args = parser.parse_args(argv)
 
     config = TinyConfig(
@@ -293,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = save_tiny_pipeline(args.out_dir, config)
     print(f"wrote tiny {config.variant} pipeline to {out} (default image size {config.sample_size * 8} px)")
+    if args.fit_vae_on is not None:
+        stats = fit_vae(out, args.fit_vae_on, steps=args.vae_steps, size=args.vae_size, seed=args.seed)
+        print(f"fitted the VAE on {args.fit_vae_on}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
     return 0
 
 

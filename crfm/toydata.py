@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from crfm.data import IGNORE_INDEX, describe_label
 from crfm.fileio import atomic_path, write_text_atomic
+from crfm.viz import colourise_mask
 
 CLASSES: tuple[str, ...] = ("bare soil", "farmland", "forest", "water", "road", "building")
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -385,9 +386,7 @@ def make_prompt(label: np.ndarray) -> str:
 
 def colourise(label: np.ndarray) -> np.ndarray:
     """Map a label image to RGB with PALETTE; ignore pixels are black."""
-    lut = np.zeros((256, 3), np.uint8)
-    lut[: len(PALETTE)] = PALETTE
-    return lut[label]
+    return colourise_mask(label, PALETTE)
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:

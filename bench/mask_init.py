@@ -1,0 +1,152 @@
+"""Which mask-branch initialisation trains faster: a copy of the image branch, or fresh weights?
+
+    python bench/mask_init.py [--out outputs/bench_mask_init] [--base-steps 600] [--steps 1000]
+
+1. toy data (64 train / 16 held-out scenes, 64 px) and the tiny SD3.5 pipeline, vectorized;
+2. the base MM-DiT is first fine-tuned on the toy images *without* masks (`train.py --no_mask`), so that, like
+   SD3.5 for aerial imagery, it knows the domain before the mask branch is added;
+3. from that base, `train.py` trains the mask model twice, `--mask_init copy` and `--mask_init fresh`, with the
+   same seed, data order and noise;
+4. held-out flow-matching loss with each scene's own mask, another scene's mask, and no mask
+   (`crfm.training.mask_following_losses`): own < other means the model follows the mask.
+Writes loss curves (PNG) and the numbers (JSON, Markdown) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def train(out: Path, pipe: Path, data: Path, vectors: Path, work: Path, steps: int, *extra: str) -> None:
+    if (work / "final" / "model.safetensors").is_file():
+        print(f"reusing {work}")
+        return
+    cmd = [
+        sys.executable, str(REPO / "train.py"), "--pretrained_model_name_or_path", str(pipe),
+        "--data_root", str(data), "--train_file", "train_.jsonl", "--vectors_path", str(vectors),
+        "--work_dir", str(work), "--num_cls", "6", "--resolution", "64", "--train_batch_size", "4",
+        "--max_train_steps", str(steps), "--checkpointing_steps", str(steps), "--learning_rate", "3e-4",
+        "--report_to", "none", "--resume_from_checkpoint", "latest", "--seed", "0", *extra,
+    ]  # fmt: skip
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def export_base(tiny: Path, trained: Path, out: Path) -> Path:
+    """A pipeline folder = the tiny pipeline with the text-only fine-tuned transformer."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    if (out / "transformer" / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for part in tiny.iterdir():
+        if part.name != "transformer" and not (out / part.name).exists():
+            (out / part.name).symlink_to(part.resolve())
+    base = SD3Transformer2DModel.from_pretrained(tiny / "transformer")
+    weights = load_file(trained / "final" / "model.safetensors")
+    tuned = {k.removeprefix("transformer."): v for k, v in weights.items() if k.startswith("transformer.")}
+    missing = set(tuned) - set(base.state_dict())
+    assert not missing, missing
+    base.load_state_dict(tuned, strict=False)
+    base.save_pretrained(out / "transformer")
+    return out
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from crfm.viz import ema
+
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.add_subplot()
+    for name, records in curves.items():
+        steps = [r["step"] for r in records]
+        ax.plot(steps, ema([r["loss"] for r in records], 0.05), label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (EMA 0.05)")
+    ax.set_title("mask-branch initialisation, tiny SD3.5 on toy data (64 px)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_mask_init")
+    parser.add_argument("--base-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1000)
+    args = parser.parse_args()
+    out = args.out.resolve()
+
+    from crfm.data import PairDataset, read_index
+    from crfm.model import load_trained
+    from crfm.text import vectorize_index
+    from crfm.tiny import TinyConfig, save_tiny_pipeline
+    from crfm.toydata import write_dataset
+    from crfm.training import mask_following_losses, read_loss_log
+
+    tiny, data, vectors = out / "tiny_sd35", out / "toydata", out / "vectors"
+    if not (tiny / "model_index.json").is_file():
+        save_tiny_pipeline(tiny, TinyConfig())
+    if not (data / "index.jsonl").is_file():
+        write_dataset(data, num=80, size=64, seed=0)
+        lines = (data / "index.jsonl").read_text().splitlines(keepends=True)
+        (data / "train.jsonl").write_text("".join(lines[:64]))
+        (data / "val.jsonl").write_text("".join(lines[64:]))
+    for split in ("train", "val"):
+        vectorize_index(tiny, data / f"{split}.jsonl", data / f"{split}_.jsonl", vectors / split, progress=False)
+
+    train(out, tiny, data, vectors / "train", out / "base", args.base_steps, "--no_mask")
+    base = export_base(tiny, out / "base", out / "tiny_sd35_base")
+    runs = {init: out / f"mask_{init}" for init in ("copy", "fresh")}
+    for init, work in runs.items():
+        train(out, base, data, vectors / "train", work, args.steps, "--mask_init", init)
+
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny / "vae").eval()
+    val = PairDataset(read_index(data / "val_.jsonl"), data, resolution=64, num_cls=6, vectors_dir=vectors / "val")
+    results = {}
+    for init, work in runs.items():
+        model, _ = load_trained(work / "final", pretrained=base)
+        records = read_loss_log(work / "loss.jsonl")
+        tail = [r["loss"] for r in records[-100:]]
+        first = [r["loss"] for r in records[:100]]
+        results[init] = {
+            "train_loss_first_100": sum(first) / len(first),
+            "train_loss_last_100": sum(tail) / len(tail),
+            **{f"val_{k}": v for k, v in mask_following_losses(model, vae, val, num_cls=6).items()},
+        }
+    plot({f"mask_init={k}": read_loss_log(w / "loss.jsonl") for k, w in runs.items()}, out / "mask_init_loss.png")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "| mask_init | train loss, steps 1-100 | last 100 | held-out loss, own mask | other mask | no mask |",
+        "|---|---|---|---|---|---|",
+    ]
+    for init, r in results.items():
+        lines.append(
+            f"| {init} | {r['train_loss_first_100']:.4f} | {r['train_loss_last_100']:.4f} | "
+            f"{r['val_own_mask']:.4f} | {r['val_other_mask']:.4f} | {r['val_no_mask']:.4f} |"
+        )
+    table = "\n".join(lines)
+    (out / "results.md").write_text(table + "\n")
+    print(f"\nbase: {args.base_steps} text-only steps; mask runs: {args.steps} steps, torch {torch.__version__}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
