@@ -2,14 +2,15 @@
 
     python bench/mask_init.py [--out outputs/bench_mask_init] [--base-steps 600] [--steps 1000]
 
-1. toy data (64 train / 16 held-out scenes, 64 px) and the tiny SD3.5 pipeline, vectorized;
+1. toy data (64 train / 16 held-out scenes, 64 px) and the tiny SD3.5 pipeline, its VAE fitted to the toy
+   images (`crfm.tiny.fit_vae`) so that decoded samples can be looked at; prompts vectorized;
 2. the base MM-DiT is first fine-tuned on the toy images *without* masks (`train.py --no_mask`), so that, like
    SD3.5 for aerial imagery, it knows the domain before the mask branch is added;
 3. from that base, `train.py` trains the mask model twice, `--mask_init copy` and `--mask_init fresh`, with the
    same seed, data order and noise;
 4. held-out flow-matching loss with each scene's own mask, another scene's mask, and no mask
    (`crfm.training.mask_following_losses`): own < other means the model follows the mask.
-Writes loss curves (PNG) and the numbers (JSON, Markdown) to --out.
+Writes loss curves and a held-out sample grid (PNG) and the numbers (JSON, Markdown) to --out.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+RESOLUTION = 64  # set from --resolution
+
 
 def train(out: Path, pipe: Path, data: Path, vectors: Path, work: Path, steps: int, *extra: str) -> None:
     if (work / "final" / "model.safetensors").is_file():
@@ -35,7 +38,7 @@ def train(out: Path, pipe: Path, data: Path, vectors: Path, work: Path, steps: i
     cmd = [
         sys.executable, str(REPO / "train.py"), "--pretrained_model_name_or_path", str(pipe),
         "--data_root", str(data), "--train_file", "train_.jsonl", "--vectors_path", str(vectors),
-        "--work_dir", str(work), "--num_cls", "6", "--resolution", "64", "--train_batch_size", "4",
+        "--work_dir", str(work), "--num_cls", "6", "--resolution", str(RESOLUTION), "--train_batch_size", "4",
         "--max_train_steps", str(steps), "--checkpointing_steps", str(steps), "--learning_rate", "3e-4",
         "--report_to", "none", "--resume_from_checkpoint", "latest", "--seed", "0", *extra,
     ]  # fmt: skip
@@ -75,12 +78,46 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
         steps = [r["step"] for r in records]
         ax.plot(steps, ema([r["loss"] for r in records], 0.05), label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (EMA 0.05)")
-    ax.set_title("mask-branch initialisation, tiny SD3.5 on toy data (64 px)")
+    ax.set_ylabel("training loss (bias-corrected EMA, 0.05)")
+    ax.set_title(f"mask-branch initialisation, tiny SD3.5 on toy data ({RESOLUTION} px)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def sample_grid(runs: dict[str, Path], base: Path, vae, val, vectors: Path, path: Path, count: int = 6) -> None:
+    """Held-out masks | sample of each run (same noise) | the real image."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from crfm.model import load_trained, mask_to_pixels
+    from crfm.sampling import decode_latents, initial_noise, sample_latents, to_uint8
+    from crfm.text import load_empty_prompt_vectors
+    from crfm.toydata import colourise
+    from crfm.viz import image_grid
+
+    samples = [val[i] for i in range(count)]
+    labels = torch.stack([s["label"] for s in samples])
+    embeds = torch.stack([s["prompt_embeds"] for s in samples]).float()
+    pooled = torch.stack([s["pooled_prompt_embeds"] for s in samples]).float()
+    empty = load_empty_prompt_vectors(vectors)
+    with torch.no_grad():
+        mask_dist = vae.encode(mask_to_pixels(labels, 6)).latent_dist
+        masks = (mask_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+    columns = {"mask": [colourise(s["label"].numpy().astype("uint8")) for s in samples]}
+    for init, work in runs.items():
+        model, _ = load_trained(work / "final", pretrained=base)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
+        latents = sample_latents(
+            model, scheduler, initial_noise(range(count), 0, tuple(masks.shape[1:])), embeds, pooled, masks,
+            empty["prompt_embeds"][None].float(), empty["pooled_prompt_embeds"][None].float(),
+            num_inference_steps=28, guidance_scale=2.0,
+        )  # fmt: skip
+        with torch.no_grad():
+            columns[f"{init} init"] = to_uint8(decode_latents(vae, latents))
+    columns["real"] = to_uint8(torch.stack([s["image"] for s in samples]))
+    rows = [[columns[name][i] for name in columns] for i in range(count)]
+    image_grid(rows, titles=list(columns), cell=128).save(path)
 
 
 def main() -> int:
@@ -88,24 +125,30 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_mask_init")
     parser.add_argument("--base-steps", type=int, default=600)
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--resolution", type=int, default=64)
     args = parser.parse_args()
+    global RESOLUTION
+    RESOLUTION = args.resolution
     out = args.out.resolve()
 
     from crfm.data import PairDataset, read_index
     from crfm.model import load_trained
     from crfm.text import vectorize_index
-    from crfm.tiny import TinyConfig, save_tiny_pipeline
+    from crfm.tiny import TinyConfig, fit_vae, save_tiny_pipeline
     from crfm.toydata import write_dataset
     from crfm.training import mask_following_losses, read_loss_log
 
     tiny, data, vectors = out / "tiny_sd35", out / "toydata", out / "vectors"
-    if not (tiny / "model_index.json").is_file():
-        save_tiny_pipeline(tiny, TinyConfig())
     if not (data / "index.jsonl").is_file():
-        write_dataset(data, num=80, size=64, seed=0)
+        write_dataset(data, num=80, size=args.resolution, seed=0)
         lines = (data / "index.jsonl").read_text().splitlines(keepends=True)
         (data / "train.jsonl").write_text("".join(lines[:64]))
         (data / "val.jsonl").write_text("".join(lines[64:]))
+    if not (tiny / "model_index.json").is_file():
+        save_tiny_pipeline(tiny, TinyConfig())
+        stats = fit_vae(tiny, data / "train.jsonl", steps=args.vae_steps, size=args.resolution, progress=False)
+        print("fitted tiny VAE:", stats, flush=True)
     for split in ("train", "val"):
         vectorize_index(tiny, data / f"{split}.jsonl", data / f"{split}_.jsonl", vectors / split, progress=False)
 
@@ -118,7 +161,9 @@ def main() -> int:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(tiny / "vae").eval()
-    val = PairDataset(read_index(data / "val_.jsonl"), data, resolution=64, num_cls=6, vectors_dir=vectors / "val")
+    val = PairDataset(
+        read_index(data / "val_.jsonl"), data, resolution=args.resolution, num_cls=6, vectors_dir=vectors / "val"
+    )
     results = {}
     for init, work in runs.items():
         model, _ = load_trained(work / "final", pretrained=base)
@@ -131,6 +176,7 @@ def main() -> int:
             **{f"val_{k}": v for k, v in mask_following_losses(model, vae, val, num_cls=6).items()},
         }
     plot({f"mask_init={k}": read_loss_log(w / "loss.jsonl") for k, w in runs.items()}, out / "mask_init_loss.png")
+    sample_grid(runs, base, vae, val, vectors / "val", out / "samples.png")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         "| mask_init | train loss, steps 1-100 | last 100 | held-out loss, own mask | other mask | no mask |",

@@ -222,6 +222,10 @@ def train(args: argparse.Namespace) -> dict:
         for branch in (model.mask_embed, model.mask_blocks):
             branch.requires_grad_(False)
         counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Frozen weights only need the compute dtype (halves the base's memory for LoRA); trained ones stay fp32.
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(weight_dtype)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:

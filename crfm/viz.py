@@ -20,20 +20,24 @@ WHITE = (255, 255, 255)
 
 
 def ema(values: Sequence[float], alpha: float) -> np.ndarray:
-    """Exponential moving average: s_0 = v_0, s_t = alpha * v_t + (1 - alpha) * s_{t-1}.
+    """Bias-corrected exponential moving average (as Adam's moments).
 
-    Non-finite values (a NaN/inf loss spike) are skipped, i.e. the average holds its last value, so one bad
-    step does not poison the rest of the curve; leading non-finite values stay NaN.
+    m_t = alpha * v_t + (1 - alpha) * m_{t-1} with m = 0 before the first value, reported as m_t / (1 - (1 - alpha)^n)
+    after n finite values: an early outlier does not dominate the start of the curve as it would with m_0 = v_0.
+    Non-finite values (a NaN/inf loss spike) are skipped, i.e. the average holds its last value; leading
+    non-finite values stay NaN.
     """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     out = np.full(len(values), np.nan, dtype=np.float64)
-    state = math.nan
+    moment, seen = 0.0, 0
     for index, value in enumerate(values):
         value = float(value)
         if math.isfinite(value):
-            state = value if math.isnan(state) else alpha * value + (1.0 - alpha) * state
-        out[index] = state
+            moment = alpha * value + (1.0 - alpha) * moment
+            seen += 1
+        if seen:
+            out[index] = moment / (1.0 - (1.0 - alpha) ** seen)
     return out
 
 

@@ -15,10 +15,11 @@ from crfm.viz import colourise_mask, ema, image_grid, needs_log_scale, plot_loss
 
 
 def test_ema_matches_hand_computation():
-    # s0 = 1; s1 = .5*3 + .5*1 = 2; s2 = .5*2 + .5*2 = 2; s3 = .5*10 + .5*2 = 6
-    assert ema([1.0, 3.0, 2.0, 10.0], 0.5).tolist() == [1.0, 2.0, 2.0, 6.0]
-    # alpha 0.25: s1 = .25*5 + .75*1 = 2; s2 = .25*(-2) + .75*2 = 1
-    assert np.allclose(ema([1, 5, -2], 0.25), [1.0, 2.0, 1.0])
+    # m_t = .5*v_t + .5*m_{t-1}, m = 0 before: .5, 1.75, 1.875, 5.9375; divided by 1 - .5^t: .5, .75, .875, .9375
+    assert np.allclose(ema([1.0, 3.0, 2.0, 10.0], 0.5), [1.0, 1.75 / 0.75, 1.875 / 0.875, 5.9375 / 0.9375])
+    # alpha .25: m = .25, 1.4375, .578125; divided by .25, .4375, .578125
+    assert np.allclose(ema([1, 5, -2], 0.25), [1.0, 1.4375 / 0.4375, 1.0])
+    assert np.allclose(ema([3.0] * 5, 0.05), 3.0)  # bias correction: a constant series is its own average
     assert ema([4.0, 7.0, 1.0], 1.0).tolist() == [4.0, 7.0, 1.0]  # alpha 1: no smoothing
     assert ema([], 0.3).shape == (0,)
 
@@ -26,7 +27,8 @@ def test_ema_matches_hand_computation():
 def test_ema_skips_non_finite_values():
     out = ema([math.nan, 2.0, math.inf, 4.0], 0.5)
     assert math.isnan(out[0])  # nothing seen yet
-    assert out[1:].tolist() == [2.0, 2.0, 3.0]  # the inf spike is held over, not averaged in
+    # the inf spike is held over, not averaged in: m = 1 (n=1) -> 2.0, held, then m = .5*4 + .5*1 = 2.5 (n=2) -> 2.5/.75
+    assert np.allclose(out[1:], [2.0, 2.0, 2.5 / 0.75])
 
 
 @pytest.mark.parametrize("alpha", [0.0, -0.1, 1.5])
