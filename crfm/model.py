@@ -108,33 +108,32 @@ class MaskBlock(nn.Module):
                 nn.init.ones_(norm.weight)
 
     def qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch = hidden.shape[0]
+        return _project_heads(hidden, self.heads, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
 
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, -1, self.heads, x.shape[-1] // self.heads).transpose(1, 2)
 
-        query, key, value = heads(self.to_q(hidden)), heads(self.to_k(hidden)), heads(self.to_v(hidden))
-        if self.norm_q is not None:
-            query, key = self.norm_q(query), self.norm_k(key)
-        return query, key, value
+def _project_heads(
+    hidden: torch.Tensor, heads: int, to_q: nn.Module, to_k: nn.Module, to_v: nn.Module, norm_q, norm_k
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token states [B, N, D] -> per-head query, key, value [B, heads, N, D/heads], with the optional qk-norm."""
+    batch = hidden.shape[0]
+    query, key, value = (
+        proj(hidden).view(batch, -1, heads, proj.out_features // heads).transpose(1, 2) for proj in (to_q, to_k, to_v)
+    )
+    if norm_q is not None:
+        query, key = norm_q(query), norm_k(key)
+    return query, key, value
 
 
 def _image_qkv(block: JointTransformerBlock, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    attn, batch = block.attn, hidden.shape[0]
-    q, k, v = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
-    q, k, v = (x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2) for x in (q, k, v))
-    if attn.norm_q is not None:
-        q, k = attn.norm_q(q), attn.norm_k(k)
-    return q, k, v
+    attn = block.attn
+    return _project_heads(hidden, attn.heads, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
 
 
 def _text_qkv(block: JointTransformerBlock, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    attn, batch = block.attn, hidden.shape[0]
-    q, k, v = attn.add_q_proj(hidden), attn.add_k_proj(hidden), attn.add_v_proj(hidden)
-    q, k, v = (x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2) for x in (q, k, v))
-    if attn.norm_added_q is not None:
-        q, k = attn.norm_added_q(q), attn.norm_added_k(k)
-    return q, k, v
+    attn = block.attn
+    return _project_heads(
+        hidden, attn.heads, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q, attn.norm_added_k
+    )
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, use_xformers: bool) -> torch.Tensor:

@@ -104,11 +104,12 @@ def resolve_resume(work_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def check_items(dataset: PairDataset, vectors_dir: Path) -> None:
+def check_items(dataset: PairDataset, vectors_dir: Path, progress: bool = True) -> None:
     """Open every item once before training, so bad data stops the run with its name, not silently later."""
     from crfm.text import item_vector_path
 
-    for position, item in enumerate(tqdm(dataset.items, desc="checking data", unit="item", leave=False)):
+    bar = tqdm(dataset.items, desc="checking data", unit="item", leave=False, disable=not progress)
+    for position, item in enumerate(bar):
         if "index" not in item.record:
             raise DatasetError(f"item {item.where()}: no 'index' field; train on the index written by vectorize")
         if not item_vector_path(vectors_dir, int(item.record["index"])).is_file():
@@ -200,7 +201,7 @@ def train(args: argparse.Namespace) -> dict:
     dataset = PairDataset(items, data_root, resolution=args.resolution, num_cls=args.num_cls, vectors_dir=vectors_dir)
     empty = load_empty_prompt_vectors(vectors_dir)
     if not args.skip_data_check:
-        check_items(dataset, vectors_dir)
+        check_items(dataset, vectors_dir, progress=main and not args.no_progress)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,

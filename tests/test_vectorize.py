@@ -40,21 +40,13 @@ def make_index(root: Path, prompts: list[str], name: str = "index.jsonl") -> Pat
     return root / name
 
 
-def reference_vectors(pipe_dir: Path, prompt: str, max_sequence_length: int):
-    """diffusers' own encoding of one prompt (and of the empty negative prompt), fp32."""
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir, transformer=None, vae=None)
+def diffusers_encoding(pipe, prompt: str, max_sequence_length: int):
+    """diffusers' own encoding of one prompt and of the empty negative prompt: (embeds, neg, pooled, neg_pooled)."""
     with torch.no_grad():
         return pipe.encode_prompt(
-            prompt=prompt,
-            prompt_2=None,
-            prompt_3=None,
-            device="cpu",
-            do_classifier_free_guidance=True,
-            negative_prompt="",
-            max_sequence_length=max_sequence_length,
-        )
+            prompt=prompt, prompt_2=None, prompt_3=None, device="cpu",
+            do_classifier_free_guidance=True, negative_prompt="", max_sequence_length=max_sequence_length,
+        )  # fmt: skip
 
 
 def assert_matches_diffusers(
@@ -66,16 +58,9 @@ def assert_matches_diffusers(
     records = [json.loads(line) for line in out_index.read_text().splitlines()]
     negative = None
     for record in records:
-        with torch.no_grad():
-            embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-                prompt=record["prompt"],
-                prompt_2=None,
-                prompt_3=None,
-                device="cpu",
-                do_classifier_free_guidance=True,
-                negative_prompt="",
-                max_sequence_length=max_sequence_length,
-            )
+        embeds, negative_embeds, pooled, negative_pooled = diffusers_encoding(
+            pipe, record["prompt"], max_sequence_length
+        )
         stored = load_vectors(vectors_dir / f"{record['index']}.safetensors")
         assert stored["prompt_embeds"].shape == embeds[0].shape
         assert stored["prompt_embeds"].dtype == torch.float32
@@ -186,7 +171,10 @@ def test_edited_prompt_is_re_encoded(tiny_sd35_dir, tmp_path):
     index.write_text("\n".join(lines) + "\n")
     report = vectorize_index(tiny_sd35_dir, index, out, vec, progress=False)
     assert report.encoded_items == 1
-    embeds, _, pooled, _ = reference_vectors(tiny_sd35_dir, "a satellite image of a glacier", 256)
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd35_dir, transformer=None, vae=None)
+    embeds, _, pooled, _ = diffusers_encoding(pipe, "a satellite image of a glacier", 256)
     assert (load_vectors(vec / "2.safetensors")["prompt_embeds"] - embeds[0]).abs().max() <= 1e-5
 
 
