@@ -1,0 +1,113 @@
+"""Control-rectify flow matching (CRFM): a frozen segmentor corrects the velocity in the first sampling steps.
+
+At step i < `rectified_step` the sampler's velocity v is rectified: the clean latent is predicted as
+x̂₀ = x_t − σ_t·v, decoded by the VAE, and a frozen segmentor's cross-entropy against the conditioning mask —
+counted only on pixels that are valid (not 255) and currently misclassified, averaged per image — is
+differentiated with respect to v. Then v ← (1−η)·v − η·g (the (1−η) shrink only with `is_synth`), optionally
+with g L2-normalised per sample, and v is clamped to [−1, 1]; this repeats `num_rectified` times. η follows
+`step_scheme`: LD η_max·(1−(i+1)/N), LI η_max·(i+1)/N, C η_max, with N the number of sampling steps.
+
+Each image's loss is its own (summed over the batch, not averaged), so an item's correction does not depend
+on the batch it is sampled in. The segmentor is any module mapping images in [-1, 1] to per-class logits at
+the image's resolution (e.g. `crfm.segmentor.SegmentorAdapter`); no gradient reaches any model's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from crfm.data import IGNORE_INDEX
+
+STEP_SCHEMES = ("LD", "LI", "C")
+
+
+@dataclass
+class CRFMConfig:
+    rectified_step: int = 4  # rectify during the first N sampling steps (the paper's scripts: 4 of 23)
+    max_step_size: float = 0.1
+    step_scheme: str = "LD"
+    num_rectified: int = 1
+    l2_norm: bool = False
+    is_synth: bool = False  # also shrink v by (1 - η)
+    chunk_size: int = 1  # images decoded + segmented at once in the backward pass (bounds memory)
+    checkpoint_decode: bool = False  # recompute the VAE decoder in the backward pass instead of storing it
+
+    def __post_init__(self) -> None:
+        if self.step_scheme not in STEP_SCHEMES:
+            raise ValueError(f"step_scheme must be one of {STEP_SCHEMES}, got {self.step_scheme!r}")
+        if self.rectified_step < 0 or self.num_rectified < 1 or self.chunk_size < 1:
+            raise ValueError("rectified_step >= 0, num_rectified >= 1 and chunk_size >= 1 are required")
+
+
+def step_size(config: CRFMConfig, index: int, num_inference_steps: int) -> float:
+    """η at sampling step `index` (0-based)."""
+    fraction = (index + 1) / num_inference_steps
+    if config.step_scheme == "LD":
+        return config.max_step_size * (1.0 - fraction)
+    if config.step_scheme == "LI":
+        return config.max_step_size * fraction
+    return config.max_step_size
+
+
+def misclassified_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-image mean cross-entropy over valid, currently misclassified pixels ([B]); 0 where none are."""
+    per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counted = ((labels != IGNORE_INDEX) & (logits.argmax(dim=1) != labels)).float()
+    return (per_pixel * counted).sum(dim=(1, 2)) / counted.sum(dim=(1, 2)).clamp_min(1.0)
+
+
+@dataclass
+class ControlRectifier:
+    """A `crfm.sampling.VelocityHook` that applies CRFM; `trace` collects the loss of every rectify pass."""
+
+    config: CRFMConfig
+    segmentor: Callable[[torch.Tensor], torch.Tensor]
+    vae: torch.nn.Module
+    labels: torch.Tensor  # [B, H, W] class ids at the decoded image's resolution (255 = ignore)
+    num_inference_steps: int
+    trace: list[dict] = field(default_factory=list)
+
+    def _loss(self, latents: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor, rows: slice) -> torch.Tensor:
+        from crfm.sampling import decode_latents
+
+        clean = latents[rows] - sigma * velocity
+        if self.config.checkpoint_decode:
+            images = torch.utils.checkpoint.checkpoint(decode_latents, self.vae, clean, use_reentrant=False)
+        else:
+            images = decode_latents(self.vae, clean)
+        logits = self.segmentor(images)
+        if logits.shape[-2:] != self.labels.shape[-2:]:
+            raise ValueError(
+                f"segmentor logits {tuple(logits.shape)} do not match the masks {tuple(self.labels.shape)}"
+            )
+        return misclassified_cross_entropy(logits, self.labels[rows].to(logits.device))
+
+    def __call__(self, index: int, sigma: torch.Tensor, latents: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        if index >= self.config.rectified_step:
+            return velocity
+        eta = step_size(self.config, index, self.num_inference_steps)
+        velocity = velocity.detach()
+        for rectify_pass in range(self.config.num_rectified):
+            gradient = torch.zeros_like(velocity)
+            losses = []
+            # enable_grad: CRFM must work even when the caller samples under torch.no_grad().
+            with torch.enable_grad():
+                for start in range(0, velocity.shape[0], self.config.chunk_size):
+                    rows = slice(start, start + self.config.chunk_size)
+                    chunk = velocity[rows].clone().requires_grad_(True)
+                    loss = self._loss(latents, sigma, chunk, rows)
+                    (grad,) = torch.autograd.grad(loss.sum(), chunk)
+                    gradient[rows] = grad
+                    losses.extend(loss.detach().cpu().tolist())
+            if self.config.l2_norm:
+                norms = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)
+                gradient = gradient / norms.view(-1, *([1] * (gradient.dim() - 1)))
+            if self.config.is_synth:
+                velocity = (1.0 - eta) * velocity
+            velocity = (velocity - eta * gradient).clamp(-1.0, 1.0)
+            self.trace.append({"step": index, "pass": rectify_pass, "eta": eta, "loss": losses})
+        return velocity
