@@ -408,4 +408,4 @@ def load_trained(
         )
     model.load_state_dict(weights, strict=False)
     model.requires_grad_(False).eval()
-    return model.to(device=device, dtype=dtype), meta
+    return (model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)), meta
