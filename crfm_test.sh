@@ -1,5 +1,20 @@
 #!/usr/bin/env bash
-# Synthesize a dataset with CRFM: --mmseg_config/--mmseg_ckpt --rectified_step 4 --num_inference_steps 23 (issue #4).
+# Synthesize with CRFM, the paper's setting: --rectified_step 4 --num_inference_steps 23 with a frozen mmseg
+# segmentor. Defaults as test.sh; the segmentor defaults to the small toy SegFormer, trained with mmseg's Runner
+# on the toy data if it is missing. Bring your own: MMSEG_CONFIG=... MMSEG_CKPT=... bash crfm_test.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-exec "${CRFM_VENV:-.venv}/bin/python" test.py --rectified_step 4 --num_inference_steps 23 "$@"
+source "${CRFM_VENV:-.venv}/bin/activate"
+DEFAULT_OUT=${DEFAULT_OUT:-outputs/demo}
+MMSEG_CONFIG=${MMSEG_CONFIG:-configs/mmseg/toy_segformer.py}
+if [[ -z "${MMSEG_CKPT:-}" ]]; then
+  MMSEG_CKPT=work_dirs/toy_segmentor/segmentor.pth
+  if [[ ! -f "$MMSEG_CKPT" ]]; then
+    echo "=== training the toy segmentor (mmseg Runner, CPU) -> work_dirs/toy_segmentor ==="
+    python scripts/train_segmentor.py --config "$MMSEG_CONFIG" --data_root "${DATA_ROOT:-$DEFAULT_OUT/toydata}" \
+      --train_file index.jsonl --val_file index.jsonl --work_dir work_dirs/toy_segmentor --num_cls "${NUM_CLS:-6}" \
+      --max_iters "${SEG_ITERS:-400}"
+  fi
+fi
+OUT=${OUT:-work_dirs/synth_crfm} exec bash test.sh --mmseg_config "$MMSEG_CONFIG" --mmseg_ckpt "$MMSEG_CKPT" \
+  --rectified_step 4 --num_inference_steps 23 "$@"

@@ -39,7 +39,7 @@ def mask_fidelity(
             areas = IoUMetric.intersect_and_union(prediction, sample["label"], num_cls, IGNORE_INDEX)
             for total, area in zip(totals, areas, strict=True):
                 total += area.double()
-    metrics = IoUMetric.total_area_to_metrics(*(t.numpy() for t in totals), metrics=["mIoU"])
+    metrics = IoUMetric.total_area_to_metrics(*totals, metrics=["mIoU"])
     per_class = metrics["IoU"]
     present = totals[3].numpy() > 0  # classes absent from every label have no IoU
     return {
