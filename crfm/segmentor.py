@@ -1,0 +1,382 @@
+"""Frozen mmsegmentation segmentors for CRFM guidance: our index layout as an mmseg dataset, safe checkpoint
+loading, and a differentiable adapter from generated images to per-class logits.
+
+Importing this module registers `CRFMIndexDataset` in mmseg's `DATASETS` registry, so configs can name it
+after `custom_imports = dict(imports=["crfm.segmentor"], allow_failed_imports=False)`.
+
+Checkpoints are only ever read with `torch.load(..., weights_only=True)` and a short allowlist of the
+non-tensor objects that mmengine's `CheckpointHook` writes (`MMENGINE_SAFE_GLOBALS`); a pickle naming any
+other global (e.g. `os.system` in a `__reduce__`) is refused before anything is called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mmengine.logging.history_buffer import HistoryBuffer
+from mmseg.datasets import BaseSegDataset
+from mmseg.registry import DATASETS
+from torch import nn
+
+from crfm.data import IGNORE_INDEX, read_index
+
+CLASSES_FILE = "classes.json"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_classes_json(path: str | Path) -> dict:
+    """`classes.json` ({"classes", "palette", "ignore_index"}) as mmseg metainfo (classes, palette)."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
+        raise ValueError(f"{path}: expected an object with a 'classes' list")
+    ignore = meta.get("ignore_index", IGNORE_INDEX)
+    if ignore != IGNORE_INDEX:
+        # The loss and IoUMetric ignore 255; another value would silently be trained on as a class.
+        raise ValueError(f"{path}: ignore_index {ignore} is not supported, labels must use {IGNORE_INDEX}")
+    out: dict = {"classes": tuple(meta["classes"])}
+    if meta.get("palette"):
+        out["palette"] = [list(c) for c in meta["palette"]]
+    return out
+
+
+@DATASETS.register_module()
+class CRFMIndexDataset(BaseSegDataset):
+    """An `index.jsonl` (lines `{"source": label png, "target": image, "prompt": ...}`) as an mmseg dataset.
+
+    `ann_file` is the index (relative to `data_root` unless absolute); paths in it are relative to
+    `data_root`, or to the index's folder when `data_root` is not given. Class names and palette come from
+    `metainfo` if passed, else from a `classes.json` beside the index. Labels hold class ids with 255 as
+    ignore, so `reduce_zero_label` is always False.
+    """
+
+    def __init__(self, ann_file: str = "", metainfo: dict | None = None, data_root: str | None = None, **kwargs):
+        if kwargs.pop("reduce_zero_label", False):
+            raise ValueError("CRFMIndexDataset labels are class ids with 255 = ignore; reduce_zero_label must be False")
+        index = Path(ann_file)
+        if data_root and not index.is_absolute():
+            index = Path(data_root) / index
+        if metainfo is None or "classes" not in metainfo:
+            classes_json = index.parent / CLASSES_FILE
+            if classes_json.is_file():
+                metainfo = {**read_classes_json(classes_json), **(metainfo or {})}
+        # BaseSegDataset defaults '.jpg' / '.png' suffixes and data_prefix; neither is used by our index.
+        kwargs.setdefault("ignore_index", IGNORE_INDEX)
+        super().__init__(ann_file=ann_file, metainfo=metainfo, data_root=data_root, reduce_zero_label=False, **kwargs)
+
+    def load_data_list(self) -> list[dict]:
+        root = Path(self.data_root) if self.data_root else Path(self.ann_file).parent
+        items = read_index(self.ann_file, root)  # validates every line and that both files exist
+        return [
+            {
+                "img_path": str(root / item.target),
+                "seg_map_path": str(root / item.source),
+                "label_map": self.label_map,
+                "reduce_zero_label": False,
+                "seg_fields": [],
+                "prompt": item.prompt,
+            }
+            for item in items
+        ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Safe checkpoint loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """numpy objects in mmengine checkpoints: the HistoryBuffer arrays and numpy scalars of the message hub.
+
+    Listed under both numpy 1.x (`numpy.core`) and 2.x (`numpy._core`) names so checkpoints written with either
+    load. Array/scalar reconstruction only builds data; ndarray's `__setstate__` runs no user code.
+    """
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
+    # Concrete dtype classes only so dtype objects may be BUILT (state set); no object dtype among them.
+    numeric = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+    numeric += ("float16", "float32", "float64")
+    out: list[Any] = [np.ndarray, np.dtype, *(type(np.dtype(n)) for n in numeric)]
+    for core in ("numpy.core", "numpy._core"):
+        out += [(_reconstruct, f"{core}.multiarray._reconstruct"), (scalar, f"{core}.multiarray.scalar")]
+    return out
+
+
+_HISTORY_BUFFER_STATISTICS = frozenset({"min", "max", "current", "mean"})
+
+
+def _history_buffer_getattr(owner: Any, name: str) -> Any:
+    """Stand-in for `builtins.getattr` while unpickling: yields only HistoryBuffer's statistic methods.
+
+    `HistoryBuffer.__getstate__` includes its statistic methods ({"min": HistoryBuffer.min, ...}), which
+    pickle stores as `getattr(HistoryBuffer, "min")`. The real `getattr` would hand a crafted file any
+    attribute of any allowed object (a function's `__globals__`, say), so everything else is refused.
+    """
+    if owner is HistoryBuffer and name in _HISTORY_BUFFER_STATISTICS:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(f"refusing getattr({owner!r}, {name!r}) in a checkpoint")
+
+
+# What mmengine's Runner/CheckpointHook pickles besides tensors and builtin containers (found by saving a
+# real checkpoint and listing what torch.serialization.get_unsafe_globals_in_checkpoint reports).
+MMENGINE_SAFE_GLOBALS: list[Any] = [
+    HistoryBuffer,
+    (_history_buffer_getattr, "builtins.getattr"),
+    *_numpy_safe_globals(),
+]
+
+
+@contextmanager
+def mmengine_safe_globals() -> Iterator[None]:
+    """Let `torch.load(weights_only=True)` (also mmengine's own, e.g. on resume) read mmengine checkpoints."""
+    # HistoryBuffer.__setstate__ writes the file's statistics methods into a class-level registry; put
+    # back what was there so a crafted file cannot leave odd objects in it.
+    registry = dict(HistoryBuffer._statistics_methods)
+    try:
+        with torch.serialization.safe_globals(MMENGINE_SAFE_GLOBALS):
+            yield
+    finally:
+        HistoryBuffer._statistics_methods.clear()
+        HistoryBuffer._statistics_methods.update(registry)
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """The whole checkpoint object (weights-only unpickling); `.safetensors` files give {"state_dict": ...}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return {"state_dict": load_file(str(path), device="cpu")}
+    with mmengine_safe_globals():
+        # Explicit weights_only=True also wins over TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD in the environment.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (a state dict)")
+    return obj
+
+
+def _extract_state_dict(obj: dict, path: str | Path) -> dict[str, torch.Tensor]:
+    state = obj
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint {path} is not a state dict: entries {bad[:5]} are not named tensors")
+    if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel/DDP wrapper
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
+
+
+def safe_load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """State dict from an mmengine `.pth` or a `.safetensors` file, never executing pickled code.
+
+    Raises `pickle.UnpicklingError` (from torch's weights-only unpickler) for a pickle that names a global
+    outside `MMENGINE_SAFE_GLOBALS`, and `ValueError` when the file holds no state dict.
+    """
+    return _extract_state_dict(load_checkpoint_file(path), path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Adapter
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SegmentorAdapter(nn.Module):
+    """Frozen segmentor as `images -> logits`, differentiable w.r.t. the images.
+
+    Input: float [B, 3, H, W] RGB in [-1, 1] (the VAE decoder's range; values outside are not clamped, so
+    gradients never vanish). Output: per-class logits [B, num_classes, H, W] at the input resolution.
+
+    The adapter maps the images to [0, `scale`], puts the channels in the order the network was trained on,
+    and normalises with the network's mean/std (given in that order):
+
+    - mmseg models (`from_mmseg`): mmseg's `LoadImageFromFile` decodes to BGR, and `SegDataPreProcessor`
+      swaps channels when `bgr_to_rgb` (or `rgb_to_bgr`) is set *before* subtracting its mean. So a model
+      with the swap saw RGB and gets our RGB as is; one without saw BGR and gets our channels reversed.
+      `scale` is 255, mean/std are the preprocessor's. Logits come from the model's own `inference` (whole
+      or slide, per its `test_cfg`), resized to the input size by the decode head.
+    - any other network (`wrap`): `module(normalised images)` must return logits [B, num_classes, h, w];
+      they are bilinearly resized to (H, W) if needed. Pass `channel_order="bgr"` for a BGR-trained
+      network and `scale=1.0` for mean/std on a [0, 1] scale (torchvision style).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        channel_order: str = "rgb",
+        scale: float = 255.0,
+        logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values, got {list(mean)} and {list(std)}")
+        self.model = model
+        self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, 3, 1, 1), persistent=False)
+        self.num_classes = int(num_classes)
+        names = list(class_names) if class_names is not None else [f"class {i}" for i in range(self.num_classes)]
+        if len(names) != self.num_classes:
+            raise ValueError(f"{len(names)} class names for {self.num_classes} classes")
+        self.class_names: list[str] = names
+        self.channel_order = channel_order
+        self.scale = float(scale)
+        self._logits_fn = logits_fn
+        self.eval()
+        self.requires_grad_(False)
+
+    @classmethod
+    def wrap(
+        cls,
+        module: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        channel_order: str = "rgb",
+        scale: float = 255.0,
+    ) -> SegmentorAdapter:
+        """Adapter for a plain segmentation network: `module(normalised [B,3,H,W]) -> logits [B,C,h,w]`."""
+        return cls(module, mean, std, num_classes, class_names, channel_order, scale)
+
+    @classmethod
+    def from_mmseg(cls, model: nn.Module) -> SegmentorAdapter:
+        """Adapter for an mmseg segmentor (`EncoderDecoder` & co), using its data_preprocessor settings."""
+        pre = model.data_preprocessor
+        if getattr(pre, "_enable_normalize", False):
+            mean, std = pre.mean.flatten().tolist(), pre.std.flatten().tolist()
+        else:
+            mean, std = [0.0] * 3, [1.0] * 3
+        # The loader gives BGR; one swap in the preprocessor means the network saw RGB (see class docstring).
+        order = "rgb" if getattr(pre, "channel_conversion", False) else "bgr"
+        head = model.decode_head
+        num_classes = int(head.num_classes)
+        meta = getattr(model, "dataset_meta", None) or {}
+        names = meta.get("classes")
+        if names is not None and len(names) != num_classes:
+            names = None  # a mismatch is reported by load_segmentor; here just fall back to numbers
+        return cls(model, mean, std, num_classes, names, order, 255.0, logits_fn=_mmseg_logits_fn(model))
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] RGB -> the network's input: [0, scale], its channel order, (x - mean) / std."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        x = (images.float() + 1.0) * (self.scale / 2.0)
+        if self.channel_order == "bgr":
+            x = x.flip(1)
+        return (x - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalise(images)
+        logits = self._logits_fn(x) if self._logits_fn is not None else self.model(x)
+        if logits.ndim != 4 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"segmentor returned {tuple(logits.shape)}, expected [B, {self.num_classes}, h, w]")
+        if logits.shape[-2:] != images.shape[-2:]:
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+    def train(self, mode: bool = True) -> SegmentorAdapter:
+        # Frozen: dropout / BN statistics must never switch to training behaviour under guidance.
+        return super().train(False)
+
+
+def _mmseg_logits_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Normalised batch -> logits via the segmentor's own inference path, with the metas it reads."""
+    binary = int(getattr(model.decode_head, "out_channels", model.decode_head.num_classes)) == 1
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape[-2:])
+        # Fresh dicts per call: slide inference writes into batch_img_metas[0].
+        metas = [{"ori_shape": shape, "img_shape": shape, "pad_shape": shape} for _ in range(x.shape[0])]
+        infer = getattr(model, "inference", None) or model.encode_decode
+        out = infer(x, metas)
+        if binary:
+            # A sigmoid head (out_channels=1): [0, z] gives softmax == sigmoid, so cross-entropy still works.
+            out = torch.cat([torch.zeros_like(out), out], dim=1)
+        return out
+
+    return logits
+
+
+def _check_state_dict_keys(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    given = {k for k in state if not k.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "") or "none"
+
+        raise ValueError(
+            f"checkpoint {path} does not match the config's model: "
+            f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}"
+        )
+
+
+def load_segmentor(
+    config: str | Path,
+    checkpoint: str | Path | None,
+    device: str | torch.device = "cpu",
+    num_cls: int | None = None,
+) -> SegmentorAdapter:
+    """Build the mmseg model of `config`, load `checkpoint` strictly via `safe_load_checkpoint`, freeze it.
+
+    `num_cls`, when given, must equal the model's number of classes (and that of the checkpoint's
+    dataset_meta, if it names classes); otherwise ValueError naming both numbers.
+    """
+    from mmengine.runner import load_state_dict
+    from mmseg.apis import init_model
+
+    model = init_model(str(config), checkpoint=None, device=str(device))
+    if checkpoint is not None:
+        obj = load_checkpoint_file(checkpoint)
+        state = _extract_state_dict(obj, checkpoint)
+        _check_state_dict_keys(model, state, checkpoint)
+        load_state_dict(model, state, strict=True)  # strict also catches shape mismatches
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        if isinstance(meta.get("dataset_meta"), dict):
+            model.dataset_meta = meta["dataset_meta"]
+    model_classes = int(model.decode_head.num_classes)
+    meta_classes = (getattr(model, "dataset_meta", None) or {}).get("classes")
+    if meta_classes is not None and len(meta_classes) != model_classes:
+        raise ValueError(
+            f"checkpoint dataset_meta names {len(meta_classes)} classes but decode_head.num_classes={model_classes}"
+        )
+    if num_cls is not None and num_cls != model_classes:
+        raise ValueError(f"num_cls={num_cls} differs from the segmentor's {model_classes} classes ({config})")
+    adapter = SegmentorAdapter.from_mmseg(model)
+    return adapter.to(device)
+
+
+def weights_only_environment() -> None:
+    """Make every `torch.load` in this process weights-only (mmengine's resume calls it without the flag)."""
+    if os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None) is not None:
+        print("ignoring TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: checkpoints are only loaded weights-only")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
