@@ -308,7 +308,8 @@ def train(args: argparse.Namespace) -> dict:
         accelerator.init_trackers("crfm", config={k: v for k, v in vars(args).items() if v is not None})
 
     # ----- loop
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    # A run resumed at (or past) its step budget trains nothing more.
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch) if global_step < args.max_train_steps else 0
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     bar = tqdm(

@@ -129,6 +129,14 @@ def test_lora_run_saves_only_what_it_trained(toy, tmp_path):
     loaded = dict(model.named_parameters())
     assert all(torch.equal(loaded[k], v) for k, v in weights.items())
 
+    # Resuming a finished run trains nothing more (regression: it once took one extra step).
+    again = run(TRAIN + train_args(toy, tmp_path, 3, "--train_mode", "lora", "--lora_rank", "4",
+                                   "--resume_from_checkpoint", "latest"))  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3]
+    after = load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+
 
 def test_latest_ignores_half_written_checkpoints(tmp_path):
     folder = tmp_path / "checkpoints"
