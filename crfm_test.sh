@@ -7,12 +7,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 source "${CRFM_VENV:-.venv}/bin/activate"
 DEFAULT_OUT=${DEFAULT_OUT:-outputs/demo}
 MMSEG_CONFIG=${MMSEG_CONFIG:-configs/mmseg/toy_segformer.py}
+SEG_DIR=${SEG_DIR:-work_dirs/toy_segmentor}
 if [[ -z "${MMSEG_CKPT:-}" ]]; then
-  MMSEG_CKPT=work_dirs/toy_segmentor/segmentor.pth
+  MMSEG_CKPT=$SEG_DIR/segmentor.pth
   if [[ ! -f "$MMSEG_CKPT" ]]; then
-    echo "=== training the toy segmentor (mmseg Runner, CPU) -> work_dirs/toy_segmentor ==="
+    echo "=== training the toy segmentor (mmseg Runner, CPU) -> $SEG_DIR ==="
     python scripts/train_segmentor.py --config "$MMSEG_CONFIG" --data_root "${DATA_ROOT:-$DEFAULT_OUT/toydata}" \
-      --train_file index.jsonl --val_file index.jsonl --work_dir work_dirs/toy_segmentor --num_cls "${NUM_CLS:-6}" \
+      --train_file index.jsonl --val_file index.jsonl --work_dir "$SEG_DIR" --num_cls "${NUM_CLS:-6}" \
       --max_iters "${SEG_ITERS:-400}"
   fi
 fi
