@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -24,21 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from timing import median_seconds  # noqa: E402  (bench/timing.py)
 
 from crfm.text import encode_prompts, load_text_encoders, vectorize_index  # noqa: E402
 from crfm.tiny import TinyConfig, save_tiny_pipeline  # noqa: E402
 from crfm.toydata import CLASSES, generate_scene  # noqa: E402
-
-
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def distinct_prompts(n: int) -> list[str]:
@@ -64,7 +53,7 @@ def bench_vectorize(pipe_dir: Path, work: Path, n: int) -> list[tuple[str, str]]
     pipe = load_text_encoders(pipe_dir)
     for batch in (1, 16, 64):
         chunk = prompts[:batch]
-        seconds = median_seconds(lambda chunk=chunk: encode_prompts(pipe, chunk), repeats=5)
+        seconds = median_seconds(lambda chunk=chunk: encode_prompts(pipe, chunk), repeats=5, warmup=2)
         rows.append((f"encode_prompt only, batch {batch}", f"{batch / seconds:.0f} prompts/s"))
     return rows
 
@@ -90,13 +79,13 @@ def bench_train_step(pipe_dir: Path) -> list[tuple[str, str]]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        seconds = median_seconds(step, repeats=10)
+        seconds = median_seconds(step, repeats=10, warmup=2)
         rows.append((f"train step (fwd+bwd+AdamW), {pixels} px, batch {batch}, fp32", f"{seconds * 1000:.0f} ms"))
     return rows
 
 
 def bench_toydata() -> list[tuple[str, str]]:
-    seconds = median_seconds(lambda: generate_scene(0, 1, 256), repeats=20)
+    seconds = median_seconds(lambda: generate_scene(0, 1, 256), repeats=20, warmup=2)
     return [("toy scene, 256 px", f"{seconds * 1000:.0f} ms")]
 
 

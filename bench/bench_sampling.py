@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -27,18 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from timing import median_seconds  # noqa: E402  (bench/timing.py)
 
 DEMO = REPO / "outputs" / "demo"
-
-
-def median_time(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def synth_throughput(args, processes: int, out: Path) -> float:
@@ -108,7 +98,7 @@ def main() -> int:
                 num_inference_steps=23, guidance_scale=4.0, output_type="latent",
             )  # fmt: skip
 
-    t_ours, t_theirs = median_time(ours), median_time(theirs)
+    t_ours, t_theirs = median_seconds(ours, repeats=3), median_seconds(theirs, repeats=3)
     rows.append(("our sampler, CRFM off, no mask (4 images, 23 steps, CFG 4)", f"{t_ours:.2f} s"))
     rows.append(("StableDiffusion3Pipeline, same inputs", f"{t_theirs:.2f} s"))
     rows.append(("ratio ours / pipeline", f"{t_ours / t_theirs:.2f}"))
@@ -127,7 +117,7 @@ def main() -> int:
             sample_latents(model, scheduler(), noise.clone(), embeds, pooled, masks, num_inference_steps=23,
                            velocity_hook=hook)  # fmt: skip
 
-        timings[rectified] = median_time(crfm_run)
+        timings[rectified] = median_seconds(crfm_run, repeats=3)
         rows.append(
             (f"masked sampling, rectified_step {rectified} (4 images, 23 steps)", f"{timings[rectified]:.2f} s")
         )

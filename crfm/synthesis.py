@@ -135,6 +135,10 @@ def synthesize(args: argparse.Namespace) -> dict:
         (work_dir / sub).mkdir(parents=True, exist_ok=True)
     shard = work_dir / SHARD_PATTERN.format(rank=rank)
     latent_side = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    # One scheduler for all batches: the sampler's set_timesteps resets its state each time.
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler"
+    )
 
     failures: list[str] = []
     traces: list[dict] = []
@@ -166,9 +170,6 @@ def synthesize(args: argparse.Namespace) -> dict:
         hook = None
         if segmentor is not None:
             hook = ControlRectifier(crfm_config, segmentor, vae, labels, args.num_inference_steps)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="scheduler"
-        )
         latents = sample_latents(
             model,
             scheduler,
