@@ -63,7 +63,7 @@ def main() -> int:
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from crfm.data import PairDataset, read_index
-    from crfm.model import load_trained, mask_to_pixels
+    from crfm.model import encode_mask_latents, load_trained
     from crfm.rectify import ControlRectifier, CRFMConfig
     from crfm.sampling import initial_noise, sample_latents
     from crfm.segmentor import load_segmentor
@@ -106,8 +106,7 @@ def main() -> int:
     vae = pipe.vae.requires_grad_(False)
     labels = torch.stack([s["label"] for s in samples])
     with torch.no_grad():
-        mask_dist = vae.encode(mask_to_pixels(labels, 6)).latent_dist
-        masks = (mask_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+        masks = encode_mask_latents(vae, labels, 6)
     segmentor = load_segmentor(args.segmentor / "config.py", args.segmentor / "segmentor.pth", num_cls=6)
     timings = {}
     for rectified in (0, 4, 8):

@@ -90,7 +90,7 @@ def sample_grid(runs: dict[str, Path], base: Path, vae, val, vectors: Path, path
     """Held-out masks | sample of each run (same noise) | the real image."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from crfm.model import load_trained, mask_to_pixels
+    from crfm.model import encode_mask_latents, load_trained
     from crfm.sampling import decode_latents, initial_noise, sample_latents, to_uint8
     from crfm.text import load_empty_prompt_vectors
     from crfm.toydata import colourise
@@ -102,8 +102,7 @@ def sample_grid(runs: dict[str, Path], base: Path, vae, val, vectors: Path, path
     pooled = torch.stack([s["pooled_prompt_embeds"] for s in samples]).float()
     empty = load_empty_prompt_vectors(vectors)
     with torch.no_grad():
-        mask_dist = vae.encode(mask_to_pixels(labels, 6)).latent_dist
-        masks = (mask_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+        masks = encode_mask_latents(vae, labels, 6)
     columns = {"mask": [colourise(s["label"].numpy().astype("uint8")) for s in samples]}
     for init, work in runs.items():
         model, _ = load_trained(work / "final", pretrained=base)

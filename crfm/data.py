@@ -139,7 +139,7 @@ def describe_label(label: np.ndarray, class_names: Sequence[str], min_fraction: 
     return PROMPT_PREFIX + ", ".join(class_names[c] for c in present)
 
 
-def _resize_center_crop(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+def resize_center_crop(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
     """Scale the short side to `size`, then crop the centre square — keeps aspect ratio and scale cues."""
     w, h = img.size
     scale = size / min(w, h)
@@ -188,8 +188,8 @@ class PairDataset(torch.utils.data.Dataset):
             )
         label = Image.fromarray(label_array)
         if self.resolution is not None:
-            image = _resize_center_crop(image, self.resolution, Image.Resampling.BICUBIC)
-            label = _resize_center_crop(label, self.resolution, Image.Resampling.NEAREST)
+            image = resize_center_crop(image, self.resolution, Image.Resampling.BICUBIC)
+            label = resize_center_crop(label, self.resolution, Image.Resampling.NEAREST)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
         sample = {
             "image": pixels,

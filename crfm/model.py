@@ -323,6 +323,13 @@ def mask_to_pixels(label: torch.Tensor, num_cls: int) -> torch.Tensor:
     return (grey / 127.5 - 1.0).unsqueeze(1).expand(-1, 3, -1, -1)
 
 
+def encode_mask_latents(vae, label: torch.Tensor, num_cls: int) -> torch.Tensor:
+    """Class-index maps [B, H, W] -> SD3-scaled mask latents, encoded deterministically (posterior mode), as the
+    condition must be the same at training and sampling time."""
+    posterior = vae.encode(mask_to_pixels(label, num_cls).to(vae.device, vae.dtype)).latent_dist
+    return (posterior.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+
+
 def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """VAE-encode images in [-1, 1] into SD3's scaled latent space (sampled from the posterior)."""
     posterior = vae.encode(pixels.to(vae.dtype)).latent_dist

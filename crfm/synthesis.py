@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crfm.data import DatasetError, IndexItem, load_image, load_label, read_index
+from crfm.data import DatasetError, IndexItem, load_image, load_label, read_index, resize_center_crop
 from crfm.fileio import atomic_path, write_jsonl_atomic
 
 SHARD_PATTERN = "index.rank{rank}.jsonl"
@@ -78,9 +78,7 @@ def read_done(work_dir: Path) -> dict[str, dict]:
 
 def _resize_label(label: np.ndarray, size: int) -> np.ndarray:
     """Short side to `size`, centre crop — the same geometry as `PairDataset` uses for images."""
-    from crfm.data import _resize_center_crop
-
-    return np.asarray(_resize_center_crop(Image.fromarray(label), size, Image.Resampling.NEAREST))
+    return np.asarray(resize_center_crop(Image.fromarray(label), size, Image.Resampling.NEAREST))
 
 
 def synthesize(args: argparse.Namespace) -> dict:
@@ -88,10 +86,10 @@ def synthesize(args: argparse.Namespace) -> dict:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from tqdm.auto import tqdm
 
-    from crfm.model import load_trained, mask_to_pixels, read_checkpoint_meta
+    from crfm.model import encode_mask_latents, load_trained, read_checkpoint_meta
     from crfm.rectify import ControlRectifier, CRFMConfig
     from crfm.sampling import decode_latents, initial_noise, sample_latents, to_uint8
-    from crfm.text import item_vector_path, load_empty_prompt_vectors, load_item_vectors
+    from crfm.text import load_empty_prompt_vectors, load_item_vectors
 
     state = PartialState(cpu=not torch.cuda.is_available())
     device, rank, world = state.device, state.process_index, state.num_processes
@@ -145,26 +143,23 @@ def synthesize(args: argparse.Namespace) -> dict:
     start, finished = time.perf_counter(), 0
     bar = tqdm(total=len(mine), desc=f"synthesize[{rank}]", unit="img", disable=args.no_progress or not mine)
     for begin in range(0, len(mine), args.batch_size):
-        batch = []
-        for pos, item, k in mine[begin : begin + args.batch_size]:
+        chunk, batch = mine[begin : begin + args.batch_size], []
+        for pos, item, k in chunk:
             try:  # a bad item is reported and skipped; the rest of the batch goes on
                 label = _resize_label(load_label(data_root / item.source, args.num_cls), args.resolution)
-                if not item_vector_path(args.vectors_path, int(item.record.get("index", -1))).is_file():
-                    raise DatasetError(f"vector file missing in {args.vectors_path}: run preprocess/vectorize.py")
                 vectors = load_item_vectors(args.vectors_path, item)
                 batch.append((pos, item, k, label, vectors))
             except DatasetError as exc:
                 failures.append(f"{item.where()}: {exc}")
                 print(f"error: {item.where()}: {exc}", flush=True)
-        bar.update(args.batch_size - len(batch))
+        bar.update(len(chunk) - len(batch))  # the failed ones
         if not batch:
             continue
         labels = torch.from_numpy(np.stack([b[3] for b in batch]).astype(np.int64)).to(device)
         embeds = torch.stack([b[4]["prompt_embeds"] for b in batch]).to(device, dtype)
         pooled = torch.stack([b[4]["pooled_prompt_embeds"] for b in batch]).to(device, dtype)
         with torch.no_grad():
-            mask_dist = vae.encode(mask_to_pixels(labels, args.num_cls)).latent_dist
-            masks = ((mask_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor).to(dtype)
+            masks = encode_mask_latents(vae, labels, args.num_cls).to(dtype)
         noise_ids = [pos * args.num_per_mask + k for pos, _, k, _, _ in batch]
         noise = initial_noise(noise_ids, args.seed, (masks.shape[1], latent_side, latent_side)).to(device, dtype)
         hook = None
@@ -246,7 +241,6 @@ def synthesize(args: argparse.Namespace) -> dict:
 
 def write_panel(path: Path, image: np.ndarray, label: np.ndarray, real_path: Path, args) -> None:
     """synthesized | colourised mask | real image (resized like the mask), side by side."""
-    from crfm.data import _resize_center_crop
     from crfm.viz import colourise_mask, image_grid
 
     palette = None
@@ -256,7 +250,7 @@ def write_panel(path: Path, image: np.ndarray, label: np.ndarray, real_path: Pat
     if palette is None:
         from crfm.toydata import PALETTE as palette
     try:
-        real = np.asarray(_resize_center_crop(load_image(real_path), args.resolution, Image.Resampling.BICUBIC))
+        real = np.asarray(resize_center_crop(load_image(real_path), args.resolution, Image.Resampling.BICUBIC))
     except DatasetError:
         real = np.full_like(image, 255)
     grid = image_grid([[image, colourise_mask(label, palette), real]], titles=["synthesized", "mask", "real"])

@@ -104,19 +104,15 @@ def resolve_resume(work_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def check_items(dataset: PairDataset, vectors_dir: Path, progress: bool = True) -> None:
-    """Open every item once before training, so bad data stops the run with its name, not silently later."""
-    from crfm.text import item_vector_path
+def check_items(dataset: PairDataset, progress: bool = True) -> None:
+    """Open every item once before training, so bad data stops the run with its name, not silently later.
 
-    bar = tqdm(dataset.items, desc="checking data", unit="item", leave=False, disable=not progress)
-    for position, item in enumerate(bar):
-        if "index" not in item.record:
-            raise DatasetError(f"item {item.where()}: no 'index' field; train on the index written by vectorize")
-        if not item_vector_path(vectors_dir, int(item.record["index"])).is_file():
-            raise DatasetError(
-                f"item {item.where()}: vector file missing in {vectors_dir}; run preprocess/vectorize.py first"
-            )
-        dataset[position]  # decodes image and mask, checks sizes and class ids
+    Loading an item decodes image and mask (sizes, class ids) and reads its prompt vectors (a missing `index`
+    field or vector file is named with a hint to run vectorize).
+    """
+    bar = tqdm(range(len(dataset)), desc="checking data", unit="item", leave=False, disable=not progress)
+    for position in bar:
+        dataset[position]
 
 
 @torch.no_grad()
@@ -128,7 +124,7 @@ def mask_following_losses(
     The gap between the first two measures how much the model follows the mask; noise and timesteps are
     fixed by `seed`, so numbers are comparable across models.
     """
-    from crfm.model import encode_latents, mask_to_pixels
+    from crfm.model import encode_latents, encode_mask_latents
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -140,8 +136,7 @@ def mask_following_losses(
     labels = torch.stack([s["label"] for s in samples]).to(device)
     gen = torch.Generator().manual_seed(seed)
     latents = encode_latents(vae, images, generator=gen).to(dtype)
-    mask_dist = vae.encode(mask_to_pixels(labels, num_cls)).latent_dist
-    masks = ((mask_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor).to(dtype)
+    masks = encode_mask_latents(vae, labels, num_cls).to(dtype)
     other = masks.roll(1, dims=0)  # each item gets its neighbour's mask
     embeds = torch.stack([s["prompt_embeds"] for s in samples]).to(device, dtype)
     pooled = torch.stack([s["pooled_prompt_embeds"] for s in samples]).to(device, dtype)
@@ -175,7 +170,7 @@ def train(args: argparse.Namespace) -> dict:
         MaskSD3Transformer2DModel,
         configure_training,
         encode_latents,
-        mask_to_pixels,
+        encode_mask_latents,
         save_trained,
         trained_state_dict,
     )
@@ -201,7 +196,7 @@ def train(args: argparse.Namespace) -> dict:
     dataset = PairDataset(items, data_root, resolution=args.resolution, num_cls=args.num_cls, vectors_dir=vectors_dir)
     empty = load_empty_prompt_vectors(vectors_dir)
     if not args.skip_data_check:
-        check_items(dataset, vectors_dir, progress=main and not args.no_progress)
+        check_items(dataset, progress=main and not args.no_progress)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
@@ -334,11 +329,7 @@ def train(args: argparse.Namespace) -> dict:
                 label = torch.where(flip[:, None, None], label.flip(-1), label)
                 with torch.no_grad():
                     latents = encode_latents(vae, image.float(), generator=gen).to(weight_dtype)
-                    mask_pixels = mask_to_pixels(label, args.num_cls).to(accelerator.device)
-                    # The condition is encoded deterministically (posterior mode), as at sampling time.
-                    mask_posterior = vae.encode(mask_pixels).latent_dist
-                    mask_latents = (mask_posterior.mode() - vae.config.shift_factor) * vae.config.scaling_factor
-                    mask_latents = mask_latents.to(weight_dtype)
+                    mask_latents = encode_mask_latents(vae, label, args.num_cls).to(weight_dtype)
                 batch_size = latents.shape[0]
                 noise = torch.randn(latents.shape, generator=gen).to(latents)
                 u = compute_density_for_timestep_sampling(

@@ -183,7 +183,7 @@ def _broken_dataset(toy, tmp_path: Path, damage: str) -> tuple[PairDataset, Path
 def test_bad_items_are_named_before_training(toy, tmp_path, damage, message):
     dataset, _ = _broken_dataset(toy, tmp_path, damage)
     with pytest.raises(DatasetError, match=message) as err:
-        check_items(dataset, toy["vectors"])
+        check_items(dataset)
     assert "index_.jsonl:2" in str(err.value)  # the line of the damaged item
 
 
