@@ -6,16 +6,19 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source "${CRFM_VENV:-.venv}/bin/activate"
 DEFAULT_OUT=${DEFAULT_OUT:-outputs/demo}
-MMSEG_CONFIG=${MMSEG_CONFIG:-configs/mmseg/toy_segformer.py}
-SEG_DIR=${SEG_DIR:-work_dirs/toy_segmentor}
 if [[ -z "${MMSEG_CKPT:-}" ]]; then
+  # The demo's guide segmentor if the demo ran, else the toy SegFormer trained here on the toy training split.
+  if [[ -z "${SEG_DIR:-}" && -f "$DEFAULT_OUT/seg_real/segmentor.pth" ]]; then SEG_DIR=$DEFAULT_OUT/seg_real; fi
+  SEG_DIR=${SEG_DIR:-work_dirs/toy_segmentor}
   MMSEG_CKPT=$SEG_DIR/segmentor.pth
   if [[ ! -f "$MMSEG_CKPT" ]]; then
     echo "=== training the toy segmentor (mmseg Runner, CPU) -> $SEG_DIR ==="
-    python scripts/train_segmentor.py --config "$MMSEG_CONFIG" --data_root "${DATA_ROOT:-$DEFAULT_OUT/toydata}" \
-      --train_file index.jsonl --val_file index.jsonl --work_dir "$SEG_DIR" --num_cls "${NUM_CLS:-6}" \
-      --max_iters "${SEG_ITERS:-400}"
+    python scripts/train_segmentor.py --config "${MMSEG_CONFIG:-configs/mmseg/toy_segformer.py}" \
+      --data_root "${DATA_ROOT:-$DEFAULT_OUT/toydata}" --train_file train.jsonl --val_file val.jsonl \
+      --work_dir "$SEG_DIR" --num_cls "${NUM_CLS:-6}" --max_iters "${SEG_ITERS:-400}" --img_size 64
   fi
+  MMSEG_CONFIG=${MMSEG_CONFIG:-$SEG_DIR/config.py}  # the merged config the checkpoint was trained with
 fi
+MMSEG_CONFIG=${MMSEG_CONFIG:-configs/mmseg/toy_segformer.py}
 OUT=${OUT:-work_dirs/synth_crfm} exec bash test.sh --mmseg_config "$MMSEG_CONFIG" --mmseg_ckpt "$MMSEG_CKPT" \
   --rectified_step 4 --num_inference_steps 23 "$@"

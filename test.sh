@@ -10,6 +10,8 @@ source "${CRFM_VENV:-.venv}/bin/activate"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEFAULT_OUT=${DEFAULT_OUT:-outputs/demo}
 CKPT=${CKPT:-work_dirs/train/final}
+# The embedded default synthesizes the demo's held-out masks; otherwise the vectorized index.
+JSON_FILE=${JSON_FILE:-$([[ -z "${DATA_ROOT:-}" ]] && echo val_.jsonl || echo index_.jsonl)}
 if [[ ! -f "$CKPT/crfm_checkpoint.json" ]]; then
   echo "error: no trained checkpoint at $CKPT: run 'bash train.sh' first, or set CKPT=<train work_dir>/final" >&2
   exit 2
@@ -17,7 +19,7 @@ fi
 exec ${LAUNCH:-python} test.py \
   --pretrained_model_name_or_path "${PRETRAINED:-$DEFAULT_OUT/tiny_sd35}" \
   --data_root "${DATA_ROOT:-$DEFAULT_OUT/toydata}" \
-  --json_file "${JSON_FILE:-index_.jsonl}" \
+  --json_file "$JSON_FILE" \
   --vectors_path "${VECTORS:-$DEFAULT_OUT/vectors}" \
   --lora_ckpt "$CKPT" \
   --num_cls "${NUM_CLS:-6}" \

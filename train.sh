@@ -10,8 +10,9 @@ bash scripts/setup.sh
 source "${CRFM_VENV:-.venv}/bin/activate"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEFAULT_OUT=${DEFAULT_OUT:-outputs/demo}
-if [[ -z "${PRETRAINED:-}" ]]; then
+if [[ -z "${PRETRAINED:-}" ]]; then  # the embedded default: the demo's inputs and its training split
   DEFAULT_OUT=$DEFAULT_OUT bash scripts/prepare_default.sh
+  TRAIN_FILE=${TRAIN_FILE:-train_.jsonl}
 fi
 exec accelerate launch --config_file "${ACCELERATE_CONFIG:-configs/accelerate_cpu.yaml}" train.py \
   --pretrained_model_name_or_path "${PRETRAINED:-$DEFAULT_OUT/tiny_sd35}" \
@@ -21,7 +22,7 @@ exec accelerate launch --config_file "${ACCELERATE_CONFIG:-configs/accelerate_cp
   --work_dir "${WORK_DIR:-work_dirs/train}" \
   --num_cls "${NUM_CLS:-6}" \
   --resolution "${RESOLUTION:-64}" \
-  --train_batch_size "${BATCH_SIZE:-4}" \
+  --train_batch_size "${BATCH_SIZE:-8}" \
   --max_train_steps "${MAX_TRAIN_STEPS:-200}" \
   --checkpointing_steps "${CHECKPOINTING_STEPS:-100}" \
   --resume_from_checkpoint latest \

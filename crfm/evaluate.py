@@ -59,19 +59,23 @@ def format_table(result: dict, class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_root", required=True)
-    parser.add_argument("--json_file", default="index.jsonl")
-    parser.add_argument("--mmseg_config", required=True)
-    parser.add_argument("--mmseg_ckpt", required=True)
-    parser.add_argument("--num_cls", type=int, required=True)
+    parser.add_argument("--data_root", required=True, help="dataset (e.g. a test.py work dir) the index is in")
+    parser.add_argument("--json_file", default="index.jsonl", help="index, relative to --data_root")
+    parser.add_argument("--mmseg_config", required=True, help="segmentor config (a training work dir's config.py)")
+    parser.add_argument("--mmseg_ckpt", required=True, help="segmentor weights (.pth, weights-only; or .safetensors)")
+    parser.add_argument("--num_cls", type=int, required=True, help="number of classes (checked against the model)")
     parser.add_argument("--resolution", type=int, default=None, help="resize (short side + centre crop) first")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per segmentor call")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     parser.add_argument("--out", default=None, help="JSON path (default <data_root>/mask_fidelity.json)")
-    parser.add_argument("--no_progress", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from crfm.segmentor import load_segmentor
 
     data_root = Path(args.data_root)

@@ -34,28 +34,33 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lora_ckpt", required=True, help="trained checkpoint folder (train.py's final/ or checkpoint-N/)")
     add("--vectors_path", required=True, help="prompt vectors of this index (vectorize's --work_dir)")
     add("--work_dir", default="work_dirs/synth", help="output dataset folder")
-    add("--num_cls", type=int, required=True)
-    add("--num_inference_steps", type=int, default=28)
+    add("--num_cls", type=int, required=True, help="number of classes (checked against the checkpoint)")
+    add("--num_inference_steps", type=int, default=28, help="Euler steps (the paper: 23)")
     add("--guidance_scale", type=float, default=1.0, help="classifier-free guidance (1.0: off)")
-    add("--resolution", type=int, default=512)
-    add("--batch_size", type=int, default=1)
+    add("--resolution", type=int, default=512, help="output side, px (masks resized + centre-cropped)")
+    add("--batch_size", type=int, default=1, help="images per sampler call")
     add("--num_per_mask", type=int, default=1, help="variants per mask (different seeds)")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="noise seed (drawn per item and variant, so independent of batching)")
     add("--debug", action="store_true", help="also write synthesized | mask | real panels")
-    add("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    add("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="transformer/VAE dtype")
     # CRFM (on when a segmentor is given)
     add("--mmseg_config", default=None, help="segmentor config (CRFM on with --mmseg_ckpt)")
-    add("--mmseg_ckpt", default=None)
-    add("--rectified_step", type=int, default=4)
-    add("--max_step_size", type=float, default=0.1)
-    add("--step_scheme", choices=["LD", "LI", "C"], default="LD")
-    add("--num_rectified", type=int, default=1)
-    add("--l2_norm", action="store_true")
+    add("--mmseg_ckpt", default=None, help="segmentor weights (weights-only .pth or .safetensors)")
+    add("--rectified_step", type=int, default=4, help="CRFM corrects the first N sampling steps")
+    add("--max_step_size", type=float, default=0.1, help="eta_max of the CRFM step-size scheme")
+    add(
+        "--step_scheme",
+        choices=["LD", "LI", "C"],
+        default="LD",
+        help="eta schedule: linear decreasing, increasing, constant",
+    )
+    add("--num_rectified", type=int, default=1, help="CRFM passes per rectified step")
+    add("--l2_norm", action="store_true", help="L2-normalise the CRFM gradient per image")
     add("--is_synth", action="store_true", help="also shrink the velocity by (1 - eta)")
     add("--crfm_chunk_size", type=int, default=1, help="images per CRFM backward pass (memory bound)")
     add("--checkpoint_decode", action="store_true", help="recompute the VAE decoder in CRFM's backward pass")
     add("--vae_tiling", action="store_true", help="tiled VAE decoding (large images)")
-    add("--no_progress", action="store_true")
+    add("--no_progress", action="store_true", help="no progress bar (logs)")
     return parser
 
 

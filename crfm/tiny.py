@@ -35,7 +35,7 @@ class TinyConfig:
     """Sizes of every component; defaults keep a 64 px CPU training step well under a second."""
 
     variant: str = "sd3.5"  # "sd3": plain joint attention; "sd3.5": qk RMS norm + dual-attention layers
-    sample_size: int = 8  # latent side of the default resolution (image side = sample_size * 8)
+    sample_size: int = 8  # latent side of the default resolution (image side = sample_size * 2**(vae blocks - 1))
     patch_size: int = 2
     layers: int = 4
     heads: int = 4
@@ -51,6 +51,10 @@ class TinyConfig:
     t5_vocab_size: int = 400
     seed: int = 0
     dual_attention_layers: tuple[int, ...] = field(default=())
+    # Side of the sin-cos position grid, in tokens; positions are spaced base/max apart, base = sample_size/patch.
+    # The default (8x the base side) allows large resolutions but makes neighbouring tokens' positions almost
+    # equal; a small grid makes them distinct, which a tiny model needs to align mask and image tokens.
+    pos_embed_max_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in ("sd3", "sd3.5"):
@@ -204,7 +208,7 @@ def build_pipeline(config: TinyConfig):
         caption_projection_dim=config.heads * config.head_dim,
         pooled_projection_dim=config.clip_l_dim + config.clip_g_dim,
         # Large enough for 8x the default resolution; positions are cropped from the centre.
-        pos_embed_max_size=max(32, 8 * config.sample_size // config.patch_size),
+        pos_embed_max_size=config.pos_embed_max_size or max(32, 8 * config.sample_size // config.patch_size),
         dual_attention_layers=config.dual_attention_layers,
         qk_norm="rms_norm" if config.variant == "sd3.5" else None,
     )
@@ -313,17 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--variant", choices=["sd3", "sd3.5"], default=defaults.variant)
-    parser.add_argument("--sample-size", type=int, default=defaults.sample_size, help="latent side (image/8)")
+    parser.add_argument("--sample-size", type=int, default=defaults.sample_size, help="default latent side")
     parser.add_argument("--patch-size", type=int, default=defaults.patch_size)
     parser.add_argument("--layers", type=int, default=defaults.layers)
     parser.add_argument("--heads", type=int, default=defaults.heads)
     parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
     parser.add_argument("--dual-attention-layers", type=_int_tuple, default=(), help="e.g. 0,1 (sd3.5)")
-    parser.add_argument("--vae-channels", type=_int_tuple, default=defaults.vae_channels)
+    parser.add_argument("--vae-channels", type=_int_tuple, default=defaults.vae_channels, help="one per VAE block")
+    parser.add_argument("--latent-channels", type=int, default=defaults.latent_channels, help="SD3: 16")
     parser.add_argument("--clip-l-dim", type=int, default=defaults.clip_l_dim)
     parser.add_argument("--clip-g-dim", type=int, default=defaults.clip_g_dim)
     parser.add_argument("--t5-dim", type=int, default=defaults.t5_dim)
     parser.add_argument("--text-layers", type=int, default=defaults.text_layers)
+    parser.add_argument("--pos-embed-max-size", type=int, help="position grid side in tokens (max tokens per side)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--fit-vae-on", type=Path, help="index.jsonl whose images the tiny VAE is fitted to")
     parser.add_argument("--vae-steps", type=int, default=1500)
@@ -339,14 +345,17 @@ def main(argv: list[str] | None = None) -> int:
         head_dim=args.head_dim,
         dual_attention_layers=args.dual_attention_layers,
         vae_channels=args.vae_channels,
+        latent_channels=args.latent_channels,
         clip_l_dim=args.clip_l_dim,
         clip_g_dim=args.clip_g_dim,
         t5_dim=args.t5_dim,
         text_layers=args.text_layers,
         seed=args.seed,
+        pos_embed_max_size=args.pos_embed_max_size,
     )
     out = save_tiny_pipeline(args.out_dir, config)
-    print(f"wrote tiny {config.variant} pipeline to {out} (default image size {config.sample_size * 8} px)")
+    side = config.sample_size * 2 ** (len(config.vae_channels) - 1)
+    print(f"wrote tiny {config.variant} pipeline to {out} (default image size {side} px)")
     if args.fit_vae_on is not None:
         stats = fit_vae(out, args.fit_vae_on, steps=args.vae_steps, size=args.vae_size, seed=args.seed)
         print(f"fitted the VAE on {args.fit_vae_on}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))

@@ -40,40 +40,54 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num_cls", type=int, required=True, help="number of classes (mask ids 0..num_cls-1, 255 = ignore)")
     # Model and training mode.
     add("--train_mode", choices=["full", "lora"], default="full", help="full: image+mask branches; lora: LoRA+mask")
-    add("--lora_rank", type=int, default=16)
+    add("--lora_rank", type=int, default=16, help="LoRA rank (--train_mode lora)")
     add("--mask_init", choices=["copy", "fresh"], default="copy", help="mask branch from the image branch or new")
     add("--no_mask", action="store_true", help="ablation: train on text only, the mask branch unused")
-    add("--gradient_checkpointing", action="store_true")
+    add(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute block activations in the backward pass (less memory)",
+    )
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="CUDA only; SDPA otherwise")
     # Optimisation.
-    add("--resolution", type=int, default=512)
+    add(
+        "--resolution",
+        type=int,
+        default=512,
+        help="short side resize + centre crop, px (multiple of VAE factor x patch)",
+    )
     add("--train_batch_size", type=int, default=1, help="per process")
-    add("--gradient_accumulation_steps", type=int, default=1)
-    add("--learning_rate", type=float, default=1e-4)
+    add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    add("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (constant after warm-up by default)")
     add("--lr_scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
-    add("--lr_warmup_steps", type=int, default=0)
+    add("--lr_warmup_steps", type=int, default=0, help="linear warm-up steps")
     add("--max_train_steps", type=int, default=1000, help="optimizer steps")
-    add("--adam_beta1", type=float, default=0.9)
-    add("--adam_beta2", type=float, default=0.999)
-    add("--adam_weight_decay", type=float, default=1e-4)
-    add("--adam_epsilon", type=float, default=1e-8)
-    add("--max_grad_norm", type=float, default=1.0)
-    add("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal")
-    add("--logit_mean", type=float, default=0.0)
-    add("--logit_std", type=float, default=1.0)
-    add("--mode_scale", type=float, default=1.29)
+    add("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    add("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    add("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    add("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    add(
+        "--weighting_scheme",
+        choices=WEIGHTING_SCHEMES,
+        default="logit_normal",
+        help="SD3 timestep density / loss weighting",
+    )
+    add("--logit_mean", type=float, default=0.0, help="logit-normal mean (> 0 favours noisier timesteps)")
+    add("--logit_std", type=float, default=1.0, help="logit-normal std")
+    add("--mode_scale", type=float, default=1.29, help="scale of the 'mode' weighting scheme")
     add("--prompt_dropout", type=float, default=0.1, help="probability of the empty prompt (for CFG)")
     add("--flip_prob", type=float, default=0.5, help="random horizontal flip of image and mask together")
     add("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="seed of every random draw (with rank and step)")
     # Checkpoints and logging.
-    add("--checkpointing_steps", type=int, default=500)
+    add("--checkpointing_steps", type=int, default=500, help="accelerate save_state every N steps")
     add("--checkpoints_total_limit", type=int, default=3, help="keep the last K checkpoints")
     add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
-    add("--dataloader_num_workers", type=int, default=0)
+    add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
     add("--report_to", default="tensorboard", help="accelerate tracker, or 'none'")
     add("--skip_data_check", action="store_true", help="skip the pre-flight check of every item")
-    add("--no_progress", action="store_true")
+    add("--no_progress", action="store_true", help="no progress bar (logs)")
     add("--record_batches", action="store_true", help="write each rank's item positions and weight digest")
     return parser
 

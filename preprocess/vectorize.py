@@ -20,7 +20,7 @@ from crfm.data import DatasetError  # noqa: E402
 from crfm.text import DTYPES, resolve_device, vectorize_index  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="local diffusers SD3/SD3.5 folder")
     parser.add_argument("--data_root", default="demo", help="folder the index paths are relative to")
@@ -35,11 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per encoder call")
     parser.add_argument("--overwrite", action="store_true", help="re-encode everything")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     data_root = Path(args.data_root)
     vectors_dir = Path(args.work_dir, args.dataset, args.subset)
     try:

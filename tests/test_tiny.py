@@ -84,3 +84,24 @@ def test_tokenizers_behave_like_sd3s(tiny_sd35_dir):
     t5_ids = t5(prompt).input_ids
     assert t5_ids[-1] == t5.eos_token_id and t5.unk_token_id not in t5_ids
     assert t5.pad_token_id == 0
+
+
+def test_demo_shape_4x_vae_few_latent_channels_unit_position_grid(tmp_path):
+    """The demo's shape: 3 VAE blocks (4x), 4 latent channels, and a position grid of exactly the token count,
+    which spaces neighbouring positions one unit apart (the default grid spaces them 1/8 apart)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from crfm.tiny import TinyConfig, save_tiny_pipeline
+
+    config = TinyConfig(vae_channels=(8, 16, 16), latent_channels=4, sample_size=16, pos_embed_max_size=8, layers=2)
+    pipe = StableDiffusion3Pipeline.from_pretrained(save_tiny_pipeline(tmp_path / "p", config))
+    assert pipe.vae_scale_factor == 4 and pipe.transformer.config.in_channels == 4
+    embed = pipe.transformer.pos_embed
+    grid = embed.pos_embed.reshape(8, 8, -1)
+    assert embed.base_size == 8 and grid.shape[:2] == (8, 8)
+    # Frequency-1 sine of each axis' half of the sin-cos table: sin(position), positions 0, 1, 2, ... apart by 1.
+    half = grid.shape[-1] // 2
+    torch.testing.assert_close(grid[0, :, 0], torch.sin(torch.arange(8.0)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grid[:, 0, half], torch.sin(torch.arange(8.0)), atol=1e-5, rtol=0)
+    out = pipe("a satellite image of water", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()

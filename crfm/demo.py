@@ -1,0 +1,450 @@
+"""The whole TODSynth pipeline on the embedded default, offline, on a CPU: README's first command.
+
+    python -m crfm.demo [--out outputs/demo] [--preset default|ci] [--fresh] [--KNOB VALUE ...]
+
+Stages (each prints the command it runs, so every step can be repeated by hand at real scale):
+ 1. toy remote-sensing scenes, split into a training and a held-out split;
+ 2. a tiny random SD3.5 pipeline, its VAE fitted to the training images;
+ 3. prompt vectors (`preprocess/vectorize.py`);
+ 4. the mask-conditioned MM-DiT (`train.py`), paper stage (a);
+ 5. the frozen guide segmentor, trained on the real training split (`scripts/train_segmentor.py`, mmseg);
+ 6. an independent judge segmentor (same recipe, another seed) that scores mask fidelity without having
+    guided anything;
+ 7. synthesis of the held-out masks, plain and with CRFM, from the same seeds (`test.py`), paper stage (b);
+ 8. mask fidelity of plain vs CRFM images, and of the real held-out images for reference (`crfm.evaluate`);
+ 9. synthesis with CRFM of the *training* masks (held-out masks would leak held-out labels into training);
+10. downstream, paper stage (c): a segmentor trained on real + synthetic data vs the guide (real only),
+    both scored on the held-out real split;
+11. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM | real) under --out.
+
+A re-run reuses every finished stage; an interrupted stage resumes (training from its last checkpoint,
+synthesis from its last written image, segmentors from mmengine's checkpoint). `--fresh` starts over.
+Changing a knob against an existing --out is refused (use --fresh or another --out), so results never mix
+settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from crfm.fileio import write_text_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS_FILE = "demo_settings.json"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Every knob of the demo (see KNOB_HELP). Defaults fit a 2-core CPU in about 10 minutes after set-up."""
+
+    num_scenes: int = 160
+    val_scenes: int = 32
+    scene_size: int = 128
+    resolution: int = 64
+    variant: str = "sd3.5"
+    vae_channels: str = "16,32,32"
+    latent_channels: int = 4
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 16
+    vae_steps: int = 600
+    max_sequence_length: int = 32
+    train_steps: int = 1500
+    train_batch_size: int = 8
+    learning_rate: float = 1e-3
+    seg_iters: int = 400
+    seg_size: int = 64
+    num_inference_steps: int = 23
+    rectified_step: int = 4
+    max_step_size: float = 0.1
+    synth_ratio: float = 0.5
+    figure_rows: int = 6
+    seed: int = 0
+
+
+KNOB_HELP = {
+    "num_scenes": "toy scenes in all (training + held-out)",
+    "val_scenes": "the last N scenes are held out: masks for fidelity, real images for downstream scoring",
+    "scene_size": "px of the toy scenes",
+    "resolution": "px the generator trains and samples at",
+    "variant": "tiny pipeline: sd3.5 (qk-norm, dual attention) or sd3",
+    "vae_channels": "tiny VAE block widths; n blocks = 2^(n-1) x downsampling",
+    "latent_channels": "VAE latent channels (SD3: 16; fewer leave the tiny model less texture to learn)",
+    "layers": "MM-DiT blocks",
+    "heads": "attention heads",
+    "head_dim": "width per head (model width = heads x head_dim)",
+    "vae_steps": "steps fitting the tiny VAE to the training images",
+    "max_sequence_length": "T5 tokens per prompt (the toy prompts are short)",
+    "train_steps": "MM-DiT optimizer steps",
+    "train_batch_size": "MM-DiT batch",
+    "learning_rate": "MM-DiT AdamW learning rate",
+    "seg_iters": "iterations of each segmentor (guide, judge, downstream)",
+    "seg_size": "px the segmentors train at",
+    "num_inference_steps": "Euler sampling steps",
+    "rectified_step": "CRFM corrects the first N steps",
+    "max_step_size": "CRFM eta_max",
+    "synth_ratio": "share of synthetic draws in the downstream segmentor's batches",
+    "figure_rows": "held-out masks shown in samples.png",
+    "seed": "seed of data, models, noise",
+}
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {},
+    # A few minutes on 2 cores: every stage and artefact, at sizes too small to learn anything.
+    "ci": dict(
+        num_scenes=16,
+        val_scenes=4,
+        vae_steps=20,
+        train_steps=20,
+        train_batch_size=4,
+        seg_iters=10,
+        num_inference_steps=4,
+        rectified_step=2,
+        figure_rows=3,
+    ),
+}
+
+
+class Demo:
+    def __init__(self, out: Path, settings: DemoSettings, progress: bool) -> None:
+        self.out = out
+        self.s = settings
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def run(self, *cmd: object) -> None:
+        args = [str(c) for c in cmd]
+        shown = " ".join(a if a.startswith("-") or "/" not in a else os.path.relpath(a, REPO) for a in args)
+        print(f"$ python {shown}", flush=True)
+        subprocess.run([sys.executable, *args], check=True, cwd=REPO, env=self.env)
+
+    def quiet(self) -> list[str]:
+        return [] if self.progress else ["--no_progress"]
+
+    def stage(self, number: int, name: str, title: str, action) -> None:
+        marker = self.path("stages", f"{name}.json")
+        print(f"\n=== [{number}/{len(STAGES)}] {title} ===", flush=True)
+        if marker.is_file():
+            self.timings[name] = json.loads(marker.read_text())["seconds"]
+            print(f"done in an earlier run ({self.timings[name]:.0f} s), reused")
+            return
+        start = time.perf_counter()
+        action()
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(marker, json.dumps({"seconds": self.timings[name]}) + "\n")
+        print(f"--- {name}: {self.timings[name]:.0f} s")
+
+    def split(self, index: Path, train: Path, val: Path) -> None:
+        lines = index.read_text(encoding="utf-8").splitlines(keepends=True)
+        cut = len(lines) - self.s.val_scenes
+        write_text_atomic(train, "".join(lines[:cut]))
+        write_text_atomic(val, "".join(lines[cut:]))
+
+    # ----------------------------------------------------------------------------------------------- stages
+    def data(self) -> None:
+        from crfm.toydata import write_dataset
+
+        root = self.path("toydata")
+        write_dataset(root, self.s.num_scenes, self.s.scene_size, seed=self.s.seed, workers=2)
+        self.split(root / "index.jsonl", root / "train.jsonl", root / "val.jsonl")
+        print(f"{self.s.num_scenes - self.s.val_scenes} training + {self.s.val_scenes} held-out scenes in {root}")
+
+    def pipeline(self) -> None:
+        final, tmp = self.path("tiny_sd35"), self.path("tiny_sd35.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        latent_side = self.s.resolution // 2 ** (len(self.s.vae_channels.split(",")) - 1)
+        # A position grid of exactly the tokens per side spaces positions one unit apart (see TinyConfig).
+        self.run(
+            "-m", "crfm.tiny", tmp, "--variant", self.s.variant, "--vae-channels", self.s.vae_channels,
+            "--latent-channels", self.s.latent_channels, "--sample-size", latent_side,
+            "--pos-embed-max-size", latent_side // 2, "--layers", self.s.layers, "--heads", self.s.heads,
+            "--head-dim", self.s.head_dim, "--seed", self.s.seed,
+            "--fit-vae-on", self.path("toydata", "train.jsonl"), "--vae-steps", self.s.vae_steps,
+            "--vae-size", self.s.resolution,
+        )  # fmt: skip
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # complete or absent
+
+    def vectors(self) -> None:
+        root = self.path("toydata")
+        self.run(
+            "preprocess/vectorize.py", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
+            "--data_root", root, "--src_json_file", "index.jsonl", "--out_json_file", "index_.jsonl",
+            "--work_dir", self.path("vectors"), "--max_sequence_length", self.s.max_sequence_length,
+            "--mixed_precision", "no", "--device", "cpu", *self.quiet(),
+        )  # fmt: skip
+        self.split(root / "index_.jsonl", root / "train_.jsonl", root / "val_.jsonl")
+
+    def generator(self) -> None:
+        self.run(
+            "train.py", "--pretrained_model_name_or_path", self.path("tiny_sd35"), "--data_root", self.path("toydata"),
+            "--train_file", "train_.jsonl", "--vectors_path", self.path("vectors"), "--work_dir", self.path("train"),
+            "--num_cls", 6, "--resolution", self.s.resolution, "--train_batch_size", self.s.train_batch_size,
+            "--max_train_steps", self.s.train_steps, "--learning_rate", self.s.learning_rate,
+            "--lr_warmup_steps", min(50, self.s.train_steps // 10), "--checkpointing_steps",
+            max(1, self.s.train_steps // 4), "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest",
+            "--seed", self.s.seed, *self.quiet(),
+        )  # fmt: skip
+
+    def segmentor(self, work: str, seed: int, *extra: object) -> None:
+        self.run(
+            "scripts/train_segmentor.py", "--data_root", self.path("toydata"), "--train_file", "train.jsonl",
+            "--val_file", "val.jsonl", "--work_dir", self.path(work), "--num_cls", 6,
+            "--max_iters", self.s.seg_iters, "--img_size", self.s.seg_size, "--seed", seed, *extra,
+        )  # fmt: skip
+
+    def synthesize(self, json_file: str, work: str, crfm: bool) -> None:
+        guide = self.path("seg_real")
+        segmentor = ["--mmseg_config", guide / "config.py", "--mmseg_ckpt", guide / "segmentor.pth"]
+        self.run(
+            "test.py", "--pretrained_model_name_or_path", self.path("tiny_sd35"), "--data_root", self.path("toydata"),
+            "--json_file", json_file, "--vectors_path", self.path("vectors"),
+            "--lora_ckpt", self.path("train", "final"),
+            "--work_dir", self.path(work), "--num_cls", 6, "--resolution", self.s.resolution, "--batch_size", 8,
+            "--num_inference_steps", self.s.num_inference_steps, "--seed", self.s.seed,
+            *(segmentor + ["--rectified_step", self.s.rectified_step, "--max_step_size", self.s.max_step_size]
+              if crfm else []),
+            *self.quiet(),
+        )  # fmt: skip
+
+    def fidelity(self) -> None:
+        """`python -m crfm.evaluate` for each image set and segmentor, in-process (one model load per judge)."""
+        from crfm.data import PairDataset, read_index
+        from crfm.evaluate import mask_fidelity
+        from crfm.segmentor import load_segmentor
+
+        sets = {
+            "real": (self.path("toydata"), "val.jsonl"),
+            "plain": (self.path("synth_plain"), "index.jsonl"),
+            "crfm": (self.path("synth_crfm"), "index.jsonl"),
+        }
+        for judge in ("seg_judge", "seg_real"):
+            seg = self.path(judge)
+            segmentor = load_segmentor(seg / "config.py", seg / "segmentor.pth", device="cpu", num_cls=6)
+            for images, (root, index) in sets.items():
+                # Real images are scored at the generator's resolution too, so all three rows are comparable.
+                dataset = PairDataset(read_index(root / index, root), root, resolution=self.s.resolution, num_cls=6)
+                result = mask_fidelity(segmentor, dataset, 6, progress=self.progress)
+                print(f"{images:>5} images, {judge}: mIoU {100 * result['mIoU']:.2f}")
+                out = self.path("fidelity", f"{images}_{judge}.json")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+
+    def downstream(self) -> None:
+        self.segmentor(
+            "seg_real_synth", self.s.seed, "--synth_root", self.path("synth_train"), "--synth_ratio", self.s.synth_ratio
+        )
+
+    # ----------------------------------------------------------------------------------------------- report
+    def report(self) -> dict:
+        from crfm.toydata import CLASSES
+
+        def fid(images: str, judge: str) -> dict:
+            return json.loads(self.path("fidelity", f"{images}_{judge}.json").read_text())
+
+        def seg(work: str) -> dict:
+            return json.loads(self.path(work, "metrics.json").read_text())
+
+        train_summary = json.loads(self.path("train", "summary.json").read_text())
+        summary = {
+            "settings": dataclasses.asdict(self.s),
+            "generator": train_summary,
+            "mask_fidelity": {
+                images: {
+                    "judge_mIoU": 100 * fid(images, "seg_judge")["mIoU"],
+                    "guide_mIoU": 100 * fid(images, "seg_real")["mIoU"],
+                    "judge_IoU": dict(zip(CLASSES, fid(images, "seg_judge")["IoU"], strict=True)),
+                }
+                for images in ("real", "plain", "crfm")
+            },
+            "downstream": {"real_only": seg("seg_real"), "real_plus_synthetic": seg("seg_real_synth")},
+            "stage_seconds": dict(self.timings),
+            "total_seconds": round(sum(self.timings.values()), 1),
+        }
+        write_text_atomic(self.path("summary.json"), json.dumps(summary, indent=2) + "\n")
+        markdown = summary_markdown(summary)
+        write_text_atomic(self.path("summary.md"), markdown)
+        self.figure()
+        return summary | {"markdown": markdown}
+
+    def figure(self) -> None:
+        from PIL import Image
+
+        from crfm.data import load_label, read_index
+        from crfm.toydata import PALETTE
+        from crfm.viz import colourise_mask, image_grid
+
+        root = self.path("toydata")
+        real = {item.source: item.target for item in read_index(root / "val.jsonl", root)}
+
+        def by_mask(work: str) -> dict[str, Path]:
+            lines = self.path(work, "index.jsonl").read_text().splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+            return {r["source_mask"]: self.path(work, r["target"]) for r in records if r["variant"] == 0}
+
+        plain, crfm = by_mask("synth_plain"), by_mask("synth_crfm")
+        size = self.s.scene_size
+        rows = []
+        for source in list(real)[: self.s.figure_rows]:
+            mask = colourise_mask(load_label(root / source), PALETTE)
+            samples = [Image.open(images[source]).convert("RGB") for images in (plain, crfm)]
+            rows.append([Image.fromarray(mask), *samples, Image.open(root / real[source]).convert("RGB")])
+        titles = ["mask", "plain", "CRFM", "real"]
+        image_grid(rows, titles, cell=size, resample=Image.Resampling.NEAREST).save(self.path("samples.png"))
+
+
+def summary_markdown(summary: dict) -> str:
+    s = summary["settings"]
+    fid, down = summary["mask_fidelity"], summary["downstream"]
+    held_out = s["val_scenes"]
+    lines = [
+        "# crfm demo summary",
+        "",
+        f"Mask fidelity on {held_out} held-out masks: mIoU (%) of a segmentor's prediction on the images against "
+        "the masks they were drawn from. The judge was trained on the real training split like the guide, with "
+        "another seed, and never guided sampling.",
+        "",
+        "| images | judge mIoU | guide mIoU |",
+        "|---|---|---|",
+    ]
+    names = {"real": "real held-out images (reference)", "plain": "plain sampling", "crfm": "CRFM sampling"}
+    for key, name in names.items():
+        lines.append(f"| {name} | {fid[key]['judge_mIoU']:.2f} | {fid[key]['guide_mIoU']:.2f} |")
+    real, mixed = down["real_only"], down["real_plus_synthetic"]
+    lines += [
+        "",
+        f"Downstream: segmentors trained for {s['seg_iters']} iterations, mIoU (%) on the {held_out} held-out "
+        "real scenes.",
+        "",
+        "| training data | mIoU | aAcc |",
+        "|---|---|---|",
+        f"| real only ({real['real_train']} scenes) | {real['mIoU']:.2f} | {real['aAcc']:.2f} |",
+        f"| real + CRFM synthetic ({mixed['real_train']} + {mixed['synthetic_train']}, "
+        f"{100 * s['synth_ratio']:.0f}% synthetic draws) | {mixed['mIoU']:.2f} | {mixed['aAcc']:.2f} |",
+        "",
+        f"Generator: {summary['generator']['steps']} steps, final training loss "
+        f"{summary['generator']['final_loss']:.4f}, {summary['generator']['seconds_per_step']:.3f} s/step.",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *(f"| {name} | {sec:.0f} |" for name, sec in summary["stage_seconds"].items()),
+        f"| **total** | **{summary['total_seconds']:.0f}** |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+STAGES: list[tuple[str, str]] = [
+    ("data", "toy remote-sensing scenes, training / held-out split"),
+    ("pipeline", "tiny SD3.5 pipeline, VAE fitted to the training images"),
+    ("vectors", "prompt vectors (SD3 encode_prompt)"),
+    ("generator", "train the mask-conditioned MM-DiT (paper stage a)"),
+    ("guide", "guide segmentor on the real training split (mmseg)"),
+    ("judge", "judge segmentor (same recipe, another seed)"),
+    ("synthesis", "synthesize the held-out masks: plain, then CRFM, same seeds (paper stage b)"),
+    ("fidelity", "mask fidelity: real vs plain vs CRFM"),
+    ("synth_train", "synthesize the training masks with CRFM, for downstream training"),
+    ("downstream", "downstream segmentor on real + synthetic (paper stage c)"),
+]
+
+
+def check_settings(out: Path, settings: DemoSettings) -> None:
+    """Refuse to mix results of different settings in one output folder."""
+    path = out / SETTINGS_FILE
+    current = dataclasses.asdict(settings)
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
+        if changed:
+            diff = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+            raise SystemExit(f"error: {out} was made with other settings ({diff}); add --fresh or choose another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(current, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m crfm.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "demo", help="output folder")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="ci: a few-minute smoke run")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars (logs, CI)")
+    parser.add_argument("--until", choices=[name for name, _ in STAGES], help="stop after this stage (no report)")
+    knobs = parser.add_argument_group("knobs (override the preset)")
+    for field in dataclasses.fields(DemoSettings):
+        help_text = f"{KNOB_HELP[field.name]} (default {field.default})"
+        knobs.add_argument(f"--{field.name}", type=type(field.default), default=None, help=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = {**PRESETS[args.preset]}
+    values.update(
+        {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoSettings) if getattr(args, f.name) is not None}
+    )
+    settings = DemoSettings(**values)
+    if settings.val_scenes >= settings.num_scenes or settings.val_scenes < 1:
+        raise SystemExit("error: need 1 <= --val_scenes < --num_scenes")
+    out = args.out.resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    check_settings(out, settings)
+
+    demo = Demo(out, settings, progress=not args.no_progress)
+    start = time.perf_counter()
+    actions = {
+        "data": demo.data,
+        "pipeline": demo.pipeline,
+        "vectors": demo.vectors,
+        "generator": demo.generator,
+        "guide": lambda: demo.segmentor("seg_real", settings.seed),
+        "judge": lambda: demo.segmentor("seg_judge", settings.seed + 1),
+        "synthesis": lambda: (
+            demo.synthesize("val_.jsonl", "synth_plain", crfm=False),
+            demo.synthesize("val_.jsonl", "synth_crfm", crfm=True),
+        ),
+        "fidelity": demo.fidelity,
+        "synth_train": lambda: demo.synthesize("train_.jsonl", "synth_train", crfm=True),
+        "downstream": demo.downstream,
+    }
+    for number, (name, title) in enumerate(STAGES, 1):
+        demo.stage(number, name, title, actions[name])
+        if name == args.until:
+            return 0
+    print(f"\n=== report -> {out} ===")
+    summary = demo.report()
+    print(summary["markdown"])
+    print(f"figure  : {out / 'samples.png'} (mask | plain | CRFM | real)")
+    print(f"tables  : {out / 'summary.md'}, {out / 'summary.json'}")
+    print(f"this run: {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
