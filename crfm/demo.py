@@ -10,12 +10,13 @@ Stages (each prints the command it runs, so every step can be repeated by hand a
  5. the frozen guide segmentor, trained on the real training split (`scripts/train_segmentor.py`, mmseg);
  6. an independent judge segmentor (same recipe, another seed) that scores mask fidelity without having
     guided anything;
- 7. synthesis of the held-out masks, plain and with CRFM, from the same seeds (`test.py`), paper stage (b);
+ 7. synthesis of the held-out masks from the same seeds (`test.py`), paper stage (b): plain, CRFM at the paper's
+    defaults, and CRFM tuned for this tiny model (stronger, L2-normalised steps without the velocity clamp);
  8. mask fidelity of plain vs CRFM images, and of the real held-out images for reference (`crfm.evaluate`);
- 9. synthesis with CRFM of the *training* masks (held-out masks would leak held-out labels into training);
+ 9. synthesis with tuned CRFM of the *training* masks (held-out masks would leak held-out labels into training);
 10. downstream, paper stage (c): a segmentor trained on real + synthetic data vs the guide (real only),
     both scored on the held-out real split;
-11. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM | real) under --out.
+11. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM paper | CRFM tuned | real) under --out.
 
 A re-run reuses every finished stage; an interrupted stage resumes (training from its last checkpoint,
 synthesis from its last written image, segmentors from mmengine's checkpoint). `--fresh` starts over.
@@ -40,6 +41,7 @@ from crfm.fileio import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS_FILE = "demo_settings.json"
+IMAGE_SETS = ("real", "plain", "crfm_paper", "crfm")  # rows of the mask-fidelity table
 
 
 @dataclass(frozen=True)
@@ -56,16 +58,17 @@ class DemoSettings:
     layers: int = 4
     heads: int = 4
     head_dim: int = 16
-    vae_steps: int = 600
+    vae_steps: int = 400
     max_sequence_length: int = 32
-    train_steps: int = 1500
+    train_steps: int = 2000
     train_batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     seg_iters: int = 400
     seg_size: int = 64
     num_inference_steps: int = 23
-    rectified_step: int = 4
-    max_step_size: float = 0.1
+    rectified_step: int = 8
+    max_step_size: float = 10.0
+    num_rectified: int = 3
     synth_ratio: float = 0.5
     figure_rows: int = 6
     seed: int = 0
@@ -90,8 +93,9 @@ KNOB_HELP = {
     "seg_iters": "iterations of each segmentor (guide, judge, downstream)",
     "seg_size": "px the segmentors train at",
     "num_inference_steps": "Euler sampling steps",
-    "rectified_step": "CRFM corrects the first N steps",
-    "max_step_size": "CRFM eta_max",
+    "rectified_step": "tuned CRFM: corrects the first N steps (the paper-default row always uses 4)",
+    "max_step_size": "tuned CRFM: eta_max of the L2-normalised gradient, no velocity clamp (paper row: 0.1, clamp 1)",
+    "num_rectified": "tuned CRFM: passes per rectified step (paper row: 1)",
     "synth_ratio": "share of synthetic draws in the downstream segmentor's batches",
     "figure_rows": "held-out masks shown in samples.png",
     "seed": "seed of data, models, noise",
@@ -110,6 +114,7 @@ PRESETS: dict[str, dict[str, object]] = {
         seg_iters=10,
         num_inference_steps=4,
         rectified_step=2,
+        num_rectified=1,
         figure_rows=3,
     ),
 }
@@ -214,18 +219,24 @@ class Demo:
             "--max_iters", self.s.seg_iters, "--img_size", self.s.seg_size, "--seed", seed, *extra,
         )  # fmt: skip
 
-    def synthesize(self, json_file: str, work: str, crfm: bool) -> None:
+    def synthesize(self, json_file: str, work: str, crfm: str | None) -> None:
+        """`test.py` with CRFM off (None), at the paper's defaults ("paper") or at the demo's tuned setting."""
         guide = self.path("seg_real")
-        segmentor = ["--mmseg_config", guide / "config.py", "--mmseg_ckpt", guide / "segmentor.pth"]
+        rectify: list[object] = ["--mmseg_config", guide / "config.py", "--mmseg_ckpt", guide / "segmentor.pth"]
+        if crfm == "paper":
+            rectify += ["--rectified_step", 4, "--max_step_size", 0.1, "--velocity_clamp", 1]
+        elif crfm == "tuned":
+            rectify += [
+                "--rectified_step", self.s.rectified_step, "--max_step_size", self.s.max_step_size,
+                "--num_rectified", self.s.num_rectified, "--l2_norm", "--velocity_clamp", 0,
+            ]  # fmt: skip
         self.run(
             "test.py", "--pretrained_model_name_or_path", self.path("tiny_sd35"), "--data_root", self.path("toydata"),
             "--json_file", json_file, "--vectors_path", self.path("vectors"),
             "--lora_ckpt", self.path("train", "final"),
             "--work_dir", self.path(work), "--num_cls", 6, "--resolution", self.s.resolution, "--batch_size", 8,
             "--num_inference_steps", self.s.num_inference_steps, "--seed", self.s.seed,
-            *(segmentor + ["--rectified_step", self.s.rectified_step, "--max_step_size", self.s.max_step_size]
-              if crfm else []),
-            *self.quiet(),
+            *(rectify if crfm else []), *self.quiet(),
         )  # fmt: skip
 
     def fidelity(self) -> None:
@@ -237,6 +248,7 @@ class Demo:
         sets = {
             "real": (self.path("toydata"), "val.jsonl"),
             "plain": (self.path("synth_plain"), "index.jsonl"),
+            "crfm_paper": (self.path("synth_crfm_paper"), "index.jsonl"),
             "crfm": (self.path("synth_crfm"), "index.jsonl"),
         }
         for judge in ("seg_judge", "seg_real"):
@@ -276,7 +288,7 @@ class Demo:
                     "guide_mIoU": 100 * fid(images, "seg_real")["mIoU"],
                     "judge_IoU": dict(zip(CLASSES, fid(images, "seg_judge")["IoU"], strict=True)),
                 }
-                for images in ("real", "plain", "crfm")
+                for images in IMAGE_SETS
             },
             "downstream": {"real_only": seg("seg_real"), "real_plus_synthetic": seg("seg_real_synth")},
             "stage_seconds": dict(self.timings),
@@ -303,14 +315,14 @@ class Demo:
             records = [json.loads(line) for line in lines if line.strip()]
             return {r["source_mask"]: self.path(work, r["target"]) for r in records if r["variant"] == 0}
 
-        plain, crfm = by_mask("synth_plain"), by_mask("synth_crfm")
+        synthesized = [by_mask(work) for work in ("synth_plain", "synth_crfm_paper", "synth_crfm")]
         size = self.s.scene_size
         rows = []
         for source in list(real)[: self.s.figure_rows]:
             mask = colourise_mask(load_label(root / source), PALETTE)
-            samples = [Image.open(images[source]).convert("RGB") for images in (plain, crfm)]
+            samples = [Image.open(images[source]).convert("RGB") for images in synthesized]
             rows.append([Image.fromarray(mask), *samples, Image.open(root / real[source]).convert("RGB")])
-        titles = ["mask", "plain", "CRFM", "real"]
+        titles = ["mask", "plain", "CRFM paper", "CRFM tuned", "real"]
         image_grid(rows, titles, cell=size, resample=Image.Resampling.NEAREST).save(self.path("samples.png"))
 
 
@@ -328,7 +340,13 @@ def summary_markdown(summary: dict) -> str:
         "| images | judge mIoU | guide mIoU |",
         "|---|---|---|",
     ]
-    names = {"real": "real held-out images (reference)", "plain": "plain sampling", "crfm": "CRFM sampling"}
+    names = {
+        "real": "real held-out images (reference)",
+        "plain": "plain sampling",
+        "crfm_paper": "CRFM, paper defaults (4 steps, eta_max 0.1, clamp 1)",
+        "crfm": f"CRFM, tuned ({s['rectified_step']} steps x {s['num_rectified']}, L2-normalised, "
+        f"eta_max {s['max_step_size']:g}, no clamp)",
+    }
     for key, name in names.items():
         lines.append(f"| {name} | {fid[key]['judge_mIoU']:.2f} | {fid[key]['guide_mIoU']:.2f} |")
     real, mixed = down["real_only"], down["real_plus_synthetic"]
@@ -362,9 +380,9 @@ STAGES: list[tuple[str, str]] = [
     ("generator", "train the mask-conditioned MM-DiT (paper stage a)"),
     ("guide", "guide segmentor on the real training split (mmseg)"),
     ("judge", "judge segmentor (same recipe, another seed)"),
-    ("synthesis", "synthesize the held-out masks: plain, then CRFM, same seeds (paper stage b)"),
+    ("synthesis", "synthesize the held-out masks: plain, CRFM paper defaults, CRFM tuned; same seeds (stage b)"),
     ("fidelity", "mask fidelity: real vs plain vs CRFM"),
-    ("synth_train", "synthesize the training masks with CRFM, for downstream training"),
+    ("synth_train", "synthesize the training masks with tuned CRFM, for downstream training"),
     ("downstream", "downstream segmentor on real + synthetic (paper stage c)"),
 ]
 
@@ -426,11 +444,12 @@ def main(argv: list[str] | None = None) -> int:
         "guide": lambda: demo.segmentor("seg_real", settings.seed),
         "judge": lambda: demo.segmentor("seg_judge", settings.seed + 1),
         "synthesis": lambda: (
-            demo.synthesize("val_.jsonl", "synth_plain", crfm=False),
-            demo.synthesize("val_.jsonl", "synth_crfm", crfm=True),
+            demo.synthesize("val_.jsonl", "synth_plain", crfm=None),
+            demo.synthesize("val_.jsonl", "synth_crfm_paper", crfm="paper"),
+            demo.synthesize("val_.jsonl", "synth_crfm", crfm="tuned"),
         ),
         "fidelity": demo.fidelity,
-        "synth_train": lambda: demo.synthesize("train_.jsonl", "synth_train", crfm=True),
+        "synth_train": lambda: demo.synthesize("train_.jsonl", "synth_train", crfm="tuned"),
         "downstream": demo.downstream,
     }
     for number, (name, title) in enumerate(STAGES, 1):
@@ -440,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n=== report -> {out} ===")
     summary = demo.report()
     print(summary["markdown"])
-    print(f"figure  : {out / 'samples.png'} (mask | plain | CRFM | real)")
+    print(f"figure  : {out / 'samples.png'} (mask | plain | CRFM paper | CRFM tuned | real)")
     print(f"tables  : {out / 'summary.md'}, {out / 'summary.json'}")
     print(f"this run: {time.perf_counter() - start:.0f} s")
     return 0

@@ -4,7 +4,8 @@ At step i < `rectified_step` the sampler's velocity v is rectified: the clean la
 x̂₀ = x_t − σ_t·v, decoded by the VAE, and a frozen segmentor's cross-entropy against the conditioning mask —
 counted only on pixels that are valid (not 255) and currently misclassified, averaged per image — is
 differentiated with respect to v. Then v ← (1−η)·v − η·g (the (1−η) shrink only with `is_synth`), optionally
-with g L2-normalised per sample, and v is clamped to [−1, 1]; this repeats `num_rectified` times. η follows
+with g L2-normalised per sample, and v is clamped to [−c, c] (c = `velocity_clamp`, 1 in the paper's scripts; 0
+turns the clamp off); this repeats `num_rectified` times. η follows
 `step_scheme`: LD η_max·(1−(i+1)/N), LI η_max·(i+1)/N, C η_max, with N the number of sampling steps.
 
 Each image's loss is its own (summed over the batch, not averaged), so an item's correction does not depend
@@ -35,12 +36,17 @@ class CRFMConfig:
     is_synth: bool = False  # also shrink v by (1 - η)
     chunk_size: int = 1  # images decoded + segmented at once in the backward pass (bounds memory)
     checkpoint_decode: bool = False  # recompute the VAE decoder in the backward pass instead of storing it
+    # Clamp of the rectified velocity, as the paper's scripts (1.0). SD3-scaled velocities (noise - x0) have a
+    # std of ~1.4, so the clamp also clips many unrectified components; 0 disables it.
+    velocity_clamp: float = 1.0
 
     def __post_init__(self) -> None:
         if self.step_scheme not in STEP_SCHEMES:
             raise ValueError(f"step_scheme must be one of {STEP_SCHEMES}, got {self.step_scheme!r}")
-        if self.rectified_step < 0 or self.num_rectified < 1 or self.chunk_size < 1:
-            raise ValueError("rectified_step >= 0, num_rectified >= 1 and chunk_size >= 1 are required")
+        if self.rectified_step < 0 or self.num_rectified < 1 or self.chunk_size < 1 or self.velocity_clamp < 0:
+            raise ValueError(
+                "rectified_step >= 0, num_rectified >= 1, chunk_size >= 1 and velocity_clamp >= 0 are required"
+            )
 
 
 def step_size(config: CRFMConfig, index: int, num_inference_steps: int) -> float:
@@ -108,6 +114,8 @@ class ControlRectifier:
                 gradient = gradient / norms.view(-1, *([1] * (gradient.dim() - 1)))
             if self.config.is_synth:
                 velocity = (1.0 - eta) * velocity
-            velocity = (velocity - eta * gradient).clamp(-1.0, 1.0)
+            velocity = velocity - eta * gradient
+            if self.config.velocity_clamp > 0:
+                velocity = velocity.clamp(-self.config.velocity_clamp, self.config.velocity_clamp)
             self.trace.append({"step": index, "pass": rectify_pass, "eta": eta, "loss": losses})
         return velocity

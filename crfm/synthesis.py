@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--num_rectified", type=int, default=1, help="CRFM passes per rectified step")
     add("--l2_norm", action="store_true", help="L2-normalise the CRFM gradient per image")
+    add("--velocity_clamp", type=float, default=1.0, help="clamp rectified velocities to [-c, c] (paper: 1; 0: off)")
     add("--is_synth", action="store_true", help="also shrink the velocity by (1 - eta)")
     add("--crfm_chunk_size", type=int, default=1, help="images per CRFM backward pass (memory bound)")
     add("--checkpoint_decode", action="store_true", help="recompute the VAE decoder in CRFM's backward pass")
@@ -132,6 +133,7 @@ def synthesize(args: argparse.Namespace) -> dict:
         is_synth=args.is_synth,
         chunk_size=args.crfm_chunk_size,
         checkpoint_decode=args.checkpoint_decode,
+        velocity_clamp=args.velocity_clamp,
     )
     empty = load_empty_prompt_vectors(args.vectors_path) if args.guidance_scale > 1.0 else None
     for sub in ("img", "label", *(("debug",) if args.debug else ())):

@@ -48,6 +48,7 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         "toydata/train_.jsonl": n_train,
         "toydata/val_.jsonl": settings.val_scenes,
         "synth_plain/index.jsonl": settings.val_scenes,
+        "synth_crfm_paper/index.jsonl": settings.val_scenes,
         "synth_crfm/index.jsonl": settings.val_scenes,
         "synth_train/index.jsonl": n_train,
     }
@@ -73,7 +74,7 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
 def test_summary_table_is_well_formed(demo_run):
     out, proc = demo_run
     summary = json.loads((out / "summary.json").read_text())
-    for images in ("real", "plain", "crfm"):
+    for images in ("real", "plain", "crfm_paper", "crfm"):
         row = summary["mask_fidelity"][images]
         assert 0 <= row["judge_mIoU"] <= 100 and 0 <= row["guide_mIoU"] <= 100
     real, mixed = summary["downstream"]["real_only"], summary["downstream"]["real_plus_synthetic"]
@@ -83,7 +84,7 @@ def test_summary_table_is_well_formed(demo_run):
     assert markdown in proc.stdout  # the printed table is the saved one
     tables = [line for line in markdown.splitlines() if line.startswith("|")]
     assert all(line.endswith("|") for line in tables)
-    for row in ("| plain sampling |", "| CRFM sampling |", "| real only (", "| real + CRFM synthetic ("):
+    for row in ("| plain sampling |", "| CRFM, paper defaults", "| CRFM, tuned", "| real only (", "| real + CRFM"):
         assert any(line.startswith(row) for line in tables), row
     # Every data row of the two result tables holds numbers where the header says so.
     for line in tables:
@@ -92,12 +93,12 @@ def test_summary_table_is_well_formed(demo_run):
             assert all(float(c) >= 0 for c in cells[1:]), line
 
 
-def test_figure_has_a_row_per_mask_and_four_columns(demo_run):
+def test_figure_has_a_row_per_mask_and_five_columns(demo_run):
     out, _ = demo_run
     settings = DemoSettings(**PRESETS["ci"])
     image = Image.open(out / "samples.png")
     gap, cell = 4, settings.scene_size
-    assert image.width == 4 * cell + 3 * gap
+    assert image.width == 5 * cell + 4 * gap  # mask | plain | CRFM paper | CRFM tuned | real
     assert image.height > settings.figure_rows * cell + (settings.figure_rows - 1) * gap  # + title strip
 
 

@@ -180,3 +180,19 @@ def test_crfm_in_sampling_lowers_the_segmentor_loss_of_the_result(tiny_sd35_dir,
     rectified = run(rectifier)
     assert len(rectifier.trace) == steps and all(math.isfinite(x) for t in rectifier.trace for x in t["loss"])
     assert (final_loss(rectified) < final_loss(plain)).all(), (final_loss(plain), final_loss(rectified))
+
+
+def test_velocity_clamp_is_configurable(vae):
+    """The paper's clamp is c = 1; c = 2 clamps there instead; c = 0 leaves the rectified velocity as it is."""
+    latents, velocity, sigma = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8), torch.tensor(0.5)
+
+    def rectify(clamp: float) -> torch.Tensor:
+        config = CRFMConfig(rectified_step=1, max_step_size=50.0, step_scheme="C", velocity_clamp=clamp)
+        return ControlRectifier(config, ColourSegmentor(), vae, labels_for(1), 10)(0, sigma, latents, velocity)
+
+    unclamped = rectify(0.0)
+    assert unclamped.abs().max() > 2.0  # the huge step shows
+    torch.testing.assert_close(rectify(2.0), unclamped.clamp(-2, 2))
+    torch.testing.assert_close(rectify(1.0), unclamped.clamp(-1, 1))
+    with pytest.raises(ValueError, match="velocity_clamp"):
+        CRFMConfig(velocity_clamp=-1.0)
