@@ -139,7 +139,8 @@ class Demo:
 
     def run(self, *cmd: object) -> None:
         args = [str(c) for c in cmd]
-        shown = " ".join(a if a.startswith("-") or "/" not in a else os.path.relpath(a, REPO) for a in args)
+        inside = str(REPO) + os.sep  # show paths in the checkout relative to it, as a user would type them
+        shown = " ".join(a.removeprefix(inside) for a in args)
         print(f"$ python {shown}", flush=True)
         subprocess.run([sys.executable, *args], check=True, cwd=REPO, env=self.env)
 
