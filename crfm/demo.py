@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,7 @@ class Demo:
     def quiet(self) -> list[str]:
         return [] if self.progress else ["--no_progress"]
 
-    def stage(self, number: int, name: str, title: str, action) -> None:
+    def stage(self, number: int, name: str, title: str, action: Callable[[], object]) -> None:
         marker = self.path("stages", f"{name}.json")
         print(f"\n=== [{number}/{len(STAGES)}] {title} ===", flush=True)
         if marker.is_file():
@@ -454,7 +455,15 @@ def main(argv: list[str] | None = None) -> int:
         "downstream": demo.downstream,
     }
     for number, (name, title) in enumerate(STAGES, 1):
-        demo.stage(number, name, title, actions[name])
+        try:
+            demo.stage(number, name, title, actions[name])
+        except subprocess.CalledProcessError as exc:
+            print(
+                f"\nerror: stage '{name}' failed (exit {exc.returncode}) in the command above. Fix the cause and run "
+                "the same command again: finished stages are reused and this one resumes.",
+                file=sys.stderr,
+            )
+            return 1
         if name == args.until:
             return 0
     print(f"\n=== report -> {out} ===")

@@ -122,3 +122,16 @@ def test_changed_knobs_are_refused(demo_run, tmp_path):
     out, _ = demo_run
     proc = _demo(out, "--train_steps", "21")
     assert proc.returncode != 0 and "train_steps: 20 -> 21" in proc.stderr and "--fresh" in proc.stderr
+
+
+def test_a_failing_stage_stops_with_a_resume_hint(demo_run, tmp_path):
+    out, _ = demo_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (copy / "stages" / "downstream.json").unlink()
+    shutil.rmtree(copy / "seg_real_synth")
+    (copy / "synth_train" / "index.jsonl").write_text("not json\n")  # the downstream stage's input is broken
+    proc = _demo(copy)
+    assert proc.returncode == 1
+    assert "stage 'downstream' failed" in proc.stderr and "run the same command again" in proc.stderr
+    assert not (copy / "stages" / "downstream.json").exists()  # not marked done
