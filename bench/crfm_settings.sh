@@ -12,24 +12,25 @@ score() {  # $1 data root, $2 index -> "guide judge" mIoU (%)
   for seg in seg_real seg_judge; do
     python -m crfm.evaluate --data_root "$1" --json_file "$2" --mmseg_config "$O/$seg/config.py" \
       --mmseg_ckpt "$O/$seg/segmentor.pth" --num_cls 6 --resolution "$RES" --no_progress --out "$1/fidelity_$seg.json" \
-      | sed -n 's/.*\*\*mIoU\*\* | \*\*\([0-9.]*\)\*\*.*/\1/p'
+      2> /dev/null | sed -n 's/.*\*\*mIoU\*\* | \*\*\([0-9.]*\)\*\*.*/\1/p'
   done | paste -sd' '
 }
-run() {  # $1 name, rest: CRFM flags of test.py ("" = plain)
+run() {  # $1 name, rest: CRFM flags of test.py (none = plain); the guide segmentor is added for CRFM
   name=$1; shift
+  local seg=()
+  if [[ $# -gt 0 ]]; then seg=(--mmseg_config "$O/seg_real/config.py" --mmseg_ckpt "$O/seg_real/segmentor.pth"); fi
   python test.py --pretrained_model_name_or_path "$O/tiny_sd35" --data_root "$O/toydata" --json_file val_.jsonl \
     --vectors_path "$O/vectors" --lora_ckpt "$O/train/final" --num_cls 6 --resolution "$RES" --batch_size 8 \
-    --num_inference_steps 23 --work_dir "$O/bench_crfm/$name" --no_progress "$@" > /dev/null 2>&1
+    --num_inference_steps 23 --work_dir "$O/bench_crfm/$name" --no_progress "${seg[@]}" "$@" > /dev/null 2>&1
   echo "| $name | $* | $(score "$O/bench_crfm/$name" index.jsonl | sed 's/ / | /') |"
 }
-SEG=(--mmseg_config "$O/seg_real/config.py" --mmseg_ckpt "$O/seg_real/segmentor.pth")
 echo "| setting | test.py flags | guide mIoU | judge mIoU |"
 echo "|---|---|---|---|"
 echo "| real held-out images | | $(score "$O/toydata" val.jsonl | sed 's/ / | /') |"
 run plain
-run paper "${SEG[@]}" --rectified_step 4 --max_step_size 0.1
-run clamp_only "${SEG[@]}" --rectified_step 4 --max_step_size 0
-run paper_no_clamp "${SEG[@]}" --rectified_step 4 --max_step_size 0.1 --velocity_clamp 0
-run l2_s3_r8 "${SEG[@]}" --rectified_step 8 --max_step_size 3 --l2_norm
-run l2_s3_r8_no_clamp "${SEG[@]}" --rectified_step 8 --max_step_size 3 --l2_norm --velocity_clamp 0
-run l2_s10_r8_n3_no_clamp "${SEG[@]}" --rectified_step 8 --max_step_size 10 --l2_norm --num_rectified 3 --velocity_clamp 0
+run paper --rectified_step 4 --max_step_size 0.1
+run clamp_only --rectified_step 4 --max_step_size 0
+run paper_no_clamp --rectified_step 4 --max_step_size 0.1 --velocity_clamp 0
+run l2_s3_r8 --rectified_step 8 --max_step_size 3 --l2_norm
+run l2_s3_r8_no_clamp --rectified_step 8 --max_step_size 3 --l2_norm --velocity_clamp 0
+run l2_s10_r8_n3_no_clamp --rectified_step 8 --max_step_size 10 --l2_norm --num_rectified 3 --velocity_clamp 0
