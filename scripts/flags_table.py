@@ -23,10 +23,11 @@ def _vectorize_parser() -> argparse.ArgumentParser:
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """Command -> its argparse parser, for every command the README documents."""
-    from crfm import demo, downstream, evaluate, synthesis, training
+    from crfm import demo, downstream, evaluate, make_index, synthesis, training
 
     return {
         "python -m crfm.demo (demo.sh)": demo.build_parser(),
+        "python -m crfm.make_index": make_index.build_parser(),
         "preprocess/vectorize.py": _vectorize_parser(),
         "train.py (train.sh)": training.build_parser(),
         "test.py (test.sh, crfm_test.sh)": synthesis.build_parser(),
