@@ -42,7 +42,14 @@ from crfm.fileio import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS_FILE = "demo_settings.json"
-IMAGE_SETS = ("real", "plain", "crfm_paper", "crfm")  # rows of the mask-fidelity table
+# Held-out syntheses: image set -> (work dir, CRFM setting for `Demo.synthesize`). With "real", the rows of the
+# mask-fidelity table; in this order also the figure's middle columns.
+SYNTHESES = {
+    "plain": ("synth_plain", None),
+    "crfm_paper": ("synth_crfm_paper", "paper"),
+    "crfm": ("synth_crfm", "tuned"),
+}
+IMAGE_SETS = ("real", *SYNTHESES)
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,6 @@ class Demo:
         start = time.perf_counter()
         action()
         self.timings[name] = round(time.perf_counter() - start, 1)
-        marker.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(marker, json.dumps({"seconds": self.timings[name]}) + "\n")
         print(f"--- {name}: {self.timings[name]:.0f} s")
 
@@ -247,23 +253,17 @@ class Demo:
         from crfm.evaluate import mask_fidelity
         from crfm.segmentor import load_segmentor
 
-        sets = {
-            "real": (self.path("toydata"), "val.jsonl"),
-            "plain": (self.path("synth_plain"), "index.jsonl"),
-            "crfm_paper": (self.path("synth_crfm_paper"), "index.jsonl"),
-            "crfm": (self.path("synth_crfm"), "index.jsonl"),
-        }
+        sets = {"real": (self.path("toydata"), "val.jsonl")}
+        sets |= {images: (self.path(work), "index.jsonl") for images, (work, _) in SYNTHESES.items()}
         for judge in ("seg_judge", "seg_real"):
             seg = self.path(judge)
             segmentor = load_segmentor(seg / "config.py", seg / "segmentor.pth", device="cpu", num_cls=6)
             for images, (root, index) in sets.items():
-                # Real images are scored at the generator's resolution too, so all three rows are comparable.
+                # Real images are scored at the generator's resolution too, so all rows are comparable.
                 dataset = PairDataset(read_index(root / index, root), root, resolution=self.s.resolution, num_cls=6)
                 result = mask_fidelity(segmentor, dataset, 6, progress=self.progress)
                 print(f"{images:>5} images, {judge}: mIoU {100 * result['mIoU']:.2f}")
-                out = self.path("fidelity", f"{images}_{judge}.json")
-                out.parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+                write_text_atomic(self.path("fidelity", f"{images}_{judge}.json"), json.dumps(result, indent=2) + "\n")
 
     def downstream(self) -> None:
         self.segmentor(
@@ -281,17 +281,18 @@ class Demo:
             return json.loads(self.path(work, "metrics.json").read_text())
 
         train_summary = json.loads(self.path("train", "summary.json").read_text())
+        fidelity = {}
+        for images in IMAGE_SETS:
+            judge, guide = fid(images, "seg_judge"), fid(images, "seg_real")
+            fidelity[images] = {
+                "judge_mIoU": 100 * judge["mIoU"],
+                "guide_mIoU": 100 * guide["mIoU"],
+                "judge_IoU": dict(zip(CLASSES, judge["IoU"], strict=True)),
+            }
         summary = {
             "settings": dataclasses.asdict(self.s),
             "generator": train_summary,
-            "mask_fidelity": {
-                images: {
-                    "judge_mIoU": 100 * fid(images, "seg_judge")["mIoU"],
-                    "guide_mIoU": 100 * fid(images, "seg_real")["mIoU"],
-                    "judge_IoU": dict(zip(CLASSES, fid(images, "seg_judge")["IoU"], strict=True)),
-                }
-                for images in IMAGE_SETS
-            },
+            "mask_fidelity": fidelity,
             "downstream": {"real_only": seg("seg_real"), "real_plus_synthetic": seg("seg_real_synth")},
             "stage_seconds": dict(self.timings),
             "total_seconds": round(sum(self.timings.values()), 1),
@@ -313,11 +314,10 @@ class Demo:
         real = {item.source: item.target for item in read_index(root / "val.jsonl", root)}
 
         def by_mask(work: str) -> dict[str, Path]:
-            lines = self.path(work, "index.jsonl").read_text().splitlines()
-            records = [json.loads(line) for line in lines if line.strip()]
-            return {r["source_mask"]: self.path(work, r["target"]) for r in records if r["variant"] == 0}
+            items = read_index(self.path(work, "index.jsonl"))
+            return {i.record["source_mask"]: self.path(work, i.target) for i in items if i.record["variant"] == 0}
 
-        synthesized = [by_mask(work) for work in ("synth_plain", "synth_crfm_paper", "synth_crfm")]
+        synthesized = [by_mask(work) for work, _ in SYNTHESES.values()]
         size = self.s.scene_size
         rows = []
         for source in list(real)[: self.s.figure_rows]:
@@ -445,11 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "generator": demo.generator,
         "guide": lambda: demo.segmentor("seg_real", settings.seed),
         "judge": lambda: demo.segmentor("seg_judge", settings.seed + 1),
-        "synthesis": lambda: (
-            demo.synthesize("val_.jsonl", "synth_plain", crfm=None),
-            demo.synthesize("val_.jsonl", "synth_crfm_paper", crfm="paper"),
-            demo.synthesize("val_.jsonl", "synth_crfm", crfm="tuned"),
-        ),
+        "synthesis": lambda: [demo.synthesize("val_.jsonl", work, crfm) for work, crfm in SYNTHESES.values()],
         "fidelity": demo.fidelity,
         "synth_train": lambda: demo.synthesize("train_.jsonl", "synth_train", crfm="tuned"),
         "downstream": demo.downstream,
