@@ -19,6 +19,7 @@ from PIL import Image
 IGNORE_INDEX = 255
 REQUIRED_KEYS = ("source", "target", "prompt")
 PROMPT_PREFIX = "a satellite image of "
+CLASSES_FILE = "classes.json"  # beside an index: {"classes", "palette", "ignore_index"}
 
 
 class DatasetError(ValueError):
@@ -90,6 +91,25 @@ def read_index(
     if not items:
         raise DatasetError(f"{index_file} holds no items")
     return items
+
+
+def read_classes_json(path: str | Path) -> dict:
+    """`classes.json` ({"classes", "palette", "ignore_index"}) as mmseg metainfo (classes, palette)."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
+        raise ValueError(f"{path}: expected an object with a 'classes' list")
+    ignore = meta.get("ignore_index", IGNORE_INDEX)
+    if ignore != IGNORE_INDEX:
+        # The loss and IoUMetric ignore 255; another value would silently be trained on as a class.
+        raise ValueError(f"{path}: ignore_index {ignore} is not supported, labels must use {IGNORE_INDEX}")
+    out: dict = {"classes": tuple(meta["classes"])}
+    if meta.get("palette"):
+        out["palette"] = [list(c) for c in meta["palette"]]
+    return out
 
 
 def load_image(path: str | Path) -> Image.Image:

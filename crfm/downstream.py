@@ -146,7 +146,7 @@ def _set_resize(pipeline: list, size: tuple[int, int]) -> None:
 
 
 def _class_count(index_file: Path) -> int | None:
-    from crfm.segmentor import CLASSES_FILE, read_classes_json
+    from crfm.data import CLASSES_FILE, read_classes_json
 
     classes_json = index_file.parent / CLASSES_FILE
     return len(read_classes_json(classes_json)["classes"]) if classes_json.is_file() else None

@@ -14,7 +14,6 @@ against the class count of `classes.json` ({"classes": [...], "palette": [...], 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from crfm.data import IGNORE_INDEX, DatasetError, describe_label, load_label
+from crfm.data import CLASSES_FILE, IGNORE_INDEX, DatasetError, describe_label, load_label, read_classes_json
 from crfm.fileio import atomic_path, write_jsonl_atomic, write_text_atomic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -111,18 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.val_fraction < 1:
         raise SystemExit(f"error: --val_fraction must be in [0, 1), got {args.val_fraction}")
-    classes_file = args.classes or args.root / "classes.json"
+    classes_file = args.classes or args.root / CLASSES_FILE
     try:
-        meta = json.loads(classes_file.read_text(encoding="utf-8"))
-        class_names = [str(c) for c in meta["classes"]]
+        class_names = [str(c) for c in read_classes_json(classes_file)["classes"]]
         remap = parse_remap(args.remap) if args.remap else None
         records, unpaired = build_index(
             args.root, args.images, args.labels, class_names, remap, args.remapped_dir, not args.no_progress
         )
-    except (OSError, KeyError, json.JSONDecodeError, ValueError) as exc:  # DatasetError is a ValueError
+    except (OSError, ValueError) as exc:  # DatasetError is a ValueError
         raise SystemExit(f"error: {exc}") from exc
-    if classes_file.resolve() != (args.root / "classes.json").resolve():  # the layout wants it beside the index
-        write_text_atomic(args.root / "classes.json", classes_file.read_text(encoding="utf-8"))
+    if classes_file.resolve() != (args.root / CLASSES_FILE).resolve():  # the layout wants it beside the index
+        write_text_atomic(args.root / CLASSES_FILE, classes_file.read_text(encoding="utf-8"))
     if unpaired:
         shown = ", ".join(str(p) for p in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
         print(f"skipped {len(unpaired)} file(s) without a partner: {shown}")

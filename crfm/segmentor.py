@@ -11,7 +11,6 @@ other global (e.g. `os.system` in a `__reduce__`) is refused before anything is 
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -27,33 +26,11 @@ from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
 from torch import nn
 
-from crfm.data import IGNORE_INDEX, read_index
-
-CLASSES_FILE = "classes.json"
-
+from crfm.data import CLASSES_FILE, IGNORE_INDEX, read_classes_json, read_index
 
 # --------------------------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------------------------
-
-
-def read_classes_json(path: str | Path) -> dict:
-    """`classes.json` ({"classes", "palette", "ignore_index"}) as mmseg metainfo (classes, palette)."""
-    path = Path(path)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
-        raise ValueError(f"{path}: expected an object with a 'classes' list")
-    ignore = meta.get("ignore_index", IGNORE_INDEX)
-    if ignore != IGNORE_INDEX:
-        # The loss and IoUMetric ignore 255; another value would silently be trained on as a class.
-        raise ValueError(f"{path}: ignore_index {ignore} is not supported, labels must use {IGNORE_INDEX}")
-    out: dict = {"classes": tuple(meta["classes"])}
-    if meta.get("palette"):
-        out["palette"] = [list(c) for c in meta["palette"]]
-    return out
 
 
 @DATASETS.register_module()
