@@ -12,13 +12,13 @@ if [[ -z "${MMSEG_CKPT:-}" ]]; then
   SEG_DIR=${SEG_DIR:-work_dirs/toy_segmentor}
   MMSEG_CKPT=$SEG_DIR/segmentor.pth
   if [[ ! -f "$MMSEG_CKPT" ]]; then
-    echo "=== training the toy segmentor (mmseg Runner, CPU) -> $SEG_DIR ==="
-    python scripts/train_segmentor.py --config "${MMSEG_CONFIG:-configs/mmseg/toy_segformer.py}" \
-      --data_root "${DATA_ROOT:-$DEFAULT_OUT/toydata}" --train_file train.jsonl --val_file val.jsonl \
+    echo "=== training the toy segmentor (mmseg Runner) -> $SEG_DIR ==="
+    python scripts/train_segmentor.py --mmseg_config "${MMSEG_CONFIG:-crfm/segmentation/configs/toy_segformer.py}" \
+      --data_root "${DATA_ROOT:-$DEFAULT_OUT/toydata}" --json_file train.jsonl --val_file val.jsonl \
       --work_dir "$SEG_DIR" --num_cls "${NUM_CLS:-6}" --max_iters "${SEG_ITERS:-400}" --img_size 64
   fi
   MMSEG_CONFIG=${MMSEG_CONFIG:-$SEG_DIR/config.py}  # the merged config the checkpoint was trained with
 fi
-MMSEG_CONFIG=${MMSEG_CONFIG:-configs/mmseg/toy_segformer.py}
+MMSEG_CONFIG=${MMSEG_CONFIG:-crfm/segmentation/configs/toy_segformer.py}
 OUT=${OUT:-work_dirs/synth_crfm} exec bash test.sh --mmseg_config "$MMSEG_CONFIG" --mmseg_ckpt "$MMSEG_CKPT" \
   --rectified_step 4 --num_inference_steps 23 "$@"

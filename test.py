@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from crfm.synthesis import main  # noqa: E402
+from crfm.sampling.synthesis import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

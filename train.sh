@@ -17,7 +17,7 @@ fi
 exec accelerate launch --config_file "${ACCELERATE_CONFIG:-configs/accelerate_cpu.yaml}" train.py \
   --pretrained_model_name_or_path "${PRETRAINED:-$DEFAULT_OUT/tiny_sd35}" \
   --data_root "${DATA_ROOT:-$DEFAULT_OUT/toydata}" \
-  --train_file "${TRAIN_FILE:-index_.jsonl}" \
+  --json_file "${TRAIN_FILE:-index_.jsonl}" \
   --vectors_path "${VECTORS:-$DEFAULT_OUT/vectors}" \
   --work_dir "${WORK_DIR:-work_dirs/train}" \
   --num_cls "${NUM_CLS:-6}" \

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from timing import median_seconds  # noqa: E402  (bench/timing.py)
 
-from crfm.text import encode_prompts, load_text_encoders, vectorize_index  # noqa: E402
-from crfm.tiny import TinyConfig, save_tiny_pipeline  # noqa: E402
-from crfm.toydata import CLASSES, generate_scene  # noqa: E402
+from crfm.data.vectorize import encode_prompts, load_text_encoders, vectorize_index  # noqa: E402
+from crfm.toy.tiny import TinyConfig, save_tiny_pipeline  # noqa: E402
+from crfm.toy.toydata import CLASSES, generate_scene  # noqa: E402
 
 
 def distinct_prompts(n: int) -> list[str]:

@@ -62,11 +62,13 @@ def main() -> int:
 
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from crfm.data import PairDataset, read_index
-    from crfm.model import encode_mask_latents, load_trained
-    from crfm.rectify import ControlRectifier, CRFMConfig
-    from crfm.sampling import initial_noise, sample_latents
-    from crfm.segmentor import load_segmentor
+    from crfm.data.dataset import PairDataset
+    from crfm.data.index import read_index
+    from crfm.models.conditioning import encode_mask_latents
+    from crfm.models.trained_weights import load_trained
+    from crfm.sampling.rectify import ControlRectifier, CRFMConfig
+    from crfm.sampling.sampler import initial_noise, sample_latents
+    from crfm.segmentation.adapter import load_segmentor
 
     rows = []
     pipe = StableDiffusion3Pipeline.from_pretrained(args.pipe)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from diffusers import SD3Transformer2DModel  # noqa: E402
 
-from crfm.model import MaskSD3Transformer2DModel, configure_training  # noqa: E402
+from crfm.models.mmdit import MaskSD3Transformer2DModel  # noqa: E402
+from crfm.models.trained_weights import configure_training  # noqa: E402
 
 SD35_MEDIUM = dict(
     sample_size=128,
@@ -47,7 +48,7 @@ def build_base(args) -> SD3Transformer2DModel:
     if args.sd35_medium:
         with torch.device(args.device):
             return SD3Transformer2DModel(**SD35_MEDIUM)
-    from crfm.tiny import TinyConfig, save_tiny_pipeline
+    from crfm.toy.tiny import TinyConfig, save_tiny_pipeline
 
     pipe_dir = save_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny", TinyConfig())
     return SD3Transformer2DModel.from_pretrained(pipe_dir / "transformer").to(args.device)

@@ -38,11 +38,12 @@ def main() -> int:
 
     import numpy as np
 
-    from crfm.data import PairDataset, read_index
-    from crfm.evaluate import mask_fidelity
-    from crfm.segmentor import load_segmentor
-    from crfm.synthesis import main as synthesize
-    from crfm.viz import image_grid
+    from crfm.data.dataset import PairDataset
+    from crfm.data.index import read_index
+    from crfm.sampling.synthesis import main as synthesize
+    from crfm.segmentation.adapter import load_segmentor
+    from crfm.segmentation.evaluate import mask_fidelity
+    from crfm.utils.viz import image_grid
 
     common = [
         "--pretrained_model_name_or_path", str(args.pipe), "--data_root", str(args.data_root),
@@ -90,7 +91,7 @@ def main() -> int:
 
     from PIL import Image
 
-    from crfm.toydata import colourise
+    from crfm.toy.toydata import colourise
 
     plain_items = read_index(args.out / "plain" / "index.jsonl")[: 6 * args.num_per_mask : args.num_per_mask]
     rows = []

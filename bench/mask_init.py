@@ -9,7 +9,7 @@
 3. from that base, `train.py` trains the mask model twice, `--mask_init copy` and `--mask_init fresh`, with the
    same seed, data order and noise;
 4. held-out flow-matching loss with each scene's own mask, another scene's mask, and no mask
-   (`crfm.training.mask_following_losses`): own < other means the model follows the mask.
+   (`crfm.training.objective.mask_following_losses`): own < other means the model follows the mask.
 Writes loss curves and a held-out sample grid (PNG) and the numbers (JSON, Markdown) to --out.
 """
 
@@ -70,7 +70,7 @@ def export_base(tiny: Path, trained: Path, out: Path) -> Path:
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from crfm.viz import ema
+    from crfm.utils.viz import ema
 
     fig = Figure(figsize=(7, 4), dpi=120)
     ax = fig.add_subplot()
@@ -90,11 +90,12 @@ def sample_grid(runs: dict[str, Path], base: Path, vae, val, vectors: Path, path
     """Held-out masks | sample of each run (same noise) | the real image."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from crfm.model import encode_mask_latents, load_trained
-    from crfm.sampling import decode_latents, initial_noise, sample_latents, to_uint8
-    from crfm.text import load_empty_prompt_vectors
-    from crfm.toydata import colourise
-    from crfm.viz import image_grid
+    from crfm.data.vectors import load_empty_prompt_vectors
+    from crfm.models.conditioning import encode_mask_latents
+    from crfm.models.trained_weights import load_trained
+    from crfm.sampling.sampler import decode_latents, initial_noise, sample_latents, to_uint8
+    from crfm.toy.toydata import colourise
+    from crfm.utils.viz import image_grid
 
     samples = [val[i] for i in range(count)]
     labels = torch.stack([s["label"] for s in samples])
@@ -131,12 +132,14 @@ def main() -> int:
     RESOLUTION = args.resolution
     out = args.out.resolve()
 
-    from crfm.data import PairDataset, read_index
-    from crfm.model import load_trained
-    from crfm.text import vectorize_index
-    from crfm.tiny import TinyConfig, fit_vae, save_tiny_pipeline
-    from crfm.toydata import write_dataset
-    from crfm.training import mask_following_losses, read_loss_log
+    from crfm.data.dataset import PairDataset
+    from crfm.data.index import read_index
+    from crfm.data.vectorize import vectorize_index
+    from crfm.models.trained_weights import load_trained
+    from crfm.toy.tiny import TinyConfig, fit_vae, save_tiny_pipeline
+    from crfm.toy.toydata import write_dataset
+    from crfm.training.objective import mask_following_losses
+    from crfm.training.train import read_loss_log
 
     tiny, data, vectors = out / "tiny_sd35", out / "toydata", out / "vectors"
     if not (data / "index.jsonl").is_file():

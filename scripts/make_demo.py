@@ -11,16 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from crfm.data import IGNORE_INDEX, describe_label, load_label
-from crfm.fileio import atomic_path, write_jsonl_atomic, write_text_atomic
-from crfm.toydata import CLASSES, PALETTE, generate_scene
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a plain script from a checkout
+
+from crfm.data.dataset import load_label  # noqa: E402
+from crfm.data.index import IGNORE_INDEX, describe_label  # noqa: E402
+from crfm.toy.toydata import CLASSES, PALETTE, generate_scene  # noqa: E402
+from crfm.utils.fileio import atomic_path, write_jsonl_atomic, write_text_atomic  # noqa: E402
+from crfm.utils.flags import run_cli  # noqa: E402
+
 DUBAI_PAIRS = ("tile1_part001", "tile2_part003", "tile3_part005")
 # Dubai ids (building, land, road, vegetation, water) -> toy ids.
 DUBAI_TO_TOY = {0: CLASSES.index("building"), 1: CLASSES.index("bare soil"), 2: CLASSES.index("road")}
@@ -29,11 +34,14 @@ TOY_PAIRS = 4
 TOY_SIZE = 256
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "rs_samples")
-    parser.add_argument("--out", type=Path, default=REPO / "demo")
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scripts/make_demo.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "rs_samples", help="rs_samples folder")
+    parser.add_argument("--out", type=Path, default=REPO / "demo", help="the demo dataset folder to (re)write")
+    return parser
+
+
+def make_demo(args: argparse.Namespace) -> int:
     (args.out / "demo_img").mkdir(parents=True, exist_ok=True)
     (args.out / "demo_label").mkdir(parents=True, exist_ok=True)
 
@@ -73,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl_atomic(args.out / "index.jsonl", records)
     print(f"wrote {len(records)} pairs to {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), make_demo, argv)
 
 
 if __name__ == "__main__":

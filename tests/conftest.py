@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SHARED_SAMPLES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any hub access must fail fast, never hang
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_SAMPLES = REPO.parent / "shared" / "rs_samples"
 
 
 @pytest.fixture(scope="session")
 def tiny_sd35_dir(tmp_path_factory) -> Path:
-    from crfm.tiny import TinyConfig, save_tiny_pipeline
+    from crfm.toy.tiny import TinyConfig, save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd35"), TinyConfig(variant="sd3.5"))
 
@@ -24,7 +23,7 @@ def tiny_sd35_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory) -> Path:
     """An SD3 (not 3.5) pipeline with other widths, so nothing may depend on the default sizes."""
-    from crfm.tiny import TinyConfig, save_tiny_pipeline
+    from crfm.toy.tiny import TinyConfig, save_tiny_pipeline
 
     config = TinyConfig(variant="sd3", layers=2, heads=2, head_dim=24, clip_l_dim=24, clip_g_dim=40, t5_dim=72, seed=7)
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd3"), config)
@@ -36,3 +35,22 @@ def rs_samples() -> Path:
     if not (SHARED_SAMPLES / "index.jsonl").is_file():
         pytest.skip(f"real samples not found at {SHARED_SAMPLES} (clone the repo next to shared/)")
     return SHARED_SAMPLES
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_sd35_dir, tmp_path_factory) -> Path:
+    """A `train.py`-style checkpoint on the tiny SD3.5 pipeline: full mode, trained weights perturbed (seeded)."""
+    import torch
+
+    from crfm.models.mmdit import MaskSD3Transformer2DModel
+    from crfm.models.trained_weights import configure_training, save_trained
+
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir)
+    configure_training(model, "full")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.01 * torch.randn(param.shape, generator=gen))
+    meta = {"train_mode": "full", "lora_rank": 4, "num_cls": 6, "base_model": str(tiny_sd35_dir)}
+    return save_trained(model, tmp_path_factory.mktemp("trained") / "ckpt", meta)

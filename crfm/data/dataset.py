@@ -1,0 +1,110 @@
+"""Image–mask pairs: decoding with clear errors, the shared resize geometry, and the training dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from crfm.data.index import IGNORE_INDEX, DatasetError, IndexItem
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB, turning decoder errors into a `DatasetError` naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+
+
+def load_label(path: str | Path, num_cls: int | None = None) -> np.ndarray:
+    """Open a class-index label as uint8 HxW; with `num_cls`, reject ids >= num_cls other than 255."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16"):
+                raise DatasetError(
+                    f"label {path} has mode {img.mode}: expected a single-channel class-index PNG "
+                    "(convert colour masks to class ids first)"
+                )
+            label = np.array(img)
+    except (OSError, SyntaxError) as exc:
+        raise DatasetError(f"cannot read label {path}: {exc}") from exc
+    if label.max(initial=0) > IGNORE_INDEX:
+        raise DatasetError(f"label {path} has values above 255; class ids must fit in uint8")
+    label = label.astype(np.uint8)
+    if num_cls is not None:
+        bad = np.unique(label[(label >= num_cls) & (label != IGNORE_INDEX)])
+        if bad.size:
+            raise DatasetError(
+                f"label {path} has class id(s) {bad.tolist()} >= num_cls={num_cls} (only 255 may exceed it)"
+            )
+    return label
+
+
+def resize_center_crop(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+    """Scale the short side to `size`, then crop the centre square — keeps aspect ratio and scale cues."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), resample=resample)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Image–mask–prompt triples from an index; optionally with the prompt vectors made by vectorize.
+
+    Returns dicts with `image` (float32 3xHxW in [-1, 1]), `label` (int64 HxW, 255 = ignore),
+    `prompt`, `position` (row in the index) and, with `vectors_dir`, `prompt_embeds` and
+    `pooled_prompt_embeds`.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[IndexItem],
+        data_root: str | Path,
+        resolution: int | None = None,
+        num_cls: int | None = None,
+        vectors_dir: str | Path | None = None,
+    ) -> None:
+        self.items = list(items)
+        self.data_root = Path(data_root)
+        self.resolution = resolution
+        self.num_cls = num_cls
+        self.vectors_dir = Path(vectors_dir) if vectors_dir is not None else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, position: int) -> dict:
+        item = self.items[position]
+        try:
+            image = load_image(self.data_root / item.target)
+            label_array = load_label(self.data_root / item.source, self.num_cls)
+        except DatasetError as exc:
+            raise DatasetError(f"item {item.where()}: {exc}") from exc
+        if image.size != (label_array.shape[1], label_array.shape[0]):
+            raise DatasetError(
+                f"item {item.where()}: image size {image.size} differs from label size "
+                f"{(label_array.shape[1], label_array.shape[0])}"
+            )
+        label = Image.fromarray(label_array)
+        if self.resolution is not None:
+            image = resize_center_crop(image, self.resolution, Image.Resampling.BICUBIC)
+            label = resize_center_crop(label, self.resolution, Image.Resampling.NEAREST)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        sample = {
+            "image": pixels,
+            "label": torch.from_numpy(np.asarray(label, dtype=np.int64)),
+            "prompt": item.prompt,
+            "position": position,
+        }
+        if self.vectors_dir is not None:
+            from crfm.data.vectors import load_item_vectors
+
+            sample.update(load_item_vectors(self.vectors_dir, item))
+        return sample

@@ -1,0 +1,143 @@
+"""Training modes (what is trained: full image+mask branches, or LoRA + mask branch) and checkpoints that hold
+only the trained weights plus what is needed to rebuild the model around them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from crfm.models.mmdit import MaskSD3Transformer2DModel
+from crfm.utils.fileio import atomic_path, write_text_atomic
+
+TRAIN_MODES = ("full", "lora")
+
+
+CHECKPOINT_WEIGHTS = "model.safetensors"
+
+
+CHECKPOINT_META = "crfm_checkpoint.json"
+
+
+# Parameters of SD3's text stream (frozen in both training modes). `time_text_embed.text_embedder`
+# projects the pooled CLIP vector, so it belongs to the text side too.
+TEXT_BRANCH_KEYS = (
+    "context_embedder",
+    "norm1_context",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.norm_added_q",
+    "attn.norm_added_k",
+    "attn.to_add_out",
+    "norm2_context",
+    "ff_context",
+    "time_text_embed.text_embedder",
+)
+
+
+# LoRA targets: the image stream's attention (joint and dual) and feed-forward projections.
+LORA_TARGETS = (
+    r"transformer_blocks\.\d+\.(attn|attn2)\.(to_q|to_k|to_v|to_out\.0)|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"
+)
+
+
+def configure_training(model: MaskSD3Transformer2DModel, mode: str, lora_rank: int = 16) -> dict[str, int]:
+    """Freeze/unfreeze (and add LoRA) for `mode`; returns parameter counts.
+
+    full: image stream and mask branch trained, text stream frozen (the paper's best setting).
+    lora: LoRA of rank `lora_rank` on the image stream's attention and feed-forward, mask branch trained fully,
+    everything else frozen.
+    """
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got {mode!r}")
+    if mode == "full":
+        for name, param in model.named_parameters():
+            param.requires_grad_(not any(key in name for key in TEXT_BRANCH_KEYS))
+    else:
+        from peft import LoraConfig
+
+        model.requires_grad_(False)
+        config = LoraConfig(
+            r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+        )
+        model.transformer.add_adapter(config)  # marks only the LoRA matrices trainable
+        model.mask_embed.requires_grad_(True)
+        model.mask_blocks.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "frozen": total - trainable, "total": total}
+
+
+def trained_state_dict(model: MaskSD3Transformer2DModel) -> dict[str, torch.Tensor]:
+    return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def save_trained(model: MaskSD3Transformer2DModel, out_dir: str | Path, meta: dict) -> Path:
+    """Write only the trained weights (`model.safetensors`) and what is needed to rebuild the model (JSON)."""
+    out_dir = Path(out_dir)
+    tensors = {name: t.contiguous().cpu() for name, t in trained_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model has no trainable parameters: call configure_training before save_trained")
+    with atomic_path(out_dir / CHECKPOINT_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    info = {"format": "crfm-mask-mmdit/1", "mask_init": model.config.mask_init, **meta}
+    write_text_atomic(out_dir / CHECKPOINT_META, json.dumps(info, indent=2) + "\n")
+    return out_dir
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / CHECKPOINT_META
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a crfm checkpoint (written by train.py)")
+    return json.loads(path.read_text())
+
+
+def load_trained_weights(
+    model: MaskSD3Transformer2DModel,
+    weights_or_dir: Mapping[str, torch.Tensor] | str | Path,
+    target: str = "this model",
+) -> MaskSD3Transformer2DModel:
+    """Load trained weights (a state dict, or a checkpoint folder's `model.safetensors`) into `model`.
+
+    `model` must already be configured for training (`configure_training`), so that its trainable parameters
+    are exactly the checkpoint's tensors: any missing, unexpected or reshaped key raises a ValueError naming
+    them (`target` describes the model in that message, e.g. its base and training mode). Frozen weights are
+    left as they are. Returns `model`.
+    """
+    if isinstance(weights_or_dir, Mapping):
+        weights, source = dict(weights_or_dir), "weights"
+    else:
+        path = Path(weights_or_dir) / CHECKPOINT_WEIGHTS
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: not a crfm checkpoint (written by train.py)")
+        weights, source = load_file(str(path)), f"checkpoint {weights_or_dir}"
+    expected = trained_state_dict(model)
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    resized = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
+    if missing or unexpected or resized:
+        raise ValueError(
+            f"{source} does not fit {target}: {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} "
+            f"unexpected (e.g. {unexpected[:2]}), {len(resized)} of another shape (e.g. {resized[:2]})"
+        )
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
+def load_trained(
+    ckpt_dir: str | Path,
+    pretrained: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[MaskSD3Transformer2DModel, dict]:
+    """Rebuild base + mask branch (+ LoRA) and load the trained weights; returns (model, checkpoint meta)."""
+    meta = read_checkpoint_meta(ckpt_dir)
+    base = pretrained if pretrained is not None else meta["base_model"]
+    model = MaskSD3Transformer2DModel.from_sd3(base, mask_init=meta.get("mask_init", "copy"))
+    configure_training(model, meta["train_mode"], meta.get("lora_rank", 16))
+    load_trained_weights(model, ckpt_dir, target=f"{base} in mode {meta['train_mode']}")
+    model.requires_grad_(False).eval()
+    return (model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)), meta

@@ -1,0 +1,155 @@
+"""`MaskToImagePipeline`: label masks + prompt vectors -> images, with the trained MM-DiT and, optionally, CRFM.
+
+The one place where sampling's steps are put together: encode the masks with the VAE, draw each item's noise
+from (seed, item id), integrate the flow (with CRFM's velocity hook in the first `rectified_step` steps when a
+segmentor is attached and a `CRFMConfig` is passed), decode. Synthesis, the demo (through synthesis) and the
+bench scripts all sample through it.
+
+    pipe = MaskToImagePipeline.from_checkpoint("work_dirs/train/final", "sd3.5_medium", num_cls=7)
+    out = pipe(labels, prompt_embeds, pooled_prompt_embeds, noise_ids=[0, 1], seed=0, num_inference_steps=23)
+    pipe.segmentor = load_segmentor(config, weights, num_cls=7)
+    out = pipe(labels, prompt_embeds, pooled_prompt_embeds, noise_ids=[0, 1], crfm=CRFMConfig())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from crfm.data.index import DatasetError
+from crfm.models.conditioning import encode_mask_latents
+from crfm.models.mmdit import MaskSD3Transformer2DModel
+from crfm.models.trained_weights import load_trained, read_checkpoint_meta
+from crfm.sampling.rectify import ControlRectifier, CRFMConfig
+from crfm.sampling.sampler import decode_latents, initial_noise, sample_latents
+
+
+@dataclass
+class MaskToImageOutput:
+    images: torch.Tensor  # [B, 3, H, W] float in [-1, 1] (crfm.sampling.sampler.to_uint8 turns them into arrays)
+    latents: torch.Tensor  # the final SD3-scaled latents
+    crfm_trace: list[dict] = field(default_factory=list)  # one record per rectify pass (empty without CRFM)
+
+
+class MaskToImagePipeline:
+    """The mask-conditioned MM-DiT with the base pipeline's VAE and scheduler (and an optional CRFM segmentor)."""
+
+    def __init__(
+        self,
+        transformer: MaskSD3Transformer2DModel,
+        vae,
+        scheduler,
+        num_cls: int,
+        segmentor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler = scheduler
+        self.num_cls = num_cls
+        self.segmentor = segmentor
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        pretrained_model_name_or_path: str | Path | None = None,
+        num_cls: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        vae_tiling: bool = False,
+    ) -> MaskToImagePipeline:
+        """A `train.py` checkpoint on its base pipeline folder (default: the base recorded in the checkpoint).
+
+        `num_cls`, when given, must be the checkpoint's; the VAE stays fp32 (SD3's VAE is unstable in half).
+        """
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+        meta = read_checkpoint_meta(checkpoint)
+        if num_cls is not None and meta.get("num_cls") not in (None, num_cls):
+            raise DatasetError(
+                f"checkpoint {checkpoint} was trained with num_cls={meta['num_cls']}, not --num_cls {num_cls}"
+            )
+        base = pretrained_model_name_or_path if pretrained_model_name_or_path is not None else meta["base_model"]
+        transformer, meta = load_trained(checkpoint, pretrained=base, dtype=dtype, device=device)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=torch.float32)
+        vae = vae.requires_grad_(False).eval().to(device)
+        if vae_tiling:
+            vae.enable_tiling()
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
+        return cls(transformer, vae, scheduler, num_cls if num_cls is not None else meta["num_cls"])
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_masks(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class-index maps [B, H, W] -> mask latents in the transformer's dtype."""
+        return encode_mask_latents(self.vae, labels.to(self.device), self.num_cls).to(self.dtype)
+
+    def __call__(
+        self,
+        labels: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        noise_ids: Sequence[int],
+        seed: int = 0,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 1.0,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        crfm: CRFMConfig | None = None,
+        progress: bool = False,
+    ) -> MaskToImageOutput:
+        """Images for masks `labels` [B, H, W] (255 = ignore) at their resolution.
+
+        Item `i`'s noise comes from (seed, `noise_ids[i]`), so an image does not depend on its batch. The
+        negative (empty-prompt) embeddings are needed when `guidance_scale > 1`. CRFM runs when `crfm` is given,
+        with `self.segmentor` as the guide.
+        """
+        if crfm is not None and self.segmentor is None:
+            raise ValueError(
+                "CRFM needs a segmentor: set pipe.segmentor (e.g. crfm.segmentation.adapter.load_segmentor)"
+            )
+        if labels.shape[-1] % self.vae_scale_factor or labels.shape[-2] % self.vae_scale_factor:
+            raise ValueError(f"mask size {tuple(labels.shape[-2:])} is not a multiple of {self.vae_scale_factor}")
+        device, dtype = self.device, self.dtype
+        labels = labels.to(device)
+        masks = self.encode_masks(labels)
+        latent_hw = (labels.shape[-2] // self.vae_scale_factor, labels.shape[-1] // self.vae_scale_factor)
+        noise = initial_noise(noise_ids, seed, (masks.shape[1], *latent_hw)).to(device, dtype)
+        hook = None
+        if crfm is not None:
+            hook = ControlRectifier(crfm, self.segmentor, self.vae, labels, num_inference_steps)
+
+        def on_device(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, dtype)
+
+        latents = sample_latents(
+            self.transformer,
+            self.scheduler,
+            noise,
+            on_device(prompt_embeds),
+            on_device(pooled_prompt_embeds),
+            masks,
+            on_device(negative_prompt_embeds),
+            on_device(negative_pooled_prompt_embeds),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            velocity_hook=hook,
+            progress=progress,
+        )
+        with torch.no_grad():
+            images = decode_latents(self.vae, latents.float())
+        return MaskToImageOutput(images=images, latents=latents, crfm_trace=[] if hook is None else hook.trace)

@@ -1,0 +1,151 @@
+"""Control-rectify flow matching (CRFM): a frozen segmentor corrects the velocity in the first sampling steps.
+
+At step i < `rectified_step` the sampler's velocity v is rectified: the clean latent is predicted as
+x̂₀ = x_t − σ_t·v, decoded by the VAE, and a frozen segmentor's cross-entropy against the conditioning mask —
+counted only on pixels that are valid (not 255) and currently misclassified, averaged per image — is
+differentiated with respect to v. Then v ← (1−η)·v − η·g (the (1−η) shrink only with `is_synth`), optionally
+with g L2-normalised per sample, and v is clamped to [−c, c] (c = `velocity_clamp`, 1 in the paper's scripts; 0
+turns the clamp off); this repeats `num_rectified` times. η follows
+`step_scheme`: LD η_max·(1−(i+1)/N), LI η_max·(i+1)/N, C η_max, with N the number of sampling steps.
+
+Each image's loss is its own (summed over the batch, not averaged), so an item's correction does not depend
+on the batch it is sampled in. The segmentor is any module mapping images in [-1, 1] to per-class logits at
+the image's resolution (e.g. `crfm.segmentor.SegmentorAdapter`); no gradient reaches any model's weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import Field, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from crfm.data.index import IGNORE_INDEX
+
+STEP_SCHEMES = ("LD", "LI", "C")
+
+
+def _option(default: object, help: str, flag: str | None = None, **argparse_kwargs: object):
+    """A CRFMConfig field together with its command-line flag (`--<flag or field name>`)."""
+    return field(default=default, metadata={"help": help, "flag": flag, **argparse_kwargs})
+
+
+@dataclass
+class CRFMConfig:
+    """CRFM's settings; `add_flags` makes them command-line flags and `from_args` builds them back."""
+
+    rectified_step: int = _option(4, "CRFM corrects the first N sampling steps (the paper's scripts: 4 of 23)")
+    max_step_size: float = _option(0.1, "eta_max of the CRFM step-size scheme")
+    step_scheme: str = _option("LD", "eta schedule: linear decreasing, increasing, constant", choices=STEP_SCHEMES)
+    num_rectified: int = _option(1, "CRFM passes per rectified step")
+    l2_norm: bool = _option(False, "L2-normalise the CRFM gradient per image")
+    is_synth: bool = _option(False, "also shrink the velocity by (1 - eta)")
+    chunk_size: int = _option(1, "images per CRFM backward pass (bounds memory)", flag="crfm_chunk_size")
+    checkpoint_decode: bool = _option(False, "recompute the VAE decoder in CRFM's backward pass (less memory)")
+    # SD3-scaled velocities (noise - x0) have a std of ~1.4, so the paper scripts' clamp to [-1, 1] also clips many
+    # components CRFM never touched.
+    velocity_clamp: float = _option(1.0, "clamp rectified velocities to [-c, c] (the paper's scripts: 1; 0: off)")
+
+    def __post_init__(self) -> None:
+        if self.step_scheme not in STEP_SCHEMES:
+            raise ValueError(f"step_scheme must be one of {STEP_SCHEMES}, got {self.step_scheme!r}")
+        if self.rectified_step < 0 or self.num_rectified < 1 or self.chunk_size < 1 or self.velocity_clamp < 0:
+            raise ValueError(
+                "rectified_step >= 0, num_rectified >= 1, chunk_size >= 1 and velocity_clamp >= 0 are required"
+            )
+
+    @staticmethod
+    def flag_name(config_field: Field) -> str:
+        return config_field.metadata.get("flag") or config_field.name
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("CRFM (on when a segmentor is given)")
+        for config_field in fields(cls):
+            extra = {k: v for k, v in config_field.metadata.items() if k not in ("help", "flag")}
+            name = cls.flag_name(config_field)
+            if config_field.type in (bool, "bool"):
+                group.add_argument(f"--{name}", action="store_true", help=config_field.metadata["help"])
+            else:
+                kind = {"int": int, "float": float, "str": str}[str(config_field.type)]
+                group.add_argument(
+                    f"--{name}", type=kind, default=config_field.default, help=config_field.metadata["help"], **extra
+                )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CRFMConfig:
+        return cls(**{f.name: getattr(args, cls.flag_name(f)) for f in fields(cls)})
+
+
+def step_size(config: CRFMConfig, index: int, num_inference_steps: int) -> float:
+    """η at sampling step `index` (0-based)."""
+    fraction = (index + 1) / num_inference_steps
+    if config.step_scheme == "LD":
+        return config.max_step_size * (1.0 - fraction)
+    if config.step_scheme == "LI":
+        return config.max_step_size * fraction
+    return config.max_step_size
+
+
+def misclassified_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-image mean cross-entropy over valid, currently misclassified pixels ([B]); 0 where none are."""
+    per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counted = ((labels != IGNORE_INDEX) & (logits.argmax(dim=1) != labels)).float()
+    return (per_pixel * counted).sum(dim=(1, 2)) / counted.sum(dim=(1, 2)).clamp_min(1.0)
+
+
+@dataclass
+class ControlRectifier:
+    """A `crfm.sampling.VelocityHook` that applies CRFM; `trace` collects the loss of every rectify pass."""
+
+    config: CRFMConfig
+    segmentor: Callable[[torch.Tensor], torch.Tensor]
+    vae: torch.nn.Module
+    labels: torch.Tensor  # [B, H, W] class ids at the decoded image's resolution (255 = ignore)
+    num_inference_steps: int
+    trace: list[dict] = field(default_factory=list)
+
+    def _loss(self, latents: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor, rows: slice) -> torch.Tensor:
+        from crfm.sampling.sampler import decode_latents
+
+        clean = latents[rows] - sigma * velocity
+        if self.config.checkpoint_decode:
+            images = torch.utils.checkpoint.checkpoint(decode_latents, self.vae, clean, use_reentrant=False)
+        else:
+            images = decode_latents(self.vae, clean)
+        logits = self.segmentor(images)
+        if logits.shape[-2:] != self.labels.shape[-2:]:
+            raise ValueError(
+                f"segmentor logits {tuple(logits.shape)} do not match the masks {tuple(self.labels.shape)}"
+            )
+        return misclassified_cross_entropy(logits, self.labels[rows].to(logits.device))
+
+    def __call__(self, index: int, sigma: torch.Tensor, latents: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        if index >= self.config.rectified_step:
+            return velocity
+        eta = step_size(self.config, index, self.num_inference_steps)
+        velocity = velocity.detach()
+        for rectify_pass in range(self.config.num_rectified):
+            gradient = torch.zeros_like(velocity)
+            losses = []
+            # enable_grad: CRFM must work even when the caller samples under torch.no_grad().
+            with torch.enable_grad():
+                for start in range(0, velocity.shape[0], self.config.chunk_size):
+                    rows = slice(start, start + self.config.chunk_size)
+                    chunk = velocity[rows].clone().requires_grad_(True)
+                    loss = self._loss(latents, sigma, chunk, rows)
+                    (grad,) = torch.autograd.grad(loss.sum(), chunk)
+                    gradient[rows] = grad
+                    losses.extend(loss.detach().cpu().tolist())
+            if self.config.l2_norm:
+                norms = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)
+                gradient = gradient / norms.view(-1, *([1] * (gradient.dim() - 1)))
+            if self.config.is_synth:
+                velocity = (1.0 - eta) * velocity
+            velocity = velocity - eta * gradient
+            if self.config.velocity_clamp > 0:
+                velocity = velocity.clamp(-self.config.velocity_clamp, self.config.velocity_clamp)
+            self.trace.append({"step": index, "pass": rectify_pass, "eta": eta, "loss": losses})
+        return velocity

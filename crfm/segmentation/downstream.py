@@ -1,0 +1,295 @@
+"""Stage (c) of the paper: train an mmseg segmentor on real data, optionally plus synthesized data, and
+evaluate it on a real validation split, with mmseg's own Runner.
+
+    python -m crfm.segmentation.downstream --data_root REAL --json_file train.jsonl --val_file val.jsonl \
+        --work_dir DIR [--mmseg_config CONFIG] [--max_iters 1500] [--batch_size 8] \
+        [--synth_root SYNTH --synth_file index.jsonl --synth_ratio 0.5]
+
+(also `scripts/train_segmentor.py`, `crfm-train-segmentor`). `--mmseg_config` defaults to the small toy SegFormer
+shipped with the package (`crfm/segmentation/configs/toy_segformer.py`); `--device` is the shared one (auto, cpu,
+cuda, cuda:N or a GPU number), and a CPU device hides every GPU from mmengine.
+
+Both datasets are in our layout (`index.jsonl` + `classes.json`; a synthesis work dir is one). Without
+`--synth_ratio` the two are simply concatenated, so each sample is drawn as often as any other; with it,
+`MixedSourceSampler` draws a synthetic sample with probability `synth_ratio` whatever the two sizes are, so
+the real:synthetic mix of the batches is set independently of how many images were synthesized.
+
+Writes into the work dir: mmengine's `iter_<N>.pth` (full training state, used to resume), `segmentor.pth`
+(just `{"state_dict", "meta"}`: plain tensors and builtins, loadable with `torch.load(weights_only=True)` and
+no allowlist; this is the file to give `crfm.segmentation.adapter.load_segmentor`), `config.py` (the merged config to
+load it with) and `metrics.json` (validation mIoU/aAcc/mAcc, the data mix and timings).
+
+Resuming: if the work dir holds a checkpoint from an earlier run (mmengine's `last_checkpoint` marker), the
+run resumes from it. mmengine calls `torch.load` without `weights_only`, which torch >= 2.6 treats as True;
+this process additionally forces weights-only loading and supplies the small allowlist of mmengine objects
+(`crfm.segmentation.safe_load.MMENGINE_SAFE_GLOBALS`), so resuming never unpickles arbitrary code. Resume with the same
+--max_iters: the learning-rate schedule's state comes back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from crfm.utils.fileio import write_text_atomic
+from crfm.utils.flags import UsageError, add_data_flags, add_run_flags, resolve_device, run_cli
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_segformer.py"  # package data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m crfm.segmentation.downstream", description=__doc__.split("\n\n")[0])
+    segmentor = p.add_argument_group("segmentor (mmseg)")
+    segmentor.add_argument(
+        "--mmseg_config",
+        "--config",
+        dest="mmseg_config",
+        default=str(DEFAULT_CONFIG),
+        help="mmseg config to train (any model; default: the package's toy SegFormer)",
+    )
+    add_data_flags(p, "index.jsonl", "real training index", num_cls="optional", data_root_help="real dataset root")
+    p.add_argument("--val_file", default="val.jsonl", help="real validation index, relative to --data_root")
+    p.add_argument("--synth_root", type=Path, help="synthesized dataset root (e.g. a test.py work dir)")
+    p.add_argument("--synth_file", default="index.jsonl", help="synthesized index, relative to --synth_root")
+    p.add_argument(
+        "--synth_ratio",
+        type=float,
+        help="probability that a training sample is synthetic (0 <= r < 1); default: proportional to sizes",
+    )
+    p.add_argument("--work_dir", required=True, type=Path, help="checkpoints, segmentor.pth, config.py, metrics.json")
+    p.add_argument("--max_iters", type=int, help="default: the config's")
+    p.add_argument("--batch_size", type=int, help="default: the config's")
+    p.add_argument("--img_size", type=int, help="square size images are resized to (default: the config's)")
+    p.add_argument("--lr", type=float, help="optimizer learning rate (default: the config's)")
+    p.add_argument("--no_resume", action="store_true", help="start afresh even if the work dir has a checkpoint")
+    add_run_flags(
+        p,
+        seed_help="seed of the segmentor's training (default: the config's)",
+        seed_default=None,
+        device=True,
+    )
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flag combinations argparse cannot check; UsageError names the flag."""
+    for name in ("max_iters", "batch_size", "num_cls", "img_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    if args.synth_ratio is not None:
+        if args.synth_root is None:
+            raise UsageError("--synth_ratio needs --synth_root")
+        if not 0 <= args.synth_ratio < 1:
+            raise UsageError(f"--synth_ratio must be in [0, 1), got {args.synth_ratio}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check `argv`; a bad combination is a usage error (argparse's message and exit status 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except UsageError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def segmentor_device(device: str | int | None) -> torch.device:
+    """`--device` for mmengine's Runner: cpu hides every GPU (mmengine uses CUDA whenever it sees one)."""
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError as exc:  # torch's message for a malformed device string
+        raise UsageError(f"--device {device}: {exc}") from exc
+    if resolved.type == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif resolved.type != "cuda":
+        raise UsageError(f"--device {device}: mmengine trains on cpu or cuda, not {resolved.type}")
+    elif not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    elif resolved.index is not None:
+        torch.cuda.set_device(resolved.index)  # the Runner puts the model on the current CUDA device
+    return resolved
+
+
+def _scale_schedule(schedulers: list, old_iters: int, new_iters: int) -> list:
+    """Stretch iteration-based param schedulers from `old_iters` to `new_iters` (warm-up keeps its share)."""
+    out = []
+    for sched in schedulers:
+        sched = dict(sched)
+        begin = round(sched.get("begin", 0) * new_iters / old_iters)
+        end = sched.get("end", old_iters)
+        end = new_iters if end >= old_iters else round(end * new_iters / old_iters)
+        sched["begin"], sched["end"] = min(begin, new_iters - 1), max(end, begin + 1)
+        out.append(sched)
+    return out
+
+
+def _set_resize(pipeline: list, size: tuple[int, int]) -> None:
+    for step in pipeline:
+        if step.get("type") in ("Resize", "RandomResize"):
+            step["scale"] = size
+
+
+def _class_count(index_file: Path) -> int | None:
+    from crfm.data.index import CLASSES_FILE, read_classes_json
+
+    classes_json = index_file.parent / CLASSES_FILE
+    return len(read_classes_json(classes_json)["classes"]) if classes_json.is_file() else None
+
+
+def check_sources(args: argparse.Namespace) -> int | None:
+    """Both indexes exist and agree with `--num_cls` on the class count; the class count (None: the config's)."""
+    num_cls = args.num_cls
+    sources = [("--data_root", Path(args.data_root) / args.json_file)]
+    if args.synth_root is not None:
+        sources.append(("--synth_root", Path(args.synth_root) / args.synth_file))
+    for flag, index_file in sources:
+        if not index_file.is_file():
+            raise UsageError(f"{flag}: no index at {index_file}")
+        n = _class_count(index_file)
+        if n is not None and num_cls is not None and n != num_cls:
+            raise UsageError(f"{index_file.parent} lists {n} classes but the class count is {num_cls}")
+        num_cls = n if n is not None else num_cls
+    return num_cls
+
+
+def build_config(args: argparse.Namespace):
+    """The config file with the command-line overrides (data, classes, schedule, size, mixing) merged in."""
+    from mmengine.config import Config
+
+    num_cls = check_sources(args)
+    cfg = Config.fromfile(args.mmseg_config)
+    data_root = str(Path(args.data_root).resolve())
+    updates: dict = {"work_dir": str(Path(args.work_dir).resolve())}
+    for loader, ann in (
+        ("train_dataloader", args.json_file),
+        ("val_dataloader", args.val_file),
+        ("test_dataloader", args.val_file),
+    ):
+        updates[f"{loader}.dataset.data_root"] = data_root
+        updates[f"{loader}.dataset.ann_file"] = ann
+    if num_cls is not None:
+        updates["model.decode_head.num_classes"] = num_cls
+        if "auxiliary_head" in cfg.model and cfg.model.auxiliary_head is not None:
+            updates["model.auxiliary_head.num_classes"] = num_cls
+    if args.batch_size is not None:
+        updates["train_dataloader.batch_size"] = args.batch_size
+    if args.lr is not None:
+        updates["optim_wrapper.optimizer.lr"] = args.lr
+    if args.seed is not None:
+        updates["randomness.seed"] = args.seed
+    cfg.merge_from_dict(updates)
+
+    old_iters = int(cfg.train_cfg.max_iters)
+    max_iters = args.max_iters or old_iters
+    cfg.train_cfg.max_iters = max_iters
+    # No in-loop validation: the script validates once after training and reports that number.
+    cfg.train_cfg.val_interval = max_iters
+    cfg.train_cfg.val_begin = max_iters + 1
+    cfg.param_scheduler = _scale_schedule(list(cfg.param_scheduler), old_iters, max_iters)
+    ckpt = cfg.default_hooks.checkpoint
+    ckpt.interval = min(int(ckpt.get("interval", max_iters)), max_iters)
+    if args.img_size is not None:
+        size = (args.img_size, args.img_size)
+        for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+            _set_resize(cfg[loader].dataset.pipeline, size)
+        if cfg.model.data_preprocessor.get("size") is not None:
+            cfg.model.data_preprocessor.size = size
+    if args.synth_root is not None:
+        _add_synthetic(cfg, Path(args.synth_root).resolve(), args.synth_file, args.synth_ratio)
+    cfg.resume = False
+    return cfg
+
+
+def _add_synthetic(cfg, synth_root: Path, synth_file: str, ratio: float | None) -> None:
+    """Train on ConcatDataset([real, synthetic]) (same pipeline), drawn with `MixedSourceSampler` for a ratio."""
+    from crfm.segmentation.mmseg_ext import MMSEG_EXTENSIONS
+
+    real = dict(cfg.train_dataloader.dataset)
+    synth = {**real, "data_root": str(synth_root), "ann_file": synth_file}
+    cfg.train_dataloader.dataset = dict(type="ConcatDataset", datasets=[real, synth])
+    if ratio is not None:
+        cfg.train_dataloader.sampler = dict(type="MixedSourceSampler", weights=[1.0 - ratio, ratio])
+    imports = list(cfg.get("custom_imports", {}).get("imports", []))
+    if MMSEG_EXTENSIONS not in imports:  # the dumped config.py must find MixedSourceSampler on its own
+        cfg.custom_imports = dict(imports=[*imports, MMSEG_EXTENSIONS], allow_failed_imports=False)
+
+
+def _has_checkpoint(work_dir: Path) -> bool:
+    marker = work_dir / "last_checkpoint"
+    return marker.is_file() and Path(marker.read_text().strip()).is_file()
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train, validate once, write segmentor.pth, config.py and metrics.json into --work_dir."""
+    check_args(args)
+    check_sources(args)  # before mmengine is imported: a wrong path fails fast
+    segmentor_device(args.device)
+
+    from mmengine.runner import Runner
+
+    from crfm.segmentation.safe_load import mmengine_safe_globals, weights_only_environment
+
+    weights_only_environment()
+    cfg = build_config(args)
+    work_dir = Path(cfg.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cfg.resume = not args.no_resume and _has_checkpoint(work_dir)
+    if cfg.resume:
+        print(f"resuming from {(work_dir / 'last_checkpoint').read_text().strip()}")
+    cfg.dump(str(work_dir / "config.py"))
+
+    start = time.perf_counter()
+    runner = Runner.from_cfg(cfg)
+    with mmengine_safe_globals():  # only in effect for mmengine's resume load
+        runner.train()
+    train_s = time.perf_counter() - start
+    metrics = runner.val()
+    total_s = time.perf_counter() - start
+
+    model = runner.model.module if hasattr(runner.model, "module") else runner.model
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    dataset_meta = dict(runner.train_dataloader.dataset.metainfo)
+    meta = {
+        "dataset_meta": {
+            "classes": list(dataset_meta.get("classes", [])),
+            "palette": [list(c) for c in dataset_meta.get("palette", [])],
+        },
+        "iter": int(runner.iter),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
+    out = work_dir / "segmentor.pth"
+    tmp = out.with_name(".segmentor.pth.tmp")
+    torch.save({"state_dict": state, "meta": meta}, tmp)
+    os.replace(tmp, out)  # never leave a half-written checkpoint under the final name
+    train_set = runner.train_dataloader.dataset
+    parts = [len(d) for d in train_set.datasets] if hasattr(train_set, "datasets") else [len(train_set)]
+    summary = {
+        **meta["metrics"],
+        "iters": int(runner.iter),
+        "real_train": parts[0],
+        "synthetic_train": sum(parts[1:]),
+        "synth_ratio": args.synth_ratio,
+        "train_s": round(train_s, 1),
+        "total_s": round(total_s, 1),
+    }
+    write_text_atomic(work_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out} and {work_dir / 'config.py'}")
+    mix = f", {parts[0]} real + {sum(parts[1:])} synthetic" if len(parts) > 1 else f", {parts[0]} real"
+    miou = metrics.get("mIoU", float("nan"))
+    print(f"final mIoU: {miou:.2f} after {runner.iter} iters ({train_s:.0f} s training{mix})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), train, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

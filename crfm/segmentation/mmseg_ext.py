@@ -1,0 +1,106 @@
+"""crfm's mmseg extensions, registered on import: the one module configs name in `custom_imports`.
+
+- `CRFMIndexDataset` (mmseg `DATASETS`): our `index.jsonl` layout as an mmseg dataset;
+- `MixedSourceSampler` (mmseg `DATA_SAMPLERS`): draws real vs synthetic samples at a set ratio.
+
+    custom_imports = dict(imports=["crfm.segmentation.mmseg_ext"], allow_failed_imports=False)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from mmengine.dist import get_dist_info, sync_random_seed
+from mmseg.datasets import BaseSegDataset
+from mmseg.registry import DATA_SAMPLERS, DATASETS
+from torch.utils.data import Sampler
+
+from crfm.data.index import CLASSES_FILE, IGNORE_INDEX, read_classes_json, read_index
+
+MMSEG_EXTENSIONS = __name__  # what a config lists in custom_imports to get these registrations
+
+
+@DATASETS.register_module()
+class CRFMIndexDataset(BaseSegDataset):
+    """An `index.jsonl` (lines `{"source": label png, "target": image, "prompt": ...}`) as an mmseg dataset.
+
+    `ann_file` is the index (relative to `data_root` unless absolute); paths in it are relative to
+    `data_root`, or to the index's folder when `data_root` is not given. Class names and palette come from
+    `metainfo` if passed, else from a `classes.json` beside the index. Labels hold class ids with 255 as
+    ignore, so `reduce_zero_label` is always False.
+    """
+
+    def __init__(self, ann_file: str = "", metainfo: dict | None = None, data_root: str | None = None, **kwargs):
+        if kwargs.pop("reduce_zero_label", False):
+            raise ValueError("CRFMIndexDataset labels are class ids with 255 = ignore; reduce_zero_label must be False")
+        index = Path(ann_file)
+        if data_root and not index.is_absolute():
+            index = Path(data_root) / index
+        if metainfo is None or "classes" not in metainfo:
+            classes_json = index.parent / CLASSES_FILE
+            if classes_json.is_file():
+                metainfo = {**read_classes_json(classes_json), **(metainfo or {})}
+        # BaseSegDataset defaults '.jpg' / '.png' suffixes and data_prefix; neither is used by our index.
+        kwargs.setdefault("ignore_index", IGNORE_INDEX)
+        super().__init__(ann_file=ann_file, metainfo=metainfo, data_root=data_root, reduce_zero_label=False, **kwargs)
+
+    def load_data_list(self) -> list[dict]:
+        root = Path(self.data_root) if self.data_root else Path(self.ann_file).parent
+        items = read_index(self.ann_file, root)  # validates every line and that both files exist
+        return [
+            {
+                "img_path": str(root / item.target),
+                "seg_map_path": str(root / item.source),
+                "label_map": self.label_map,
+                "reduce_zero_label": False,
+                "seg_fields": [],
+                "prompt": item.prompt,
+            }
+            for item in items
+        ]
+
+
+@DATA_SAMPLERS.register_module()
+class MixedSourceSampler(Sampler):
+    """Infinite sampler over an mmengine `ConcatDataset` that picks sub-dataset `k` with probability
+    `weights[k] / sum(weights)` for every sample, then takes that source's next index from its own reshuffled
+    cycle (so within a source every sample is seen once per cycle). Ranks take interleaved slices of one
+    seeded stream, as mmengine's `InfiniteSampler` does."""
+
+    def __init__(self, dataset, weights: Sequence[float], seed: int | None = None) -> None:
+        sizes = [len(d) for d in dataset.datasets]
+        if len(weights) != len(sizes):
+            raise ValueError(f"{len(weights)} weights for {len(sizes)} datasets")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+        if any(size == 0 and w > 0 for size, w in zip(sizes, weights, strict=True)):
+            raise ValueError(f"a dataset with weight > 0 is empty (sizes {sizes})")
+        self.rank, self.world_size = get_dist_info()
+        self.seed = sync_random_seed() if seed is None else seed
+        self.sizes = sizes
+        self.offsets = [0, *itertools.accumulate(sizes)][:-1]
+        self.probabilities = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        self.size = len(dataset)
+
+    def _stream(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed)
+        cycles = [iter(()) for _ in self.sizes]
+        while True:
+            for source in torch.multinomial(self.probabilities, 1024, replacement=True, generator=gen).tolist():
+                index = next(cycles[source], None)
+                if index is None:  # this source's cycle is used up: start a fresh permutation
+                    cycles[source] = iter(torch.randperm(self.sizes[source], generator=gen).tolist())
+                    index = next(cycles[source])
+                yield self.offsets[source] + index
+
+    def __iter__(self) -> Iterator[int]:
+        yield from itertools.islice(self._stream(), self.rank, None, self.world_size)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Infinite stream: nothing depends on the epoch (mmengine calls this on every sampler)."""

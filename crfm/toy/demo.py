@@ -1,0 +1,491 @@
+"""The whole TODSynth pipeline on the embedded default, offline, on a CPU: README's first command.
+
+    python -m crfm.demo [--out outputs/demo] [--preset default|ci] [--fresh] [--KNOB VALUE ...]
+
+Stages (each prints the command it runs, so every step can be repeated by hand at real scale):
+ 1. toy remote-sensing scenes, split into a training and a held-out split;
+ 2. a tiny random SD3.5 pipeline, its VAE fitted to the training images (`crfm.toy.tiny`);
+ 3. prompt vectors (`crfm.data.vectorize`, i.e. `preprocess/vectorize.py`);
+ 4. the mask-conditioned MM-DiT (`crfm.training.train`, i.e. `train.py`), paper stage (a);
+ 5. the frozen guide segmentor, trained on the real training split (`crfm.segmentation.downstream`, i.e.
+    `scripts/train_segmentor.py`; mmseg);
+ 6. an independent judge segmentor (same recipe, another seed) that scores mask fidelity without having
+    guided anything;
+ 7. synthesis of the held-out masks from the same seeds (`crfm.sampling.synthesis`, i.e. `test.py`), paper stage
+    (b): plain, CRFM at the paper's defaults, and CRFM tuned for this tiny model (stronger, L2-normalised steps
+    without the velocity clamp);
+ 8. mask fidelity of plain vs CRFM images, and of the real held-out images for reference (`crfm.evaluate`);
+ 9. synthesis with tuned CRFM of the *training* masks (held-out masks would leak held-out labels into training);
+10. downstream, paper stage (c): a segmentor trained on real + synthetic data vs the guide (real only),
+    both scored on the held-out real split;
+11. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM paper | CRFM tuned | real) under --out.
+
+Every tool runs as `python -m <module>` of the installed (or checked-out) package, so no checkout is needed.
+A re-run reuses every finished stage; an interrupted stage resumes (training from its last checkpoint,
+synthesis from its last written image, segmentors from mmengine's checkpoint). `--fresh` starts over.
+Changing a knob against an existing --out is refused (use --fresh or another --out), so results never mix
+settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import crfm
+from crfm.utils.fileio import write_text_atomic
+from crfm.utils.flags import UsageError, add_run_flags, run_cli
+
+REPO = Path(__file__).resolve().parents[2]  # the checkout, for the default --out only
+PACKAGE_PARENT = Path(crfm.__file__).resolve().parents[1]  # the folder the tools import crfm from
+SETTINGS_FILE = "demo_settings.json"
+# Held-out syntheses: image set -> (work dir, CRFM setting for `Demo.synthesize`). With "real", the rows of the
+# mask-fidelity table; in this order also the figure's middle columns.
+SYNTHESES = {
+    "plain": ("synth_plain", None),
+    "crfm_paper": ("synth_crfm_paper", "paper"),
+    "crfm": ("synth_crfm", "tuned"),
+}
+IMAGE_SETS = ("real", *SYNTHESES)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Every knob of the demo (see KNOB_HELP). Defaults fit a 2-core CPU in about 10 minutes after set-up."""
+
+    num_scenes: int = 160
+    val_scenes: int = 32
+    scene_size: int = 128
+    resolution: int = 64
+    variant: str = "sd3.5"
+    vae_channels: str = "16,32,32"
+    latent_channels: int = 4
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 16
+    vae_steps: int = 400
+    max_sequence_length: int = 32
+    train_steps: int = 2000
+    train_batch_size: int = 8
+    learning_rate: float = 2e-3
+    seg_iters: int = 400
+    seg_size: int = 64
+    num_inference_steps: int = 23
+    rectified_step: int = 8
+    max_step_size: float = 10.0
+    num_rectified: int = 3
+    synth_ratio: float = 0.5
+    figure_rows: int = 6
+    seed: int = 0
+
+
+KNOB_HELP = {
+    "num_scenes": "toy scenes in all (training + held-out)",
+    "val_scenes": "the last N scenes are held out: masks for fidelity, real images for downstream scoring",
+    "scene_size": "px of the toy scenes",
+    "resolution": "px the generator trains and samples at",
+    "variant": "tiny pipeline: sd3.5 (qk-norm, dual attention) or sd3",
+    "vae_channels": "tiny VAE block widths; n blocks = 2^(n-1) x downsampling",
+    "latent_channels": "VAE latent channels (SD3: 16; fewer leave the tiny model less texture to learn)",
+    "layers": "MM-DiT blocks",
+    "heads": "attention heads",
+    "head_dim": "width per head (model width = heads x head_dim)",
+    "vae_steps": "steps fitting the tiny VAE to the training images",
+    "max_sequence_length": "T5 tokens per prompt (the toy prompts are short)",
+    "train_steps": "MM-DiT optimizer steps",
+    "train_batch_size": "MM-DiT batch",
+    "learning_rate": "MM-DiT AdamW learning rate",
+    "seg_iters": "iterations of each segmentor (guide, judge, downstream)",
+    "seg_size": "px the segmentors train at",
+    "num_inference_steps": "Euler sampling steps",
+    "rectified_step": "tuned CRFM: corrects the first N steps (the paper-default row always uses 4)",
+    "max_step_size": "tuned CRFM: eta_max of the L2-normalised gradient, no velocity clamp (paper row: 0.1, clamp 1)",
+    "num_rectified": "tuned CRFM: passes per rectified step (paper row: 1)",
+    "synth_ratio": "share of synthetic draws in the downstream segmentor's batches",
+    "figure_rows": "held-out masks shown in samples.png",
+    "seed": "seed of data, models, noise",
+}
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {},
+    # A few minutes on 2 cores: every stage and artefact, at sizes too small to learn anything.
+    "ci": dict(
+        num_scenes=16,
+        val_scenes=4,
+        vae_steps=20,
+        train_steps=20,
+        train_batch_size=4,
+        seg_iters=10,
+        num_inference_steps=4,
+        rectified_step=2,
+        num_rectified=1,
+        figure_rows=3,
+    ),
+}
+
+
+class Demo:
+    def __init__(self, out: Path, settings: DemoSettings, progress: bool) -> None:
+        self.out = out
+        self.s = settings
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")])),
+        }
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def run(self, module: str, *cmd: object) -> None:
+        """`python -m module cmd...` in this process's folder; printed first, paths below it shown relative."""
+        args = [str(c) for c in cmd]
+        inside = str(Path.cwd()) + os.sep  # as a user in this folder would type them
+        shown = " ".join(a.removeprefix(inside) for a in args)
+        print(f"$ python -m {module} {shown}", flush=True)
+        subprocess.run([sys.executable, "-m", module, *args], check=True, env=self.env)
+
+    def quiet(self) -> list[str]:
+        return [] if self.progress else ["--no_progress"]
+
+    def stage(self, number: int, name: str, title: str, action: Callable[[], object]) -> None:
+        marker = self.path("stages", f"{name}.json")
+        print(f"\n=== [{number}/{len(STAGES)}] {title} ===", flush=True)
+        if marker.is_file():
+            self.timings[name] = json.loads(marker.read_text())["seconds"]
+            print(f"done in an earlier run ({self.timings[name]:.0f} s), reused")
+            return
+        start = time.perf_counter()
+        action()
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        write_text_atomic(marker, json.dumps({"seconds": self.timings[name]}) + "\n")
+        print(f"--- {name}: {self.timings[name]:.0f} s")
+
+    def split(self, index: Path, train: Path, val: Path) -> None:
+        lines = index.read_text(encoding="utf-8").splitlines(keepends=True)
+        cut = len(lines) - self.s.val_scenes
+        write_text_atomic(train, "".join(lines[:cut]))
+        write_text_atomic(val, "".join(lines[cut:]))
+
+    # ----------------------------------------------------------------------------------------------- stages
+    def data(self) -> None:
+        from crfm.toy.toydata import write_dataset
+
+        root = self.path("toydata")
+        write_dataset(root, self.s.num_scenes, self.s.scene_size, seed=self.s.seed, workers=2, progress=self.progress)
+        self.split(root / "index.jsonl", root / "train.jsonl", root / "val.jsonl")
+        print(f"{self.s.num_scenes - self.s.val_scenes} training + {self.s.val_scenes} held-out scenes in {root}")
+
+    def pipeline(self) -> None:
+        final, tmp = self.path("tiny_sd35"), self.path("tiny_sd35.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        latent_side = self.s.resolution // 2 ** (len(self.s.vae_channels.split(",")) - 1)
+        # A position grid of exactly the tokens per side spaces positions one unit apart (see TinyConfig).
+        self.run(
+            "crfm.toy.tiny", tmp, "--variant", self.s.variant, "--vae_channels", self.s.vae_channels,
+            "--latent_channels", self.s.latent_channels, "--sample_size", latent_side,
+            "--pos_embed_max_size", latent_side // 2, "--layers", self.s.layers, "--heads", self.s.heads,
+            "--head_dim", self.s.head_dim, "--seed", self.s.seed,
+            "--fit_vae_on", self.path("toydata", "train.jsonl"), "--vae_steps", self.s.vae_steps,
+            "--vae_size", self.s.resolution, *self.quiet(),
+        )  # fmt: skip
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # complete or absent
+
+    def vectors(self) -> None:
+        root = self.path("toydata")
+        self.run(
+            "crfm.data.vectorize", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
+            "--data_root", root, "--json_file", "index.jsonl", "--out_json_file", "index_.jsonl",
+            "--work_dir", self.path("vectors"), "--max_sequence_length", self.s.max_sequence_length,
+            "--mixed_precision", "no", "--device", "cpu", *self.quiet(),
+        )  # fmt: skip
+        self.split(root / "index_.jsonl", root / "train_.jsonl", root / "val_.jsonl")
+
+    def generator(self) -> None:
+        self.run(
+            "crfm.training.train", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
+            "--data_root", self.path("toydata"), "--json_file", "train_.jsonl", "--vectors_path", self.path("vectors"),
+            "--work_dir", self.path("train"),
+            "--num_cls", 6, "--resolution", self.s.resolution, "--train_batch_size", self.s.train_batch_size,
+            "--max_train_steps", self.s.train_steps, "--learning_rate", self.s.learning_rate,
+            "--lr_warmup_steps", min(50, self.s.train_steps // 10), "--checkpointing_steps",
+            max(1, self.s.train_steps // 4), "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest",
+            "--seed", self.s.seed, *self.quiet(),
+        )  # fmt: skip
+
+    def segmentor(self, work: str, seed: int, *extra: object) -> None:
+        """The toy SegFormer (the tool's default config), on the CPU like every other stage of the demo."""
+        self.run(
+            "crfm.segmentation.downstream", "--data_root", self.path("toydata"), "--json_file", "train.jsonl",
+            "--val_file", "val.jsonl", "--work_dir", self.path(work), "--num_cls", 6,
+            "--max_iters", self.s.seg_iters, "--img_size", self.s.seg_size, "--seed", seed, "--device", "cpu", *extra,
+        )  # fmt: skip
+
+    def synthesize(self, json_file: str, work: str, crfm: str | None) -> None:
+        """Synthesis (`test.py`) with CRFM off (None), at the paper's defaults ("paper") or the demo's tuned one."""
+        guide = self.path("seg_real")
+        rectify: list[object] = ["--mmseg_config", guide / "config.py", "--mmseg_ckpt", guide / "segmentor.pth"]
+        if crfm == "paper":
+            rectify += ["--rectified_step", 4, "--max_step_size", 0.1, "--velocity_clamp", 1]
+        elif crfm == "tuned":
+            rectify += [
+                "--rectified_step", self.s.rectified_step, "--max_step_size", self.s.max_step_size,
+                "--num_rectified", self.s.num_rectified, "--l2_norm", "--velocity_clamp", 0,
+            ]  # fmt: skip
+        self.run(
+            "crfm.sampling.synthesis", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
+            "--data_root", self.path("toydata"),
+            "--json_file", json_file, "--vectors_path", self.path("vectors"),
+            "--lora_ckpt", self.path("train", "final"),
+            "--work_dir", self.path(work), "--num_cls", 6, "--resolution", self.s.resolution, "--batch_size", 8,
+            "--num_inference_steps", self.s.num_inference_steps, "--seed", self.s.seed,
+            *(rectify if crfm else []), *self.quiet(),
+        )  # fmt: skip
+
+    def fidelity(self) -> None:
+        """`python -m crfm.evaluate` for each image set and segmentor, in-process (one model load per judge)."""
+        from crfm.data.dataset import PairDataset
+        from crfm.data.index import read_index
+        from crfm.segmentation.adapter import load_segmentor
+        from crfm.segmentation.evaluate import mask_fidelity
+
+        sets = {"real": (self.path("toydata"), "val.jsonl")}
+        sets |= {images: (self.path(work), "index.jsonl") for images, (work, _) in SYNTHESES.items()}
+        for judge in ("seg_judge", "seg_real"):
+            seg = self.path(judge)
+            segmentor = load_segmentor(seg / "config.py", seg / "segmentor.pth", device="cpu", num_cls=6)
+            for images, (root, index) in sets.items():
+                # Real images are scored at the generator's resolution too, so all rows are comparable.
+                dataset = PairDataset(read_index(root / index, root), root, resolution=self.s.resolution, num_cls=6)
+                result = mask_fidelity(segmentor, dataset, 6, progress=self.progress)
+                print(f"{images:>5} images, {judge}: mIoU {100 * result['mIoU']:.2f}")
+                write_text_atomic(self.path("fidelity", f"{images}_{judge}.json"), json.dumps(result, indent=2) + "\n")
+
+    def downstream(self) -> None:
+        self.segmentor(
+            "seg_real_synth", self.s.seed, "--synth_root", self.path("synth_train"), "--synth_ratio", self.s.synth_ratio
+        )
+
+    # ----------------------------------------------------------------------------------------------- report
+    def report(self) -> dict:
+        from crfm.toy.toydata import CLASSES
+
+        def fid(images: str, judge: str) -> dict:
+            return json.loads(self.path("fidelity", f"{images}_{judge}.json").read_text())
+
+        def seg(work: str) -> dict:
+            return json.loads(self.path(work, "metrics.json").read_text())
+
+        train_summary = json.loads(self.path("train", "summary.json").read_text())
+        fidelity = {}
+        for images in IMAGE_SETS:
+            judge, guide = fid(images, "seg_judge"), fid(images, "seg_real")
+            fidelity[images] = {
+                "judge_mIoU": 100 * judge["mIoU"],
+                "guide_mIoU": 100 * guide["mIoU"],
+                "judge_IoU": dict(zip(CLASSES, judge["IoU"], strict=True)),
+            }
+        summary = {
+            "settings": dataclasses.asdict(self.s),
+            "generator": train_summary,
+            "mask_fidelity": fidelity,
+            "downstream": {"real_only": seg("seg_real"), "real_plus_synthetic": seg("seg_real_synth")},
+            "stage_seconds": dict(self.timings),
+            "total_seconds": round(sum(self.timings.values()), 1),
+        }
+        write_text_atomic(self.path("summary.json"), json.dumps(summary, indent=2) + "\n")
+        markdown = summary_markdown(summary)
+        write_text_atomic(self.path("summary.md"), markdown)
+        self.figure()
+        return summary | {"markdown": markdown}
+
+    def figure(self) -> None:
+        from PIL import Image
+
+        from crfm.data.dataset import load_label
+        from crfm.data.index import read_index
+        from crfm.toy.toydata import PALETTE
+        from crfm.utils.viz import colourise_mask, image_grid
+
+        root = self.path("toydata")
+        real = {item.source: item.target for item in read_index(root / "val.jsonl", root)}
+
+        def by_mask(work: str) -> dict[str, Path]:
+            items = read_index(self.path(work, "index.jsonl"))
+            return {i.record["source_mask"]: self.path(work, i.target) for i in items if i.record["variant"] == 0}
+
+        synthesized = [by_mask(work) for work, _ in SYNTHESES.values()]
+        size = self.s.scene_size
+        rows = []
+        for source in list(real)[: self.s.figure_rows]:
+            mask = colourise_mask(load_label(root / source), PALETTE)
+            samples = [Image.open(images[source]).convert("RGB") for images in synthesized]
+            rows.append([Image.fromarray(mask), *samples, Image.open(root / real[source]).convert("RGB")])
+        titles = ["mask", "plain", "CRFM paper", "CRFM tuned", "real"]
+        image_grid(rows, titles, cell=size, resample=Image.Resampling.NEAREST).save(self.path("samples.png"))
+
+
+def summary_markdown(summary: dict) -> str:
+    s = summary["settings"]
+    fid, down = summary["mask_fidelity"], summary["downstream"]
+    held_out = s["val_scenes"]
+    lines = [
+        "# crfm demo summary",
+        "",
+        f"Mask fidelity on {held_out} held-out masks: mIoU (%) of a segmentor's prediction on the images against "
+        "the masks they were drawn from. The judge was trained on the real training split like the guide, with "
+        "another seed, and never guided sampling.",
+        "",
+        "| images | judge mIoU | guide mIoU |",
+        "|---|---|---|",
+    ]
+    names = {
+        "real": "real held-out images (reference)",
+        "plain": "plain sampling",
+        "crfm_paper": "CRFM, paper defaults (4 steps, eta_max 0.1, clamp 1)",
+        "crfm": f"CRFM, tuned ({s['rectified_step']} steps x {s['num_rectified']}, L2-normalised, "
+        f"eta_max {s['max_step_size']:g}, no clamp)",
+    }
+    for key, name in names.items():
+        lines.append(f"| {name} | {fid[key]['judge_mIoU']:.2f} | {fid[key]['guide_mIoU']:.2f} |")
+    real, mixed = down["real_only"], down["real_plus_synthetic"]
+    lines += [
+        "",
+        f"Downstream: segmentors trained for {s['seg_iters']} iterations, mIoU (%) on the {held_out} held-out "
+        "real scenes.",
+        "",
+        "| training data | mIoU | aAcc |",
+        "|---|---|---|",
+        f"| real only ({real['real_train']} scenes) | {real['mIoU']:.2f} | {real['aAcc']:.2f} |",
+        f"| real + CRFM synthetic ({mixed['real_train']} + {mixed['synthetic_train']}, "
+        f"{100 * s['synth_ratio']:.0f}% synthetic draws) | {mixed['mIoU']:.2f} | {mixed['aAcc']:.2f} |",
+        "",
+        f"Generator: {summary['generator']['steps']} steps, final training loss "
+        f"{summary['generator']['final_loss']:.4f}, {summary['generator']['seconds_per_step']:.3f} s/step.",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *(f"| {name} | {sec:.0f} |" for name, sec in summary["stage_seconds"].items()),
+        f"| **total** | **{summary['total_seconds']:.0f}** |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+STAGES: list[tuple[str, str]] = [
+    ("data", "toy remote-sensing scenes, training / held-out split"),
+    ("pipeline", "tiny SD3.5 pipeline, VAE fitted to the training images"),
+    ("vectors", "prompt vectors (SD3 encode_prompt)"),
+    ("generator", "train the mask-conditioned MM-DiT (paper stage a)"),
+    ("guide", "guide segmentor on the real training split (mmseg)"),
+    ("judge", "judge segmentor (same recipe, another seed)"),
+    ("synthesis", "synthesize the held-out masks: plain, CRFM paper defaults, CRFM tuned; same seeds (stage b)"),
+    ("fidelity", "mask fidelity: real vs plain vs CRFM"),
+    ("synth_train", "synthesize the training masks with tuned CRFM, for downstream training"),
+    ("downstream", "downstream segmentor on real + synthetic (paper stage c)"),
+]
+
+
+def check_settings(out: Path, settings: DemoSettings) -> None:
+    """Refuse to mix results of different settings in one output folder."""
+    path = out / SETTINGS_FILE
+    current = dataclasses.asdict(settings)
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
+        if changed:
+            diff = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+            raise UsageError(f"{out} was made with other settings ({diff}); add --fresh or choose another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(current, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m crfm.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "demo", help="output folder")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="ci: a few-minute smoke run")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
+    parser.add_argument("--until", choices=[name for name, _ in STAGES], help="stop after this stage (no report)")
+    knobs = parser.add_argument_group("knobs (override the preset)")
+    for field in dataclasses.fields(DemoSettings):
+        help_text = f"{KNOB_HELP[field.name]} (default {field.default})"
+        knobs.add_argument(f"--{field.name}", type=type(field.default), default=None, help=help_text)
+    add_run_flags(parser, seed_help=None)  # --no_progress; the seed is a knob
+    return parser
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Every stage not done yet, then the report; 0, or 1 when a stage's command failed."""
+    values = {**PRESETS[args.preset]}
+    values.update(
+        {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoSettings) if getattr(args, f.name) is not None}
+    )
+    settings = DemoSettings(**values)
+    if settings.val_scenes >= settings.num_scenes or settings.val_scenes < 1:
+        raise UsageError("need 1 <= --val_scenes < --num_scenes")
+    out = args.out.resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    check_settings(out, settings)
+
+    demo = Demo(out, settings, progress=not args.no_progress)
+    start = time.perf_counter()
+    actions = {
+        "data": demo.data,
+        "pipeline": demo.pipeline,
+        "vectors": demo.vectors,
+        "generator": demo.generator,
+        "guide": lambda: demo.segmentor("seg_real", settings.seed),
+        "judge": lambda: demo.segmentor("seg_judge", settings.seed + 1),
+        "synthesis": lambda: [demo.synthesize("val_.jsonl", work, crfm) for work, crfm in SYNTHESES.values()],
+        "fidelity": demo.fidelity,
+        "synth_train": lambda: demo.synthesize("train_.jsonl", "synth_train", crfm="tuned"),
+        "downstream": demo.downstream,
+    }
+    for number, (name, title) in enumerate(STAGES, 1):
+        try:
+            demo.stage(number, name, title, actions[name])
+        except subprocess.CalledProcessError as exc:
+            print(
+                f"\nerror: stage '{name}' failed (exit {exc.returncode}) in the command above. Fix the cause and run "
+                "the same command again: finished stages are reused and this one resumes.",
+                file=sys.stderr,
+            )
+            return 1
+        if name == args.until:
+            return 0
+    print(f"\n=== report -> {out} ===")
+    summary = demo.report()
+    print(summary["markdown"])
+    print(f"figure  : {out / 'samples.png'} (mask | plain | CRFM paper | CRFM tuned | real)")
+    print(f"tables  : {out / 'summary.md'}, {out / 'summary.json'}")
+    print(f"this run: {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), run_demo, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,394 @@
+"""Build a tiny, randomly initialised SD3 / SD3.5 pipeline directory entirely offline.
+
+The directory has the exact diffusers layout of the real `stabilityai/stable-diffusion-3.5-medium`
+(transformer, vae, scheduler, three text encoders and their tokenizers, model_index.json), so
+every code path that loads real weights is exercised by tests and the demo without a model hub.
+
+    python -m crfm.tiny OUT_DIR [--variant sd3.5|sd3] [--sample_size 8] [--layers 4] ... [--fit_vae_on INDEX]
+
+Flags are snake_case like every crfm command; the hyphenated spellings (`--sample-size`) still work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from crfm.utils.flags import UsageError, add_run_flags, run_cli
+
+# Words the tiny tokenizers are trained on: remote-sensing prompts plus generic caption words,
+# so prompts of this project tokenize into real sub-words instead of bytes.
+_CORPUS_WORDS = """
+a an the of and with in on at near by from to image photo picture view satellite aerial overhead
+remote sensing scene top down high resolution orthophoto drone rural urban suburban city town village
+bare soil land farmland cropland field fields agriculture agricultural crop crops forest forests tree trees
+vegetation grass grassland meadow water river lake pond sea coast beach road roads street highway path
+building buildings house houses roof roofs residential industrial commercial parking lot background
+barren desert sand rock unpaved area traffic inland low medium dense sparse green brown grey gray blue
+white red yellow dark light shadow shadows summer winter spring autumn cloud clouds clear sunny
+""".split()
+
+
+@dataclass
+class TinyConfig:
+    """Sizes of every component; defaults keep a 64 px CPU training step well under a second."""
+
+    variant: str = "sd3.5"  # "sd3": plain joint attention; "sd3.5": qk RMS norm + dual-attention layers
+    sample_size: int = 8  # latent side of the default resolution (image side = sample_size * 2**(vae blocks - 1))
+    patch_size: int = 2
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 16
+    latent_channels: int = 16
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16)  # 4 blocks -> 8x downsampling, as the real VAE
+    clip_l_dim: int = 32
+    clip_g_dim: int = 48
+    t5_dim: int = 96
+    text_layers: int = 2
+    clip_max_length: int = 77
+    clip_vocab_size: int = 1000
+    t5_vocab_size: int = 400
+    seed: int = 0
+    dual_attention_layers: tuple[int, ...] = field(default=())
+    # Side of the sin-cos position grid, in tokens; positions are spaced base/max apart, base = sample_size/patch.
+    # The default (8x the base side) allows large resolutions but makes neighbouring tokens' positions almost
+    # equal; a small grid makes them distinct, which a tiny model needs to align mask and image tokens.
+    pos_embed_max_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("sd3", "sd3.5"):
+            raise ValueError(f"variant must be 'sd3' or 'sd3.5', got {self.variant!r}")
+        if self.variant == "sd3.5" and not self.dual_attention_layers:
+            # SD3.5-medium uses dual attention in its first layers and plain joint attention after.
+            self.dual_attention_layers = tuple(range(max(1, self.layers // 2)))
+        if self.variant == "sd3":
+            self.dual_attention_layers = ()
+        if self.clip_l_dim + self.clip_g_dim > self.t5_dim:
+            raise ValueError("t5_dim must be >= clip_l_dim + clip_g_dim (CLIP states are padded to T5 width)")
+
+
+def _tokenizer_corpus() -> list[str]:
+    # Repeated short phrases give the BPE/unigram trainers frequency statistics to merge on.
+    words = _CORPUS_WORDS
+    phrases = [" ".join(words[i : i + 6]) for i in range(len(words))]
+    class_lists = [", ".join(words[i : i + 4]) for i in range(0, len(words), 2)]
+    return (phrases + class_lists) * 4 + ["a satellite image of " + w for w in words]
+
+
+def build_clip_tokenizer(config: TinyConfig, pad_token: str):
+    """A byte-level BPE tokenizer with CLIP's normalisation, pre-tokenisation and special tokens."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import CLIPTokenizer
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    backend = Tokenizer(BPE(unk_token=eos, end_of_word_suffix="</w>"))
+    # Same normaliser and splitting regex as transformers' CLIPTokenizer, so training and use agree.
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(
+                    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+                ),
+                behavior="removed",
+                invert=True,
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = BpeTrainer(
+        vocab_size=config.clip_vocab_size,
+        special_tokens=["!", bos, eos],  # "!" first: CLIP-G pads with "!" (id 0), as the real tokenizer_2
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    backend.train_from_iterator(_tokenizer_corpus(), trainer)
+    model = json.loads(backend.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # Every single byte must also exist as a word-final token, else unseen words map to <unk>.
+    for char in sorted(alphabet):
+        vocab.setdefault(char + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=config.clip_max_length)
+
+
+def build_t5_tokenizer(config: TinyConfig):
+    """A unigram tokenizer with T5's special tokens (<pad>=0, </s>=1, <unk>=2) and metaspace splitting."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import Unigram
+    from tokenizers.trainers import UnigramTrainer
+    from transformers import T5TokenizerFast
+
+    backend = Tokenizer(Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    trainer = UnigramTrainer(
+        vocab_size=config.t5_vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_tokenizer_corpus(), trainer)
+    vocab = [(piece, float(score)) for piece, score in json.loads(backend.to_str())["model"]["vocab"]]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_pipeline(config: TinyConfig):
+    """Instantiate every component with random weights and return a `StableDiffusion3Pipeline`."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = build_clip_tokenizer(config, pad_token="<|endoftext|>")
+    tokenizer_2 = build_clip_tokenizer(config, pad_token="!")
+    tokenizer_3 = build_t5_tokenizer(config)
+
+    def clip_encoder(dim: int, act: str, seed: int) -> CLIPTextModelWithProjection:
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=dim,
+                intermediate_size=dim * 2,
+                projection_dim=dim,
+                num_hidden_layers=config.text_layers,
+                num_attention_heads=4,
+                max_position_embeddings=config.clip_max_length,
+                hidden_act=act,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        ).eval()
+
+    text_encoder = clip_encoder(config.clip_l_dim, "quick_gelu", config.seed + 1)  # CLIP-L/14
+    text_encoder_2 = clip_encoder(config.clip_g_dim, "gelu", config.seed + 2)  # OpenCLIP bigG/14
+
+    torch.manual_seed(config.seed + 3)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=config.t5_dim,
+            d_kv=config.t5_dim // 4,
+            d_ff=config.t5_dim * 2,
+            num_layers=config.text_layers,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's T5-XXL
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+    ).eval()
+
+    torch.manual_seed(config.seed + 4)
+    transformer = SD3Transformer2DModel(
+        sample_size=config.sample_size,
+        patch_size=config.patch_size,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        num_layers=config.layers,
+        attention_head_dim=config.head_dim,
+        num_attention_heads=config.heads,
+        joint_attention_dim=config.t5_dim,
+        caption_projection_dim=config.heads * config.head_dim,
+        pooled_projection_dim=config.clip_l_dim + config.clip_g_dim,
+        # Large enough for 8x the default resolution; positions are cropped from the centre.
+        pos_embed_max_size=config.pos_embed_max_size or max(32, 8 * config.sample_size // config.patch_size),
+        dual_attention_layers=config.dual_attention_layers,
+        qk_norm="rms_norm" if config.variant == "sd3.5" else None,
+    )
+
+    torch.manual_seed(config.seed + 5)
+    n_blocks = len(config.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        block_out_channels=config.vae_channels,
+        layers_per_block=1,
+        latent_channels=config.latent_channels,
+        norm_num_groups=min(8, min(config.vae_channels)),
+        sample_size=config.sample_size * 2 ** (n_blocks - 1),
+        scaling_factor=1.5305,  # SD3's latent statistics, so the scaling code path is the real one
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def save_tiny_pipeline(out_dir: str | Path, config: TinyConfig | None = None) -> Path:
+    """Write a tiny pipeline directory loadable by `StableDiffusion3Pipeline.from_pretrained`."""
+    config = config or TinyConfig()
+    out_dir = Path(out_dir)
+    pipe = build_pipeline(config)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "crfm_tiny.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    return out_dir
+
+
+def fit_vae(
+    pipe_dir: str | Path,
+    index_file: str | Path,
+    steps: int = 1500,
+    size: int = 64,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the tiny VAE as an autoencoder on a dataset's images, in place, so decoded latents look like images.
+
+    A random VAE decodes anything to noise, which hides whether the MM-DiT learned to follow the mask. Afterwards
+    `shift_factor`/`scaling_factor` are set from the latents' statistics (as SD3's were), so scaled latents have
+    zero mean and unit variance, which flow matching's noise assumes.
+    """
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    from crfm.data.dataset import PairDataset
+    from crfm.data.index import read_index
+
+    pipe_dir = Path(pipe_dir)
+    dataset = PairDataset(read_index(index_file), Path(index_file).parent, resolution=size)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    vae = AutoencoderKL.from_pretrained(pipe_dir / "vae").train()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="fit tiny VAE", unit="step", disable=not progress)
+    for _ in bar:
+        batch = images[torch.randint(len(images), (batch_size,), generator=gen)]
+        flip = torch.rand(batch_size, generator=gen) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        mse = torch.nn.functional.mse_loss(recon, batch)
+        loss = mse + kl_weight * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 32]).latent_dist.mode() for i in range(0, len(images), 32)])
+        recon_mse = torch.nn.functional.mse_loss(vae.decode(latents[:32]).sample, images[:32]).item()
+    shift, scale = latents.mean().item(), 1.0 / latents.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    vae.save_pretrained(pipe_dir / "vae")
+    return {"reconstruction_mse": recon_mse, "shift_factor": shift, "scaling_factor": scale}
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags are snake_case; the hyphenated spellings of earlier versions still work."""
+    defaults = TinyConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m crfm.tiny", description="Write a tiny random SD3/SD3.5 pipeline directory (offline)."
+    )
+
+    def add(name: str, **kwargs) -> None:
+        hyphenated = name.replace("_", "-")
+        spellings = [f"--{name}"] + ([f"--{hyphenated}"] if hyphenated != name else [])
+        parser.add_argument(*spellings, dest=name, **kwargs)
+
+    parser.add_argument("out_dir", type=Path, help="pipeline folder to write")
+    add("variant", choices=["sd3", "sd3.5"], default=defaults.variant, help="sd3.5: qk RMS norm + dual attention")
+    add("sample_size", type=int, default=defaults.sample_size, help="default latent side")
+    add("patch_size", type=int, default=defaults.patch_size, help="transformer patch side")
+    add("layers", type=int, default=defaults.layers, help="MM-DiT blocks")
+    add("heads", type=int, default=defaults.heads, help="attention heads")
+    add("head_dim", type=int, default=defaults.head_dim, help="width per head")
+    add("dual_attention_layers", type=_int_tuple, default=(), help="e.g. 0,1 (sd3.5; default: the first half)")
+    add("vae_channels", type=_int_tuple, default=defaults.vae_channels, help="one per VAE block")
+    add("latent_channels", type=int, default=defaults.latent_channels, help="SD3: 16")
+    add("clip_l_dim", type=int, default=defaults.clip_l_dim, help="CLIP-L width")
+    add("clip_g_dim", type=int, default=defaults.clip_g_dim, help="CLIP-G width")
+    add("t5_dim", type=int, default=defaults.t5_dim, help="T5 width (>= clip_l_dim + clip_g_dim)")
+    add("text_layers", type=int, default=defaults.text_layers, help="layers of each text encoder")
+    add("pos_embed_max_size", type=int, help="position grid side in tokens (max tokens per side)")
+    add("fit_vae_on", type=Path, help="index.jsonl whose images the tiny VAE is fitted to")
+    add("vae_steps", type=int, default=1500, help="steps fitting the VAE")
+    add("vae_size", type=int, default=64, help="image size for fitting the VAE")
+    add_run_flags(parser, seed_help="seed of the random weights and of the VAE fit", seed_default=defaults.seed)
+    return parser
+
+
+def build(args: argparse.Namespace) -> int:
+    """Write the pipeline of `args` (and fit its VAE with --fit_vae_on); 0 on success."""
+    if args.fit_vae_on is not None and not Path(args.fit_vae_on).is_file():
+        raise UsageError(f"--fit_vae_on: no index file at {args.fit_vae_on}")  # before minutes of work
+    config = TinyConfig(
+        variant=args.variant,
+        sample_size=args.sample_size,
+        patch_size=args.patch_size,
+        layers=args.layers,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        dual_attention_layers=args.dual_attention_layers,
+        vae_channels=args.vae_channels,
+        latent_channels=args.latent_channels,
+        clip_l_dim=args.clip_l_dim,
+        clip_g_dim=args.clip_g_dim,
+        t5_dim=args.t5_dim,
+        text_layers=args.text_layers,
+        seed=args.seed,
+        pos_embed_max_size=args.pos_embed_max_size,
+    )
+    out = save_tiny_pipeline(args.out_dir, config)
+    side = config.sample_size * 2 ** (len(config.vae_channels) - 1)
+    print(f"wrote tiny {config.variant} pipeline to {out} (default image size {side} px)")
+    if args.fit_vae_on is not None:
+        stats = fit_vae(
+            out,
+            args.fit_vae_on,
+            steps=args.vae_steps,
+            size=args.vae_size,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        print(f"fitted the VAE on {args.fit_vae_on}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), build, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""What a training run is built from: the accelerator, the data, the models, the optimizer.
+
+The order in which `train` calls these matters for reproducibility: `set_seed`, then data, then models (LoRA's
+and a fresh mask branch's initialisation draw from the global RNG), then the optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from crfm.data.dataset import PairDataset
+from crfm.data.index import read_index
+from crfm.training.objective import TrainTimesteps
+
+
+def build_accelerator(args: argparse.Namespace, work_dir: Path):
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(work_dir), logging_dir=str(work_dir / "logs")),
+        # The data order is a function of the seed and the epoch, so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Without CUDA, ranks started by `accelerate launch --multi_gpu` run on the CPU with gloo.
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def check_items(dataset: PairDataset, progress: bool = True) -> None:
+    """Open every item once before training, so bad data stops the run with its name, not silently later.
+
+    Loading an item decodes image and mask (sizes, class ids) and reads its prompt vectors (a missing `index`
+    field or vector file is named with a hint to run vectorize).
+    """
+    bar = tqdm(range(len(dataset)), desc="checking data", unit="item", leave=False, disable=not progress)
+    for position in bar:
+        dataset[position]
+
+
+def build_data(
+    args: argparse.Namespace, num_processes: int, progress: bool
+) -> tuple[PairDataset, torch.utils.data.DataLoader, dict[str, torch.Tensor]]:
+    """The dataset (every item checked unless --skip_data_check), its loader and the empty prompt's vectors."""
+    from crfm.data.vectors import load_empty_prompt_vectors
+
+    data_root, vectors_dir = Path(args.data_root), Path(args.vectors_path)
+    items = read_index(data_root / args.json_file, data_root)
+    dataset = PairDataset(items, data_root, resolution=args.resolution, num_cls=args.num_cls, vectors_dir=vectors_dir)
+    empty = load_empty_prompt_vectors(vectors_dir)
+    if not args.skip_data_check:
+        check_items(dataset, progress=progress)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        num_workers=args.dataloader_num_workers,
+        drop_last=len(dataset) >= args.train_batch_size * num_processes,
+    )
+    return dataset, loader, empty
+
+
+def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype):
+    """The frozen fp32 VAE, the scheduler's training grid and the MM-DiT with its mask branch, configured for
+    --train_mode; returns (model, vae, timesteps, parameter counts)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    from crfm.models.mmdit import MaskSD3Transformer2DModel
+    from crfm.models.trained_weights import configure_training
+
+    pretrained = args.pretrained_model_name_or_path
+    # fp32: the SD3 VAE is unstable in half precision.
+    vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", dtype=torch.float32).requires_grad_(False)
+    vae.eval().to(device)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler")
+    model = MaskSD3Transformer2DModel.from_sd3(pretrained, mask_init=args.mask_init)
+    counts = configure_training(model, args.train_mode, args.lora_rank)
+    if args.no_mask:
+        for branch in (model.mask_embed, model.mask_blocks):
+            branch.requires_grad_(False)
+        counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Frozen weights only need the compute dtype (halves the base's memory for LoRA); trained ones stay fp32.
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(weight_dtype)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        model.enable_xformers()
+    return model, vae, TrainTimesteps.from_scheduler(scheduler), counts
+
+
+def checkpoint_meta(args: argparse.Namespace) -> dict:
+    """What, besides the trained weights, a checkpoint needs to rebuild the model (`crfm_checkpoint.json`)."""
+    return {
+        "train_mode": args.train_mode,
+        "lora_rank": args.lora_rank,
+        "num_cls": args.num_cls,
+        "base_model": str(Path(args.pretrained_model_name_or_path).resolve()),
+        "resolution": args.resolution,
+    }
+
+
+def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, num_processes: int):
+    """AdamW over the trainable parameters and the LR schedule; returns (trainable, optimizer, lr_scheduler)."""
+    from diffusers.optimization import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
+    return trainable, optimizer, lr_scheduler

@@ -1,0 +1,191 @@
+"""The rectified-flow objective of SD3, with the mask as an extra condition (stage (a) of the paper).
+
+As in diffusers' SD3 training examples: x_t = (1 - σ) x + σ ε, the model predicts the velocity ε - x, timesteps
+are drawn from `compute_density_for_timestep_sampling` on the scheduler's training grid and the squared error
+is weighted by `compute_loss_weighting_for_sd3`. Every random draw of a step comes from one generator, in a fixed
+order (flip, posterior sample, noise, timestep density, prompt dropout); `step_generator` makes that generator
+a pure function of (seed, rank, micro-step), so a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from crfm.models.conditioning import encode_latents, encode_mask_latents
+
+WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
+
+
+def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
+    """A generator for one micro-step: draws are a pure function of (seed, rank, step), hence resumable."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + micro_step) % (2**63))
+
+
+@dataclass(frozen=True)
+class FlowMatchingConfig:
+    """What a training step draws and how it weights the loss (train.py's flags of the same names)."""
+
+    num_cls: int
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    prompt_dropout: float = 0.1  # probability of the empty prompt (trains the unconditional branch of CFG)
+    flip_prob: float = 0.5  # horizontal flip of image and mask together
+    use_mask: bool = True  # False: the `--no_mask` ablation, the model sees no mask
+
+    def __post_init__(self) -> None:
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FlowMatchingConfig:
+        return cls(
+            num_cls=args.num_cls,
+            weighting_scheme=args.weighting_scheme,
+            logit_mean=args.logit_mean,
+            logit_std=args.logit_std,
+            mode_scale=args.mode_scale,
+            prompt_dropout=args.prompt_dropout,
+            flip_prob=args.flip_prob,
+            use_mask=not args.no_mask,
+        )
+
+
+@dataclass(frozen=True)
+class TrainTimesteps:
+    """The scheduler's training grid: σ_i and t_i = σ_i · num_train_timesteps (diffusers' SD3 example)."""
+
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    num_train_timesteps: int
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> TrainTimesteps:
+        """From a freshly loaded `FlowMatchEulerDiscreteScheduler` (before any `set_timesteps`)."""
+        return cls(scheduler.sigmas.clone(), scheduler.timesteps.clone(), scheduler.config.num_train_timesteps)
+
+    def lookup(self, u: torch.Tensor, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Density draws u in [0, 1] -> (timesteps [B], sigmas [B, 1, 1, 1]) of the nearest grid points below."""
+        indices = (u * self.num_train_timesteps).long().clamp_max(len(self.timesteps) - 1)
+        timesteps = self.timesteps[indices].to(device)
+        sigmas = self.sigmas[indices].to(device, dtype).view(-1, 1, 1, 1)
+        return timesteps, sigmas
+
+
+class FlowMatchingLoss(NamedTuple):
+    loss: torch.Tensor  # scalar, the mean over the batch (what is back-propagated)
+    per_sample: torch.Tensor  # [B], float32
+    timesteps: torch.Tensor  # [B], the timesteps the model was given
+    sigmas: torch.Tensor  # [B, 1, 1, 1]
+
+
+def encode_pair(
+    vae, image: torch.Tensor, label: torch.Tensor, num_cls: int, dtype: torch.dtype, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (posterior sample, from `generator`) and label maps (posterior mode) -> latents in `dtype`."""
+    with torch.no_grad():
+        latents = encode_latents(vae, image.float(), generator=generator).to(dtype)
+        mask_latents = encode_mask_latents(vae, label, num_cls).to(dtype)
+    return latents, mask_latents
+
+
+def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor | float) -> torch.Tensor:
+    """The rectified-flow path x_t = (1 - σ) x + σ ε."""
+    return (1.0 - sigmas) * latents + sigmas * noise
+
+
+def predict(model, noisy, embeds, pooled, timesteps, mask_latents: torch.Tensor | None) -> torch.Tensor:
+    """The model's velocity prediction; `mask_latents=None` runs it without the mask branch."""
+    return model(noisy, embeds, pooled, timesteps, mask_hidden_states=mask_latents, return_dict=False)[0]
+
+
+def flow_matching_loss(
+    model,
+    vae,
+    batch: Mapping[str, torch.Tensor],
+    generator: torch.Generator,
+    config: FlowMatchingConfig,
+    schedule: TrainTimesteps,
+    empty_prompt: Mapping[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+) -> FlowMatchingLoss:
+    """The weighted rectified-flow loss of one batch (`PairDataset` items: image, label, prompt vectors).
+
+    `generator` (a CPU generator, e.g. `step_generator(...)`) makes every random draw, in this order: flip,
+    VAE posterior sample, noise, timestep density, prompt dropout. `empty_prompt` holds the empty prompt's
+    `prompt_embeds` [L, D] and `pooled_prompt_embeds` [P], swapped in for dropped prompts; `dtype` is the compute
+    dtype of latents and text (the VAE itself runs in its own dtype). The VAE is not differentiated through.
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    image, label = batch["image"], batch["label"]
+    flip = (torch.rand(image.shape[0], generator=generator) < config.flip_prob).to(image.device)
+    image = torch.where(flip[:, None, None, None], image.flip(-1), image)
+    label = torch.where(flip[:, None, None], label.flip(-1), label)
+    latents, mask_latents = encode_pair(vae, image, label, config.num_cls, dtype, generator)
+    batch_size, device = latents.shape[0], latents.device
+
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    u = compute_density_for_timestep_sampling(
+        config.weighting_scheme,
+        batch_size,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        mode_scale=config.mode_scale,
+        generator=generator,
+    )
+    timesteps, sigmas = schedule.lookup(u, device, latents.dtype)
+    noisy = noisy_latents(latents, noise, sigmas)
+
+    drop = (torch.rand(batch_size, generator=generator) < config.prompt_dropout).to(device)
+    embeds = batch["prompt_embeds"].to(device, dtype)
+    pooled = batch["pooled_prompt_embeds"].to(device, dtype)
+    empty_embeds = empty_prompt["prompt_embeds"].to(device, dtype)
+    empty_pooled = empty_prompt["pooled_prompt_embeds"].to(device, dtype)
+    embeds = torch.where(drop[:, None, None], empty_embeds.expand_as(embeds), embeds)
+    pooled = torch.where(drop[:, None], empty_pooled.expand_as(pooled), pooled)
+
+    pred = predict(model, noisy, embeds, pooled, timesteps, mask_latents if config.use_mask else None)
+    weighting = compute_loss_weighting_for_sd3(config.weighting_scheme, sigmas)
+    per_sample = (weighting.float() * (pred.float() - (noise - latents).float()) ** 2).mean(dim=(1, 2, 3))
+    return FlowMatchingLoss(per_sample.mean(), per_sample, timesteps, sigmas)
+
+
+@torch.no_grad()
+def mask_following_losses(
+    model, vae, dataset, num_cls: int, sigmas: tuple[float, ...] = (0.3, 0.6, 0.9), seed: int = 0
+) -> dict[str, float]:
+    """Flow-matching loss on `dataset` with each item's own mask, with another item's mask, and with none.
+
+    The gap between the first two measures how much the model follows the mask; noise and timesteps are
+    fixed by `seed`, so numbers are comparable across models. Unweighted, at fixed σ, the timestep σ · 1000.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    scheduler_timesteps = 1000.0
+    totals = {"own_mask": 0.0, "other_mask": 0.0, "no_mask": 0.0}
+    count = 0
+    samples = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([s["image"] for s in samples]).to(device)
+    labels = torch.stack([s["label"] for s in samples]).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    latents, masks = encode_pair(vae, images, labels, num_cls, dtype, gen)
+    other = masks.roll(1, dims=0)  # each item gets its neighbour's mask
+    embeds = torch.stack([s["prompt_embeds"] for s in samples]).to(device, dtype)
+    pooled = torch.stack([s["pooled_prompt_embeds"] for s in samples]).to(device, dtype)
+    for sigma in sigmas:
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        noisy = noisy_latents(latents, noise, sigma)
+        timestep = torch.full((len(samples),), sigma * scheduler_timesteps, device=device)
+        target = (noise - latents).float()
+        for key, condition in (("own_mask", masks), ("other_mask", other), ("no_mask", None)):
+            pred = predict(model, noisy, embeds, pooled, timestep, condition)
+            totals[key] += (pred.float() - target).pow(2).mean().item()
+        count += 1
+    return {key: value / count for key, value in totals.items()}

@@ -1,0 +1,235 @@
+"""Rectified-flow fine-tuning of the mask-conditioned MM-DiT with accelerate (stage (a) of the paper).
+
+The loop follows diffusers' SD3 training examples; the objective is `crfm.training.objective`, the pieces of a
+run are built by `crfm.training.build` and checkpointed by `crfm.training.checkpoints`. Every random draw of a
+step comes from a generator seeded by (seed, rank, micro-step), and the data order from accelerate's seedable
+sampler, so a run resumed from a checkpoint continues with the same losses as an uninterrupted one.
+
+    python train.py --pretrained_model_name_or_path ... --data_root ... --vectors_path ... --num_cls N
+    python -m crfm.training.train ...   (the same; `accelerate launch train.py ...` for several processes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from crfm.training.build import build_accelerator, build_data, build_model, build_optimizer, checkpoint_meta
+from crfm.training.checkpoints import register_checkpoint_hooks, resume_state, save_checkpoint
+from crfm.training.objective import WEIGHTING_SCHEMES, FlowMatchingConfig, flow_matching_loss, step_generator
+from crfm.utils.fileio import write_text_atomic
+from crfm.utils.flags import add_data_flags, add_model_flags, add_run_flags, run_cli
+
+LOSS_LOG = "loss.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Fine-tune SD3/SD3.5's MM-DiT with a mask branch (crfm).")
+    add_model_flags(parser)
+    add_data_flags(parser, "index_.jsonl", "training index written by preprocess/vectorize.py", vectors=True)
+    add = parser.add_argument
+    add("--work_dir", default="work_dirs/crfm", help="checkpoints, logs, final weights")
+    # Model and training mode.
+    add("--train_mode", choices=["full", "lora"], default="full", help="full: image+mask branches; lora: LoRA+mask")
+    add("--lora_rank", type=int, default=16, help="LoRA rank (--train_mode lora)")
+    add("--mask_init", choices=["copy", "fresh"], default="copy", help="mask branch from the image branch or new")
+    add("--no_mask", action="store_true", help="ablation: train on text only, the mask branch unused")
+    add(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute block activations in the backward pass (less memory)",
+    )
+    add("--enable_xformers_memory_efficient_attention", action="store_true", help="CUDA only; SDPA otherwise")
+    # Optimisation.
+    add(
+        "--resolution",
+        type=int,
+        default=512,
+        help="short side resize + centre crop, px (multiple of VAE factor x patch)",
+    )
+    add("--train_batch_size", type=int, default=1, help="per process")
+    add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    add("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (constant after warm-up by default)")
+    add("--lr_scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
+    add("--lr_warmup_steps", type=int, default=0, help="linear warm-up steps")
+    add("--max_train_steps", type=int, default=1000, help="optimizer steps")
+    add("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    add("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    add("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    add("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    add(
+        "--weighting_scheme",
+        choices=WEIGHTING_SCHEMES,
+        default="logit_normal",
+        help="SD3 timestep density / loss weighting",
+    )
+    add("--logit_mean", type=float, default=0.0, help="logit-normal mean (> 0 favours noisier timesteps)")
+    add("--logit_std", type=float, default=1.0, help="logit-normal std")
+    add("--mode_scale", type=float, default=1.29, help="scale of the 'mode' weighting scheme")
+    add("--prompt_dropout", type=float, default=0.1, help="probability of the empty prompt (for CFG)")
+    add("--flip_prob", type=float, default=0.5, help="random horizontal flip of image and mask together")
+    # Checkpoints and logging.
+    add("--checkpointing_steps", type=int, default=500, help="accelerate save_state every N steps")
+    add("--checkpoints_total_limit", type=int, default=3, help="keep the last K checkpoints")
+    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
+    add("--report_to", default="tensorboard", help="accelerate tracker, or 'none'")
+    add("--skip_data_check", action="store_true", help="skip the pre-flight check of every item")
+    add("--record_batches", action="store_true", help="write each rank's item positions and weight digest")
+    add_run_flags(parser, seed_help="seed of every random draw (with rank and step)", mixed_precision=True)
+    return parser
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run training; returns a summary (steps, final loss, seconds per step)."""
+    from accelerate.utils import set_seed
+
+    work_dir = Path(args.work_dir)
+    accelerator = build_accelerator(args, work_dir)
+    main = accelerator.is_main_process
+    set_seed(args.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # Data is validated before any model is loaded.
+    dataset, loader, empty = build_data(args, accelerator.num_processes, progress=main and not args.no_progress)
+    model, vae, schedule, counts = build_model(args, accelerator.device, weight_dtype)
+    if main:
+        print(
+            f"[train] mode {args.train_mode}: {counts['trainable'] / 1e6:.2f} M trainable / "
+            f"{counts['total'] / 1e6:.2f} M parameters ({counts['frozen'] / 1e6:.2f} M frozen); "
+            f"{len(dataset)} items, {accelerator.num_processes} process(es)"
+        )
+    meta = checkpoint_meta(args)
+    register_checkpoint_hooks(accelerator, meta, target=f"{meta['base_model']} in mode {args.train_mode}")
+    trainable, optimizer, lr_scheduler = build_optimizer(args, model, accelerator.num_processes)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    global_step = resume_state(accelerator, work_dir, args.resume_from_checkpoint)
+    loss_log = work_dir / LOSS_LOG
+    if main:
+        start_logs(accelerator, args, loss_log, global_step)
+
+    config = FlowMatchingConfig.from_args(args)
+    empty = {key: value.to(accelerator.device, weight_dtype) for key, value in empty.items()}
+    bar = tqdm(
+        total=args.max_train_steps, initial=global_step, desc="train", unit="step", disable=not main or args.no_progress
+    )
+    start, start_step, last_loss = time.perf_counter(), global_step, float("nan")
+    seen_positions: list[list[int]] = []
+    model.train()
+    for micro_step, batch in micro_batches(accelerator, loader, args, global_step):
+        gen = step_generator(args.seed, accelerator.process_index, micro_step)
+        seen_positions.append(batch["position"].tolist())
+        with accelerator.accumulate(model):
+            loss = flow_matching_loss(model, vae, batch, gen, config, schedule, empty, weight_dtype).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        last_loss = log_step(accelerator, loss_log, bar, global_step, loss, lr_scheduler.get_last_lr()[0])
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(accelerator, work_dir, global_step, args.checkpoints_total_limit)
+        if global_step >= args.max_train_steps:
+            break
+    bar.close()
+
+    seconds_per_step = (time.perf_counter() - start) / max(1, global_step - start_step)
+    if args.record_batches:
+        record_rank(work_dir, accelerator.process_index, seen_positions, accelerator.unwrap_model(model))
+    accelerator.wait_for_everyone()
+    if main:
+        summary = {"steps": global_step, "final_loss": last_loss, "seconds_per_step": seconds_per_step}
+        write_outputs(args, work_dir, accelerator.unwrap_model(model), meta, summary, counts["trainable"])
+    accelerator.end_training()
+    return {"steps": global_step, "final_loss": last_loss, "seconds_per_step": seconds_per_step}
+
+
+def micro_batches(accelerator, loader, args: argparse.Namespace, global_step: int) -> Iterator[tuple[int, dict]]:
+    """(micro-step, batch) from optimizer step `global_step` on, epoch after epoch, until the step budget's
+    epochs are done (the caller stops at the budget). A run resumed at its budget gets nothing."""
+    if global_step >= args.max_train_steps:
+        return
+    updates_per_epoch = max(1, math.ceil(len(loader) / args.gradient_accumulation_steps))
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    for epoch in range(first_epoch, math.ceil(args.max_train_steps / updates_per_epoch)):
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch else loader
+        for batch_index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
+            yield epoch * len(loader) + batch_index, batch
+
+
+def read_loss_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def start_logs(accelerator, args: argparse.Namespace, loss_log: Path, global_step: int) -> None:
+    """Main process: truncate the loss log to the resumed step, start accelerate's trackers (tensorboard)."""
+    loss_log.parent.mkdir(parents=True, exist_ok=True)
+    # Steps after the checkpoint were lost with the interrupted run; their log lines go too.
+    kept = [r for r in read_loss_log(loss_log) if r["step"] <= global_step]
+    write_text_atomic(loss_log, "".join(json.dumps(r) + "\n" for r in kept))
+    accelerator.init_trackers("crfm", config={k: v for k, v in vars(args).items() if v is not None})
+
+
+def log_step(accelerator, loss_log: Path, bar, step: int, loss: torch.Tensor, lr: float) -> float:
+    """Log one optimizer step (loss averaged over processes) to the trackers, loss.jsonl and the bar."""
+    value = accelerator.gather(loss.detach()[None]).mean().item()
+    accelerator.log({"loss": value, "lr": lr}, step=step)
+    if accelerator.is_main_process:
+        with loss_log.open("a") as handle:
+            handle.write(json.dumps({"step": step, "loss": value, "lr": lr}) + "\n")
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+    bar.update(1)
+    return value
+
+
+def write_outputs(args, work_dir: Path, model, meta: dict, summary: dict, trainable: int) -> None:
+    """Main process, after training: final weights, loss curve, summary.json."""
+    from crfm.models.trained_weights import save_trained
+    from crfm.utils.viz import plot_loss_curve
+
+    final_dir = work_dir / "final"
+    save_trained(model, final_dir, meta)
+    records = read_loss_log(work_dir / LOSS_LOG)
+    if records:
+        plot_loss_curve(records, work_dir / "loss_curve.png", title=f"training loss ({args.train_mode})")
+    summary = {**summary, "trainable_parameters": trainable, "final_weights": str(final_dir)}
+    write_text_atomic(work_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"[train] done: {summary['steps']} steps, {summary['seconds_per_step']:.3f} s/step, weights in {final_dir}")
+
+
+def record_rank(work_dir: Path, rank: int, positions: list[list[int]], model) -> None:
+    """Diagnostics for multi-process runs: which items this rank trained on and a digest of its weights."""
+    import hashlib
+
+    from crfm.models.trained_weights import trained_state_dict
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(trained_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    record = {"rank": rank, "positions": positions, "weights_sha256": digest.hexdigest()}
+    write_text_atomic(work_dir / "ranks" / f"rank{rank}.json", json.dumps(record) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), train, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

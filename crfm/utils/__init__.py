@@ -1,0 +1,1 @@
+"""Shared plumbing: command-line flags and errors, atomic file writes, plots and image grids."""

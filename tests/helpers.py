@@ -1,0 +1,36 @@
+"""What several test modules share (tests never import each other): paths, a stand-in segmentor, subprocess env."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SAMPLES = REPO.parent / "shared" / "rs_samples"
+TOY_SEGFORMER = REPO / "crfm" / "segmentation" / "configs" / "toy_segformer.py"
+NUM_CLS = 6  # the toy data's classes
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process: offline, this checkout importable, no GPU, one thread (2-core CI)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return {**env, **extra}
+
+
+class ColourSegmentor(torch.nn.Module):
+    """A fixed, differentiable stand-in segmentor: per-pixel linear map of the colour to class logits."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.head = torch.nn.Conv2d(3, NUM_CLS, 1)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=gen) * 3)
+            self.head.bias.copy_(torch.randn(NUM_CLS, generator=gen))
+        self.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(images)

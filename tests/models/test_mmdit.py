@@ -1,0 +1,447 @@
+"""MaskSD3Transformer2DModel against diffusers' SD3 transformer (peer checks), training modes and checkpoints.
+
+Both tiny fixtures are used: SD3.5 (qk RMS norm, dual attention in the first blocks) and SD3 (neither, other
+widths). Every block kind is covered: dual attention, plain joint attention and the last `context_pre_only` one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from safetensors.torch import load_file
+
+from crfm.data.index import IGNORE_INDEX
+from crfm.models.conditioning import mask_to_pixels
+from crfm.models.mmdit import MaskSD3Transformer2DModel
+from crfm.models.trained_weights import (
+    CHECKPOINT_META,
+    CHECKPOINT_WEIGHTS,
+    TEXT_BRANCH_KEYS,
+    configure_training,
+    load_trained,
+    save_trained,
+)
+
+VARIANTS = ["tiny_sd35_dir", "tiny_sd3_dir"]
+TEXT_STREAM_LORA_FORBIDDEN = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "context")
+IMAGE_LORA_MODULES = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2")
+DUAL_LORA_MODULES = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+# The text stream spelled out independently of crfm.model.TEXT_BRANCH_KEYS, so a key dropped there is caught.
+TEXT_STREAM = re.compile(
+    r"context_embedder|_context\.|\.add_[qkv]_proj\.|\.norm_added_[qk]\.|\.to_add_out\.|text_embedder"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and spinning OpenMP workers slow these tests ~7x on a
+    2-core machine as soon as another job holds a core; restored afterwards so other test modules keep theirs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=VARIANTS)
+def pipe_dir(request) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+def make_inputs(model: MaskSD3Transformer2DModel, seed: int = 0, height: int = 8, width: int = 16) -> dict:
+    """Batch of 2, non-square latents, a different timestep per sample, 77 CLIP + 16 T5 text tokens."""
+    cfg = model.transformer.config
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(2, cfg.in_channels, height, width, generator=gen),
+        "encoder_hidden_states": torch.randn(2, 77 + 16, cfg.joint_attention_dim, generator=gen),
+        "pooled_projections": torch.randn(2, cfg.pooled_projection_dim, generator=gen),
+        "timestep": torch.tensor([120.0, 830.0]),
+    }
+
+
+def make_mask(inputs: dict, seed: int) -> torch.Tensor:
+    return torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(seed))
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int = 1, scale: float = 0.02) -> None:
+    """Stand-in for training: moves every trained weight (LoRA B starts at zero, so this also activates LoRA)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=gen))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1-2: peer checks against diffusers
+
+
+def test_no_mask_forward_equals_diffusers(pipe_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir).eval()
+    reference = SD3Transformer2DModel.from_pretrained(pipe_dir / "transformer").eval()
+    inputs = make_inputs(model)
+    with torch.no_grad():
+        ours = model(**inputs).sample
+        theirs = reference(**inputs).sample
+    assert ours.shape == inputs["hidden_states"].shape
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_block_with_empty_mask_equals_diffusers_block(pipe_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir).eval()
+    base = model.transformer
+    inputs = make_inputs(model)
+    kinds = set()
+    with torch.no_grad():
+        hidden = base.pos_embed(inputs["hidden_states"]).contiguous()
+        temb = base.time_text_embed(inputs["timestep"], inputs["pooled_projections"])
+        context = base.context_embedder(inputs["encoder_hidden_states"])
+        empty = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[-1])
+        for block, mask_block in zip(base.transformer_blocks, model.mask_blocks, strict=True):
+            kinds.add("dual" if block.use_dual_attention else "pre_only" if block.context_pre_only else "joint")
+            ref_context, ref_hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+            got_context, got_hidden, got_mask = model._block(block, mask_block, hidden, context, empty, temb)
+            assert (got_hidden - ref_hidden).abs().max().item() <= 1e-6
+            if block.context_pre_only:
+                assert got_context is None and ref_context is None and got_mask is None
+            else:
+                assert (got_context - ref_context).abs().max().item() <= 1e-6
+                assert got_mask.shape == empty.shape
+            hidden, context = ref_hidden, ref_context  # chain diffusers' outputs, as its own forward does
+    expected = {"joint", "pre_only"} | ({"dual"} if base.config.qk_norm else set())
+    assert kinds == expected  # the SD3.5 fixture must exercise dual attention, SD3 must not
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3-4: the mask branch in the forward pass and in training
+
+
+def test_mask_conditions_output(pipe_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir).eval()
+    inputs = make_inputs(model)  # 8x16 latents
+    with torch.no_grad():
+        plain = model(**inputs).sample
+        masked = model(**inputs, mask_hidden_states=make_mask(inputs, 1)).sample
+        other = model(**inputs, mask_hidden_states=make_mask(inputs, 2)).sample
+        as_tuple = model(**inputs, mask_hidden_states=make_mask(inputs, 1), return_dict=False)
+    assert masked.shape == inputs["hidden_states"].shape
+    assert torch.isfinite(masked).all()
+    assert (masked - plain).abs().max().item() > 1e-4
+    assert (masked - other).abs().max().item() > 1e-4
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], masked)
+    with pytest.raises(ValueError, match="mask latents"):
+        model(**inputs, mask_hidden_states=make_mask(inputs, 1)[..., :8])
+
+
+def test_full_mode_trains_image_and_mask_streams_only(pipe_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir)
+    counts = configure_training(model, "full")
+    named = dict(model.named_parameters())
+    for name, param in named.items():
+        is_text = any(key in name for key in TEXT_BRANCH_KEYS)
+        assert param.requires_grad != is_text, name
+        assert param.requires_grad != bool(TEXT_STREAM.search(name)), name
+    for name in (
+        "transformer.transformer_blocks.0.attn.to_q.weight",
+        "transformer.transformer_blocks.0.ff.net.2.weight",
+        "transformer.proj_out.weight",
+        "mask_embed.proj.weight",
+        "mask_blocks.0.norm1.linear.weight",
+        "mask_blocks.0.ff.net.2.weight",
+    ):
+        assert named[name].requires_grad, name
+    for name in ("transformer.context_embedder.weight", "transformer.transformer_blocks.0.attn.add_q_proj.weight"):
+        assert not named[name].requires_grad, name
+    trainable = sum(p.numel() for p in named.values() if p.requires_grad)
+    assert counts == {"trainable": trainable, "frozen": counts["total"] - trainable, "total": counts["total"]}
+    assert counts["total"] == sum(p.numel() for p in named.values()) and 0 < trainable < counts["total"]
+
+    inputs = make_inputs(model)
+    mask = make_mask(inputs, 1).requires_grad_(True)
+    model(**inputs, mask_hidden_states=mask).sample.square().mean().backward()
+    assert mask.grad is not None and mask.grad.abs().max().item() > 0  # the mask reaches the image via attention
+    # The last mask block's queries are computed but their outputs dropped (its tokens only give keys/values),
+    # exactly like the text stream's add_q_proj in diffusers' context_pre_only block: zero gradient by design.
+    last = len(model.mask_blocks) - 1
+    dead = re.compile(rf"mask_blocks\.{last}\.(to_q|norm_q)\.")
+    for name, param in named.items():
+        if not param.requires_grad:
+            assert param.grad is None, name
+        else:
+            assert param.grad is not None, name
+            if not dead.match(name):
+                assert param.grad.abs().max().item() > 0, name
+
+
+def test_lora_mode_targets_image_stream_only(pipe_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir).eval()
+    inputs = make_inputs(model)
+    mask = make_mask(inputs, 1)
+    with torch.no_grad():
+        before = model(**inputs, mask_hidden_states=mask).sample
+    counts = configure_training(model, "lora", lora_rank=4)
+    named = dict(model.named_parameters())
+    trainable = trainable_names(model)
+    mask_branch = {name for name in named if name.startswith(("mask_blocks.", "mask_embed."))}
+    lora = trainable - mask_branch
+    assert mask_branch <= trainable  # the whole mask branch is trained
+    assert lora and all("lora_" in name for name in lora)
+    assert not any(key in name for name in lora for key in TEXT_STREAM_LORA_FORBIDDEN)
+    # Exactly the image-stream projections carry LoRA, including attn2 in the dual-attention blocks.
+    lora_modules = {name.split(".lora_")[0] for name in lora}
+    expected = set()
+    for index, block in enumerate(model.transformer.transformer_blocks):
+        targets = IMAGE_LORA_MODULES + (DUAL_LORA_MODULES if block.use_dual_attention else ())
+        expected |= {f"transformer.transformer_blocks.{index}.{module}" for module in targets}
+    assert lora_modules == expected
+    lora_a = named["transformer.transformer_blocks.0.attn.to_q.lora_A.default.weight"]
+    assert lora_a.shape == (4, model.transformer.inner_dim)
+
+    manual = sum(named[name].numel() for name in trainable)
+    total = sum(p.numel() for p in named.values())
+    assert counts == {"trainable": manual, "frozen": total - manual, "total": total}
+    assert counts["trainable"] + counts["frozen"] == counts["total"]
+    with torch.no_grad():
+        after = model(**inputs, mask_hidden_states=mask).sample
+    assert torch.allclose(before, after, atol=1e-6)  # LoRA B starts at zero: adding adapters changes nothing
+
+
+def test_invalid_train_mode_raises(tiny_sd3_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd3_dir)
+    with pytest.raises(ValueError, match="train_mode"):
+        configure_training(model, "partial")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6: mask-branch initialisation
+
+
+def test_mask_init_copy_matches_image_stream(pipe_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir, mask_init="copy").eval()
+    base = model.transformer
+    dim = base.inner_dim
+    for key, value in base.pos_embed.state_dict().items():
+        assert torch.equal(model.mask_embed.state_dict()[key], value), key
+    temb = torch.randn(2, dim, generator=torch.Generator().manual_seed(3))
+    tokens = torch.randn(2, 5, dim, generator=torch.Generator().manual_seed(4))
+    for block, mask_block in zip(base.transformer_blocks, model.mask_blocks, strict=True):
+        for name in ("to_q", "to_k", "to_v"):
+            assert torch.equal(getattr(mask_block, name).weight, getattr(block.attn, name).weight)
+            assert torch.equal(getattr(mask_block, name).bias, getattr(block.attn, name).bias)
+        if block.attn.norm_q is not None:
+            assert torch.equal(mask_block.norm_q.weight, block.attn.norm_q.weight)
+            assert torch.equal(mask_block.norm_k.weight, block.attn.norm_k.weight)
+        source_w, source_b = block.norm1.linear.weight, block.norm1.linear.bias
+        target_w, target_b = mask_block.norm1.linear.weight, mask_block.norm1.linear.bias
+        with torch.no_grad():
+            image_norm = block.norm1(tokens, emb=temb)
+        if block.context_pre_only:
+            # AdaLayerNormContinuous chunks (scale, shift); the image's AdaLayerNormZero starts (shift, scale).
+            assert torch.equal(target_w, torch.cat([source_w[dim : 2 * dim], source_w[:dim]]))
+            assert torch.equal(target_b, torch.cat([source_b[dim : 2 * dim], source_b[:dim]]))
+            with torch.no_grad():
+                assert torch.allclose(mask_block.norm1(tokens, temb), image_norm[0], atol=1e-6)
+        else:
+            assert source_w.shape[0] == (9 if block.use_dual_attention else 6) * dim
+            assert torch.equal(target_w, source_w[: 6 * dim]) and torch.equal(target_b, source_b[: 6 * dim])
+            with torch.no_grad():
+                for ours, theirs in zip(mask_block.norm1(tokens, emb=temb), image_norm[:5], strict=True):
+                    assert torch.allclose(ours, theirs, atol=1e-6)
+            assert torch.equal(mask_block.to_out.weight, block.attn.to_out[0].weight)
+            assert torch.equal(mask_block.to_out.bias, block.attn.to_out[0].bias)
+            for key, value in block.ff.state_dict().items():
+                assert torch.equal(mask_block.ff.state_dict()[key], value), key
+
+
+def test_mask_init_fresh_starts_with_closed_gates(pipe_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir, mask_init="fresh").eval()
+    base = model.transformer
+    for block, mask_block in zip(base.transformer_blocks, model.mask_blocks, strict=True):
+        assert torch.count_nonzero(mask_block.norm1.linear.weight) == 0
+        assert torch.count_nonzero(mask_block.norm1.linear.bias) == 0
+        assert not torch.equal(mask_block.to_q.weight, block.attn.to_q.weight)
+        assert not torch.equal(mask_block.to_k.weight, block.attn.to_k.weight)
+    # Zero gates: a mask-stream residual update is the identity, so the mask tokens pass through unchanged.
+    inputs = make_inputs(model)
+    with torch.no_grad():
+        hidden = base.pos_embed(inputs["hidden_states"]).contiguous()
+        mask = model.mask_embed(make_mask(inputs, 1)).contiguous()
+        temb = base.time_text_embed(inputs["timestep"], inputs["pooled_projections"])
+        context = base.context_embedder(inputs["encoder_hidden_states"])
+        _, _, mask_out = model._block(base.transformer_blocks[0], model.mask_blocks[0], hidden, context, mask, temb)
+    assert torch.equal(mask_out, mask)
+
+
+def test_invalid_mask_init_raises(tiny_sd3_dir):
+    with pytest.raises(ValueError, match="mask_init"):
+        MaskSD3Transformer2DModel.from_sd3(tiny_sd3_dir, mask_init="zeros")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7-8: checkpoints
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_save_load_trained_is_bit_identical(pipe_dir, mode, tmp_path):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir)
+    counts = configure_training(model, mode, lora_rank=4)
+    perturb_trainable(model)
+    model.eval()
+    inputs = make_inputs(model)
+    mask = make_mask(inputs, 1)
+    meta = {"train_mode": mode, "lora_rank": 4, "num_cls": 6, "base_model": str(pipe_dir)}
+    ckpt = save_trained(model, tmp_path / "ckpt", meta=meta)
+
+    loaded, loaded_meta = load_trained(ckpt)
+    assert loaded_meta["train_mode"] == mode and loaded_meta["num_cls"] == 6 and loaded_meta["mask_init"] == "copy"
+    untrained = MaskSD3Transformer2DModel.from_sd3(pipe_dir).eval()
+    configure_training(untrained, mode, lora_rank=4)
+    with torch.no_grad():
+        expected = model(**inputs, mask_hidden_states=mask).sample
+        got = loaded(**inputs, mask_hidden_states=mask).sample
+        baseline = untrained(**inputs, mask_hidden_states=mask).sample
+    assert torch.equal(got, expected)
+    assert not torch.allclose(baseline, expected, atol=1e-5)  # the perturbation matters, so weights were loaded
+
+    # Only trained tensors are stored: no frozen base weight, and the size is that of the trained parameters.
+    weights = load_file(str(ckpt / CHECKPOINT_WEIGHTS))
+    assert set(weights) == trainable_names(model)
+    assert "transformer.context_embedder.weight" not in weights
+    size = (ckpt / CHECKPOINT_WEIGHTS).stat().st_size
+    assert 4 * counts["trainable"] <= size <= 4 * counts["trainable"] + 64 * 1024
+    assert size < 4 * counts["total"] - 4 * counts["frozen"] // 2
+    if mode == "lora":
+        assert size < 0.5 * 4 * counts["total"]
+
+
+def test_load_trained_rejects_other_architecture(tiny_sd35_dir, tiny_sd3_dir, tmp_path):
+    for source, other in ((tiny_sd35_dir, tiny_sd3_dir), (tiny_sd3_dir, tiny_sd35_dir)):
+        model = MaskSD3Transformer2DModel.from_sd3(source)
+        configure_training(model, "full")
+        meta = {"train_mode": "full", "lora_rank": 4, "num_cls": 6, "base_model": str(source)}
+        ckpt = save_trained(model, tmp_path / source.name, meta=meta)
+        with pytest.raises(ValueError, match="does not fit"):
+            load_trained(ckpt, pretrained=other)
+
+
+def test_load_trained_rejects_same_keys_other_widths(tiny_sd3_dir, tmp_path):
+    """A base with the same layer layout but other widths has exactly the checkpoint's keys; the shapes differ.
+
+    Regression: load_trained once let this through to torch's RuntimeError instead of its own ValueError.
+    """
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd3_dir)
+    configure_training(model, "full")
+    meta = {"train_mode": "full", "lora_rank": 4, "num_cls": 6, "base_model": str(tiny_sd3_dir)}
+    ckpt = save_trained(model, tmp_path / "ckpt", meta=meta)
+    config = {k: v for k, v in model.transformer.config.items() if not k.startswith("_")}
+    config.update(attention_head_dim=16, caption_projection_dim=2 * 16)  # 2 heads x 16 instead of 2 x 24
+    SD3Transformer2DModel(**config).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(ValueError, match="does not fit"):
+        load_trained(ckpt, pretrained=tmp_path / "narrow")
+
+
+def test_load_trained_without_meta_raises(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(FileNotFoundError, match=CHECKPOINT_META):
+        load_trained(tmp_path / "ckpt")
+
+
+def _roundtrip_pretrained(model: MaskSD3Transformer2DModel, out_dir: Path) -> None:
+    perturb_trainable(model)  # mask branch and base moved away from any init a reload could recompute
+    model.eval()
+    inputs = make_inputs(model)
+    mask = make_mask(inputs, 1)
+    model.save_pretrained(out_dir)
+    loaded = MaskSD3Transformer2DModel.from_pretrained(out_dir).eval()
+    assert loaded.config.mask_init == model.config.mask_init
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(**inputs, mask_hidden_states=mask).sample, model(**inputs, mask_hidden_states=mask).sample
+        )
+
+
+@pytest.mark.parametrize("mask_init", ["copy", "fresh"])
+def test_save_pretrained_roundtrip_from_transformer(tiny_sd35_dir, mask_init, tmp_path):
+    transformer = SD3Transformer2DModel.from_pretrained(str(tiny_sd35_dir), subfolder="transformer")
+    _roundtrip_pretrained(MaskSD3Transformer2DModel.from_sd3(transformer, mask_init=mask_init), tmp_path / "m")
+
+
+def test_save_pretrained_roundtrip_from_pipeline_dir(pipe_dir, tmp_path):
+    """Regression: `from_sd3(path)` once copied `_name_or_path` (a Path) into the nested config, which
+    `save_pretrained` could not write as JSON."""
+    _roundtrip_pretrained(MaskSD3Transformer2DModel.from_sd3(pipe_dir), tmp_path / "m")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9-10: gradient checkpointing, mask rendering
+
+
+def test_gradient_checkpointing_matches(pipe_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir)
+    configure_training(model, "full")
+    inputs = make_inputs(model)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        mask = make_mask(inputs, 1).requires_grad_(True)
+        out = model(**inputs, mask_hidden_states=mask).sample
+        out.square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), {**grads, "<mask latents>": mask.grad.clone()}
+
+    plain_out, plain_grads = run()
+    model.enable_gradient_checkpointing()
+    calls = []
+    checkpoint_func = model._gradient_checkpointing_func
+    model._gradient_checkpointing_func = lambda *args: calls.append(1) or checkpoint_func(*args)
+    ckpt_out, ckpt_grads = run()
+    assert len(calls) == len(model.mask_blocks)  # every block really went through checkpointing
+    assert (ckpt_out - plain_out).abs().max().item() <= 1e-6
+    assert ckpt_grads.keys() == plain_grads.keys() and len(plain_grads) > 1
+    for name, grad in plain_grads.items():
+        assert (ckpt_grads[name] - grad).abs().max().item() <= 1e-6, name
+
+
+def test_mask_to_pixels():
+    num_cls = 6
+    label = torch.tensor([[[0, 1, 2, 3], [4, 5, IGNORE_INDEX, 0]], [[5, 4, 3, 2], [1, 0, 0, IGNORE_INDEX]]])
+    pixels = mask_to_pixels(label, num_cls)
+    assert pixels.shape == (2, 3, 2, 4) and pixels.dtype == torch.float32
+    assert torch.equal(pixels[:, 0], pixels[:, 1]) and torch.equal(pixels[:, 0], pixels[:, 2])
+    grey = label.double() * 255.0 / num_cls
+    grey[label == IGNORE_INDEX] = 255.0
+    expected = (grey / 127.5 - 1.0).float()
+    assert torch.allclose(pixels[:, 0], expected, atol=1e-6)
+    assert pixels[0, 0, 0, 0].item() == -1.0  # class 0 is black
+    assert torch.all(pixels[:, 0][label == IGNORE_INDEX] == 1.0)  # ignore is white
+    assert torch.all(pixels[:, 0][label != IGNORE_INDEX] < 1.0)  # no class collides with ignore
+
+
+def test_fresh_init_checkpoint_roundtrip(tiny_sd3_dir, tmp_path):
+    # A fresh mask branch is re-drawn at random on rebuild, so only the stored weights can make outputs agree.
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd3_dir, mask_init="fresh")
+    configure_training(model, "lora", lora_rank=4)
+    perturb_trainable(model)
+    model.eval()
+    meta = {"train_mode": "lora", "lora_rank": 4, "num_cls": 6, "base_model": str(tiny_sd3_dir)}
+    ckpt = save_trained(model, tmp_path / "ckpt", meta=meta)
+    info = json.loads((ckpt / CHECKPOINT_META).read_text())
+    assert info["mask_init"] == "fresh" and info["lora_rank"] == 4 and info["base_model"] == str(tiny_sd3_dir)
+    torch.manual_seed(123)  # a different RNG state than at save time
+    loaded, _ = load_trained(ckpt)
+    assert loaded.config.mask_init == "fresh"
+    inputs = make_inputs(model)
+    mask = make_mask(inputs, 1)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(**inputs, mask_hidden_states=mask).sample, model(**inputs, mask_hidden_states=mask).sample
+        )

@@ -1,0 +1,143 @@
+"""The whole demo (`python -m crfm.demo --preset ci`): every stage runs, every artefact exists, the summary
+table is well formed, a second run reuses everything, a lost stage is redone alone, and changed knobs are
+refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.helpers import REPO
+
+pytest.importorskip("mmseg")
+
+from crfm.toy.demo import PRESETS, STAGES, DemoSettings  # noqa: E402
+
+
+def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "crfm.demo", "--preset", "ci", "--out", str(out), "--no_progress", *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = _demo(out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, proc
+
+
+def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
+    out, proc = demo_run
+    for number, (name, _) in enumerate(STAGES, 1):
+        assert f"=== [{number}/{len(STAGES)}]" in proc.stdout
+        assert (out / "stages" / f"{name}.json").is_file(), name
+    # Every tool runs as a module of the package (no checkout needed), each command printed before it runs.
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
+    modules = ["crfm.toy.tiny", "crfm.data.vectorize", "crfm.training.train"]
+    modules += ["crfm.segmentation.downstream"] * 2 + ["crfm.sampling.synthesis"] * 4 + ["crfm.segmentation.downstream"]
+    assert [line.split()[3] for line in commands] == modules and all(c.startswith("$ python -m ") for c in commands)
+    settings = DemoSettings(**PRESETS["ci"])
+    n_train = settings.num_scenes - settings.val_scenes
+    expected_lines = {
+        "toydata/train.jsonl": n_train,
+        "toydata/val.jsonl": settings.val_scenes,
+        "toydata/train_.jsonl": n_train,
+        "toydata/val_.jsonl": settings.val_scenes,
+        "synth_plain/index.jsonl": settings.val_scenes,
+        "synth_crfm_paper/index.jsonl": settings.val_scenes,
+        "synth_crfm/index.jsonl": settings.val_scenes,
+        "synth_train/index.jsonl": n_train,
+    }
+    for name, count in expected_lines.items():
+        assert len((out / name).read_text().splitlines()) == count, name
+    for name in (
+        "tiny_sd35/model_index.json",
+        "train/final/model.safetensors",
+        "train/loss_curve.png",
+        "seg_real/segmentor.pth",
+        "seg_judge/segmentor.pth",
+        "seg_real_synth/segmentor.pth",
+        "synth_crfm/crfm_trace.rank0.jsonl",
+    ):
+        assert (out / name).is_file(), name
+    # Plain and CRFM start from the same noise; CRFM changed the images.
+    plain = sorted((out / "synth_plain" / "img").iterdir())
+    crfm = sorted((out / "synth_crfm" / "img").iterdir())
+    assert [p.name for p in plain] == [p.name for p in crfm]
+    assert any(a.read_bytes() != b.read_bytes() for a, b in zip(plain, crfm, strict=True))
+
+
+def test_summary_table_is_well_formed(demo_run):
+    out, proc = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    for images in ("real", "plain", "crfm_paper", "crfm"):
+        row = summary["mask_fidelity"][images]
+        assert 0 <= row["judge_mIoU"] <= 100 and 0 <= row["guide_mIoU"] <= 100
+    real, mixed = summary["downstream"]["real_only"], summary["downstream"]["real_plus_synthetic"]
+    assert real["synthetic_train"] == 0 and mixed["synthetic_train"] == mixed["real_train"] == real["real_train"]
+    assert set(summary["stage_seconds"]) == {name for name, _ in STAGES}
+    markdown = (out / "summary.md").read_text()
+    assert markdown in proc.stdout  # the printed table is the saved one
+    tables = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert all(line.endswith("|") for line in tables)
+    for row in ("| plain sampling |", "| CRFM, paper defaults", "| CRFM, tuned", "| real only (", "| real + CRFM"):
+        assert any(line.startswith(row) for line in tables), row
+    # Every data row of the two result tables holds numbers where the header says so.
+    for line in tables:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0].startswith(("plain", "CRFM", "real")):
+            assert all(float(c) >= 0 for c in cells[1:]), line
+
+
+def test_figure_has_a_row_per_mask_and_five_columns(demo_run):
+    out, _ = demo_run
+    settings = DemoSettings(**PRESETS["ci"])
+    image = Image.open(out / "samples.png")
+    gap, cell = 4, settings.scene_size
+    assert image.width == 5 * cell + 4 * gap  # mask | plain | CRFM paper | CRFM tuned | real
+    assert image.height > settings.figure_rows * cell + (settings.figure_rows - 1) * gap  # + title strip
+
+
+def test_rerun_reuses_and_a_lost_stage_is_redone(demo_run, tmp_path):
+    out, first = demo_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    proc = _demo(copy)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("reused") == len(STAGES) and "$ python" not in proc.stdout
+    # A stage whose results are lost is run again, and only that stage.
+    (copy / "stages" / "downstream.json").unlink()
+    shutil.rmtree(copy / "seg_real_synth")
+    proc = _demo(copy)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("reused") == len(STAGES) - 1
+    assert proc.stdout.count("$ python") == 1 and "$ python -m crfm.segmentation.downstream " in proc.stdout
+
+
+def test_changed_knobs_are_refused(demo_run, tmp_path):
+    out, _ = demo_run
+    proc = _demo(out, "--train_steps", "21")
+    assert proc.returncode == 2 and "train_steps: 20 -> 21" in proc.stderr and "--fresh" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: ")
+
+
+def test_a_failing_stage_stops_with_a_resume_hint(demo_run, tmp_path):
+    out, _ = demo_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (copy / "stages" / "downstream.json").unlink()
+    shutil.rmtree(copy / "seg_real_synth")
+    (copy / "synth_train" / "index.jsonl").write_text("not json\n")  # the downstream stage's input is broken
+    proc = _demo(copy)
+    assert proc.returncode == 1
+    assert "stage 'downstream' failed" in proc.stderr and "run the same command again" in proc.stderr
+    assert not (copy / "stages" / "downstream.json").exists()  # not marked done
