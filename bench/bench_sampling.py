@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--ckpt", type=Path, default=DEMO / "train" / "final")
     parser.add_argument("--data_root", type=Path, default=DEMO / "toydata")
     parser.add_argument("--vectors", type=Path, default=DEMO / "vectors")
-    parser.add_argument("--segmentor", type=Path, default=DEMO / "segmentor")
+    parser.add_argument("--segmentor", type=Path, default=DEMO / "seg_real")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_sampling")
     args = parser.parse_args()
 
@@ -64,9 +64,9 @@ def main() -> int:
 
     from crfm.data.dataset import PairDataset
     from crfm.data.index import read_index
-    from crfm.models.conditioning import encode_mask_latents
     from crfm.models.trained_weights import load_trained
-    from crfm.sampling.rectify import ControlRectifier, CRFMConfig
+    from crfm.sampling.pipeline import MaskToImagePipeline
+    from crfm.sampling.rectify import CRFMConfig
     from crfm.sampling.sampler import initial_noise, sample_latents
     from crfm.segmentation.adapter import load_segmentor
 
@@ -105,18 +105,14 @@ def main() -> int:
     rows.append(("StableDiffusion3Pipeline, same inputs", f"{t_theirs:.2f} s"))
     rows.append(("ratio ours / pipeline", f"{t_ours / t_theirs:.2f}"))
 
-    vae = pipe.vae.requires_grad_(False)
     labels = torch.stack([s["label"] for s in samples])
-    with torch.no_grad():
-        masks = encode_mask_latents(vae, labels, 6)
     segmentor = load_segmentor(args.segmentor / "config.py", args.segmentor / "segmentor.pth", num_cls=6)
+    masked = MaskToImagePipeline(model, pipe.vae.requires_grad_(False), scheduler(), num_cls=6, segmentor=segmentor)
     timings = {}
     for rectified in (0, 4, 8):
 
         def crfm_run(rectified=rectified) -> None:
-            hook = ControlRectifier(CRFMConfig(rectified_step=rectified), segmentor, vae, labels, 23)
-            sample_latents(model, scheduler(), noise.clone(), embeds, pooled, masks, num_inference_steps=23,
-                           velocity_hook=hook)  # fmt: skip
+            masked(labels, embeds, pooled, range(4), num_inference_steps=23, crfm=CRFMConfig(rectified_step=rectified))
 
         timings[rectified] = median_seconds(crfm_run, repeats=3)
         rows.append(

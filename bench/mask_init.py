@@ -86,14 +86,11 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     fig.savefig(path)
 
 
-def sample_grid(runs: dict[str, Path], base: Path, vae, val, vectors: Path, path: Path, count: int = 6) -> None:
+def sample_grid(runs: dict[str, Path], base: Path, val, vectors: Path, path: Path, count: int = 6) -> None:
     """Held-out masks | sample of each run (same noise) | the real image."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     from crfm.data.vectors import load_empty_prompt_vectors
-    from crfm.models.conditioning import encode_mask_latents
-    from crfm.models.trained_weights import load_trained
-    from crfm.sampling.sampler import decode_latents, initial_noise, sample_latents, to_uint8
+    from crfm.sampling.pipeline import MaskToImagePipeline
+    from crfm.sampling.sampler import to_uint8
     from crfm.toy.toydata import colourise
     from crfm.utils.viz import image_grid
 
@@ -102,19 +99,12 @@ def sample_grid(runs: dict[str, Path], base: Path, vae, val, vectors: Path, path
     embeds = torch.stack([s["prompt_embeds"] for s in samples]).float()
     pooled = torch.stack([s["pooled_prompt_embeds"] for s in samples]).float()
     empty = load_empty_prompt_vectors(vectors)
-    with torch.no_grad():
-        masks = encode_mask_latents(vae, labels, 6)
+    negative = {f"negative_{key}": empty[key][None] for key in ("prompt_embeds", "pooled_prompt_embeds")}
     columns = {"mask": [colourise(s["label"].numpy().astype("uint8")) for s in samples]}
     for init, work in runs.items():
-        model, _ = load_trained(work / "final", pretrained=base)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
-        latents = sample_latents(
-            model, scheduler, initial_noise(range(count), 0, tuple(masks.shape[1:])), embeds, pooled, masks,
-            empty["prompt_embeds"][None].float(), empty["pooled_prompt_embeds"][None].float(),
-            num_inference_steps=28, guidance_scale=2.0,
-        )  # fmt: skip
-        with torch.no_grad():
-            columns[f"{init} init"] = to_uint8(decode_latents(vae, latents))
+        pipe = MaskToImagePipeline.from_checkpoint(work / "final", base, num_cls=6)
+        out = pipe(labels, embeds, pooled, range(count), num_inference_steps=28, guidance_scale=2.0, **negative)
+        columns[f"{init} init"] = to_uint8(out.images)
     columns["real"] = to_uint8(torch.stack([s["image"] for s in samples]))
     rows = [[columns[name][i] for name in columns] for i in range(count)]
     image_grid(rows, titles=list(columns), cell=128).save(path)
@@ -178,7 +168,7 @@ def main() -> int:
             **{f"val_{k}": v for k, v in mask_following_losses(model, vae, val, num_cls=6).items()},
         }
     plot({f"mask_init={k}": read_loss_log(w / "loss.jsonl") for k, w in runs.items()}, out / "mask_init_loss.png")
-    sample_grid(runs, base, vae, val, vectors / "val", out / "samples.png")
+    sample_grid(runs, base, val, vectors / "val", out / "samples.png")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         "| mask_init | train loss, steps 1-100 | last 100 | held-out loss, own mask | other mask | no mask |",

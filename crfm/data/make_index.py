@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from crfm.data.dataset import load_label
 from crfm.data.index import CLASSES_FILE, IGNORE_INDEX, DatasetError, describe_label, read_classes_json
 from crfm.utils.fileio import atomic_path, write_jsonl_atomic, write_text_atomic
-from crfm.utils.flags import UsageError, add_run_flags, run_cli
+from crfm.utils.flags import UsageError, add_run_flags, entry_point
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
@@ -136,8 +136,7 @@ def make_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), make_index, argv)
+main = entry_point(build_parser, make_index)
 
 
 if __name__ == "__main__":

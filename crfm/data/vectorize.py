@@ -29,7 +29,7 @@ from crfm.data.index import (
 )
 from crfm.data.vectors import EMPTY_PROMPT_FILE, SETTINGS_FILE, item_vector_path, save_vectors, stored_prompt
 from crfm.utils.fileio import remove_stale_temporaries, write_jsonl_atomic, write_text_atomic
-from crfm.utils.flags import add_data_flags, add_model_flags, add_run_flags, resolve_device, resolve_dtype, run_cli
+from crfm.utils.flags import add_data_flags, add_model_flags, add_run_flags, entry_point, resolve_device, resolve_dtype
 
 
 def load_text_encoders(pretrained: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -218,8 +218,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), run, argv)
+main = entry_point(build_parser, run)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ turns the clamp off); this repeats `num_rectified` times. η follows
 
 Each image's loss is its own (summed over the batch, not averaged), so an item's correction does not depend
 on the batch it is sampled in. The segmentor is any module mapping images in [-1, 1] to per-class logits at
-the image's resolution (e.g. `crfm.segmentor.SegmentorAdapter`); no gradient reaches any model's weights.
+the image's resolution (e.g. `crfm.segmentation.adapter.SegmentorAdapter`); no gradient reaches any model's weights.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ from crfm.utils.flags import (
     add_model_flags,
     add_run_flags,
     add_segmentor_flags,
+    entry_point,
     one_line,
     resolve_dtype,
-    run_cli,
 )
 
 SHARD_PATTERN = "index.rank{rank}.jsonl"
@@ -237,8 +237,12 @@ def write_panel(path: Path, image: np.ndarray, label: np.ndarray, real_path: Pat
         grid.save(tmp)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), lambda args: 1 if synthesize(args)["failures"] else 0, argv)
+def run(args: argparse.Namespace) -> int:
+    """Exit status 1 when some items failed (each named on stderr), 0 otherwise."""
+    return 1 if synthesize(args)["failures"] else 0
+
+
+main = entry_point(build_parser, run)
 
 
 if __name__ == "__main__":

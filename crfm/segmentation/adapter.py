@@ -27,7 +27,7 @@ class SegmentorAdapter(nn.Module):
       with the swap saw RGB and gets our RGB as is; one without saw BGR and gets our channels reversed.
       `scale` is 255, mean/std are the preprocessor's. Logits come from the model's own `inference` (whole
       or slide, per its `test_cfg`), resized to the input size by the decode head.
-    - any other network (`wrap`): `module(normalised images)` must return logits [B, num_classes, h, w];
+    - any other network (the constructor): `model(normalised images)` must return logits [B, num_classes, h, w];
       they are bilinearly resized to (H, W) if needed. Pass `channel_order="bgr"` for a BGR-trained
       network and `scale=1.0` for mean/std on a [0, 1] scale (torchvision style).
     """
@@ -61,20 +61,6 @@ class SegmentorAdapter(nn.Module):
         self._logits_fn = logits_fn
         self.eval()
         self.requires_grad_(False)
-
-    @classmethod
-    def wrap(
-        cls,
-        module: nn.Module,
-        mean: Sequence[float],
-        std: Sequence[float],
-        num_classes: int,
-        class_names: Sequence[str] | None = None,
-        channel_order: str = "rgb",
-        scale: float = 255.0,
-    ) -> SegmentorAdapter:
-        """Adapter for a plain segmentation network: `module(normalised [B,3,H,W]) -> logits [B,C,h,w]`."""
-        return cls(module, mean, std, num_classes, class_names, channel_order, scale)
 
     @classmethod
     def from_mmseg(cls, model: nn.Module) -> SegmentorAdapter:

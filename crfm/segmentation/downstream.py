@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from crfm.utils.fileio import write_text_atomic
-from crfm.utils.flags import UsageError, add_data_flags, add_run_flags, resolve_device, run_cli
+from crfm.utils.flags import UsageError, add_data_flags, add_run_flags, entry_point, resolve_device
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_segformer.py"  # package data
 
@@ -102,10 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def segmentor_device(device: str | int | None) -> torch.device:
     """`--device` for mmengine's Runner: cpu hides every GPU (mmengine uses CUDA whenever it sees one)."""
-    try:
-        resolved = resolve_device(device)
-    except RuntimeError as exc:  # torch's message for a malformed device string
-        raise UsageError(f"--device {device}: {exc}") from exc
+    resolved = resolve_device(device)
     if resolved.type == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     elif resolved.type != "cuda":
@@ -287,8 +284,7 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), train, argv)
+main = entry_point(build_parser, train)
 
 
 if __name__ == "__main__":

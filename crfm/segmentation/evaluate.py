@@ -20,7 +20,7 @@ import torch
 from crfm.data.dataset import PairDataset
 from crfm.data.index import IGNORE_INDEX, read_index
 from crfm.utils.fileio import write_text_atomic
-from crfm.utils.flags import add_data_flags, add_run_flags, add_segmentor_flags, resolve_device, run_cli
+from crfm.utils.flags import add_data_flags, add_run_flags, add_segmentor_flags, entry_point, resolve_device
 
 
 @torch.no_grad()
@@ -98,8 +98,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), evaluate, argv)
+main = entry_point(build_parser, evaluate)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,12 @@ from pathlib import Path
 
 import crfm
 from crfm.utils.fileio import write_text_atomic
-from crfm.utils.flags import UsageError, add_run_flags, run_cli
+from crfm.utils.flags import UsageError, add_run_flags, entry_point
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout, for the default --out only
 PACKAGE_PARENT = Path(crfm.__file__).resolve().parents[1]  # the folder the tools import crfm from
+# In a checkout: <checkout>/outputs/demo wherever the demo starts; installed: outputs/demo below the current folder.
+DEFAULT_OUT = REPO / "outputs" / "demo" if (REPO / "pyproject.toml").is_file() else Path("outputs", "demo")
 SETTINGS_FILE = "demo_settings.json"
 # Held-out syntheses: image set -> (work dir, CRFM setting for `Demo.synthesize`). With "real", the rows of the
 # mask-fidelity table; in this order also the figure's middle columns.
@@ -422,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "demo", help="output folder")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="ci: a few-minute smoke run")
     parser.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
     parser.add_argument("--until", choices=[name for name, _ in STAGES], help="stop after this stage (no report)")
@@ -483,8 +485,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), run_demo, argv)
+main = entry_point(build_parser, run_demo)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from crfm.utils.flags import UsageError, add_run_flags, run_cli
+from crfm.utils.flags import UsageError, add_run_flags, entry_point
 
 # Words the tiny tokenizers are trained on: remote-sensing prompts plus generic caption words,
 # so prompts of this project tokenize into real sub-words instead of bytes.
@@ -353,23 +353,8 @@ def build(args: argparse.Namespace) -> int:
     """Write the pipeline of `args` (and fit its VAE with --fit_vae_on); 0 on success."""
     if args.fit_vae_on is not None and not Path(args.fit_vae_on).is_file():
         raise UsageError(f"--fit_vae_on: no index file at {args.fit_vae_on}")  # before minutes of work
-    config = TinyConfig(
-        variant=args.variant,
-        sample_size=args.sample_size,
-        patch_size=args.patch_size,
-        layers=args.layers,
-        heads=args.heads,
-        head_dim=args.head_dim,
-        dual_attention_layers=args.dual_attention_layers,
-        vae_channels=args.vae_channels,
-        latent_channels=args.latent_channels,
-        clip_l_dim=args.clip_l_dim,
-        clip_g_dim=args.clip_g_dim,
-        t5_dim=args.t5_dim,
-        text_layers=args.text_layers,
-        seed=args.seed,
-        pos_embed_max_size=args.pos_embed_max_size,
-    )
+    # Every TinyConfig field that is a flag comes from the command line; the rest keep their defaults.
+    config = TinyConfig(**{f.name: getattr(args, f.name) for f in fields(TinyConfig) if hasattr(args, f.name)})
     out = save_tiny_pipeline(args.out_dir, config)
     side = config.sample_size * 2 ** (len(config.vae_channels) - 1)
     print(f"wrote tiny {config.variant} pipeline to {out} (default image size {side} px)")
@@ -386,8 +371,7 @@ def build(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), build, argv)
+main = entry_point(build_parser, build)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -45,16 +45,9 @@ class FlowMatchingConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FlowMatchingConfig:
-        return cls(
-            num_cls=args.num_cls,
-            weighting_scheme=args.weighting_scheme,
-            logit_mean=args.logit_mean,
-            logit_std=args.logit_std,
-            mode_scale=args.mode_scale,
-            prompt_dropout=args.prompt_dropout,
-            flip_prob=args.flip_prob,
-            use_mask=not args.no_mask,
-        )
+        # Every field is the flag of the same name, except use_mask, which is the --no_mask ablation negated.
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "use_mask"}
+        return cls(**values, use_mask=not args.no_mask)
 
 
 @dataclass(frozen=True)

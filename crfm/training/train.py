@@ -25,7 +25,7 @@ from crfm.training.build import build_accelerator, build_data, build_model, buil
 from crfm.training.checkpoints import register_checkpoint_hooks, resume_state, save_checkpoint
 from crfm.training.objective import WEIGHTING_SCHEMES, FlowMatchingConfig, flow_matching_loss, step_generator
 from crfm.utils.fileio import write_text_atomic
-from crfm.utils.flags import add_data_flags, add_model_flags, add_run_flags, run_cli
+from crfm.utils.flags import add_data_flags, add_model_flags, add_run_flags, entry_point
 
 LOSS_LOG = "loss.jsonl"
 
@@ -227,8 +227,7 @@ def record_rank(work_dir: Path, rank: int, positions: list[list[int]], model) ->
     write_text_atomic(work_dir / "ranks" / f"rank{rank}.json", json.dumps(record) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), train, argv)
+main = entry_point(build_parser, train)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ def resolve_device(device: str | int | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, int) or str(device).isdigit():
         return torch.device(f"cuda:{int(device)}")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:  # torch's message for e.g. 'gpu0' names the accepted device types
+        raise UsageError(f"--device {device!r}: {exc}") from exc
 
 
 def resolve_dtype(mixed_precision: str | None) -> torch.dtype:
@@ -149,3 +152,15 @@ def run_cli(
     except (ValueError, OSError) as exc:  # DatasetError and UsageError are ValueErrors; missing files OSErrors
         return report_error(exc)
     return status if isinstance(status, int) else 0
+
+
+def entry_point(
+    build_parser: Callable[[], argparse.ArgumentParser], body: Callable[[argparse.Namespace], object]
+) -> Callable[[list[str] | None], int]:
+    """`main(argv=None) -> exit status` of a command: its parser and `body` run through `run_cli`."""
+
+    def main(argv: list[str] | None = None) -> int:
+        return run_cli(build_parser(), body, argv)
+
+    main.__doc__ = f"Command line of `{body.__module__}` (see its build_parser)."
+    return main

@@ -248,7 +248,7 @@ def test_normalisation_matches_mmseg_preprocessor(trained, toy_root, bgr_to_rgb)
 def test_wrap_plain_module():
     torch.manual_seed(0)
     net = torch.nn.Conv2d(3, 4, kernel_size=2, stride=2)  # half-resolution logits: adapter upsamples
-    adapter = SegmentorAdapter.wrap(net, mean=[0.5] * 3, std=[0.25] * 3, num_classes=4, scale=1.0, channel_order="bgr")
+    adapter = SegmentorAdapter(net, mean=[0.5] * 3, std=[0.25] * 3, num_classes=4, scale=1.0, channel_order="bgr")
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(adapter.normalise(images), ((images + 1) / 2).flip(1).sub(0.5).div(0.25))
     images.requires_grad_(True)
@@ -257,4 +257,4 @@ def test_wrap_plain_module():
     logits.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="expected"):
-        SegmentorAdapter.wrap(torch.nn.Conv2d(3, 5, 1), [0.0] * 3, [1.0] * 3, num_classes=4)(images)
+        SegmentorAdapter(torch.nn.Conv2d(3, 5, 1), [0.0] * 3, [1.0] * 3, num_classes=4)(images)

@@ -192,5 +192,7 @@ def test_bad_items_are_named_before_training(toy, tmp_path, damage, message):
 def test_missing_vectors_stop_train_py_with_a_hint(toy, tmp_path):
     result = run(TRAIN + train_args(toy, tmp_path / "work", 2, "--vectors_path", str(tmp_path / "novec")))
     assert result.returncode == 2
-    assert "vectorize" in result.stdout and "empty.safetensors" in result.stdout
+    # One `error: ...` line on stderr (crfm.utils.flags.run_cli), naming the file and the fix.
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "vectorize" in last and "empty.safetensors" in last
     assert not (tmp_path / "work" / "checkpoints").exists()

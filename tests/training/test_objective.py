@@ -1,0 +1,242 @@
+"""crfm.training.objective, in-process: the SD3 rectified-flow loss by hand, its random draws, what the model sees."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from crfm.models.conditioning import encode_mask_latents
+from crfm.models.mmdit import MaskSD3Transformer2DModel
+from crfm.models.trained_weights import configure_training
+from crfm.training.objective import (
+    FlowMatchingConfig,
+    TrainTimesteps,
+    flow_matching_loss,
+    mask_following_losses,
+    step_generator,
+)
+from tests.helpers import NUM_CLS
+
+BATCH, SIDE, TOKENS = 3, 32, 7
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_sd35_dir) -> dict:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd35_dir, subfolder="vae").requires_grad_(False).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd35_dir, subfolder="scheduler")
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir)
+    configure_training(model, "full")
+    cfg = model.transformer.config
+    gen = torch.Generator().manual_seed(0)
+    # Asymmetric left/right (a ramp and a class gradient), so a horizontal flip changes everything.
+    ramp = torch.linspace(-1, 1, SIDE)
+    image = (ramp.expand(BATCH, 3, SIDE, SIDE) + 0.2 * torch.rand(BATCH, 3, SIDE, SIDE, generator=gen)).clamp(-1, 1)
+    label = torch.stack([(torch.arange(SIDE) * NUM_CLS // SIDE + i) % NUM_CLS for i in range(BATCH)])
+    label = label[:, None, :].expand(BATCH, SIDE, SIDE).clone()
+    label[:, :4] = 255  # the ignore index, top rows only
+    batch = {
+        "image": image,
+        "label": label,
+        "prompt_embeds": torch.randn(BATCH, TOKENS, cfg.joint_attention_dim, generator=gen),
+        "pooled_prompt_embeds": torch.randn(BATCH, cfg.pooled_projection_dim, generator=gen),
+    }
+    empty = {
+        "prompt_embeds": torch.randn(TOKENS, cfg.joint_attention_dim, generator=gen),
+        "pooled_prompt_embeds": torch.randn(cfg.pooled_projection_dim, generator=gen),
+    }
+    return {
+        "vae": vae,
+        "scheduler": scheduler,
+        "timesteps": TrainTimesteps.from_scheduler(scheduler),
+        "model": model,
+        "batch": batch,
+        "empty": empty,
+    }
+
+
+class RecordingModel(torch.nn.Module):
+    """Stands in for the MM-DiT: records what it is given, predicts w · x_t (differentiable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(0.5))
+        self.calls: list[dict] = []
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, **kwargs):
+        self.calls.append(
+            {
+                "noisy": hidden_states,
+                "embeds": encoder_hidden_states,
+                "pooled": pooled_projections,
+                "timestep": timestep,
+                **kwargs,
+            }
+        )
+        return (self.weight * hidden_states,)
+
+
+def loss_of(parts, model, seed: int = 1, batch: dict | None = None, **config):
+    config = FlowMatchingConfig(num_cls=NUM_CLS, **config)
+    gen = step_generator(seed, 0, 3)
+    return flow_matching_loss(
+        model, parts["vae"], batch or parts["batch"], gen, config, parts["timesteps"], parts["empty"]
+    )
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "cosmap", "sigma_sqrt"])
+def test_loss_is_the_sd3_formula(parts, scheme):
+    """The same generator, drawn by hand in the documented order, reproduces the loss of the SD3 recipe."""
+    model, vae, scheduler, batch, empty = (parts[k] for k in ("model", "vae", "scheduler", "batch", "empty"))
+    kwargs = {"weighting_scheme": scheme, "logit_mean": 0.3, "logit_std": 0.8, "prompt_dropout": 0.5, "flip_prob": 0.5}
+    with torch.no_grad():
+        got = loss_of(parts, model, seed=4, **kwargs)
+
+        gen = step_generator(4, 0, 3)
+        flip = torch.rand(BATCH, generator=gen) < 0.5
+        image = torch.stack([im.flip(-1) if f else im for im, f in zip(batch["image"], flip, strict=True)])
+        label = torch.stack([lb.flip(-1) if f else lb for lb, f in zip(batch["label"], flip, strict=True)])
+        posterior = vae.encode(image).latent_dist
+        x0 = (posterior.sample(generator=gen) - vae.config.shift_factor) * vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=gen)
+        if scheme == "logit_normal":
+            u = torch.sigmoid(torch.normal(0.3, 0.8, size=(BATCH,), generator=gen))
+        else:
+            u = torch.rand(BATCH, generator=gen)
+        index = (u * 1000).long().clamp_max(len(scheduler.timesteps) - 1)
+        sigma, t = scheduler.sigmas[index], scheduler.timesteps[index]
+        assert torch.allclose(t, sigma * 1000)  # flow matching: t = 1000 σ on the training grid
+        drop = torch.rand(BATCH, generator=gen) < 0.5
+        embeds = torch.stack(
+            [empty["prompt_embeds"] if d else e for e, d in zip(batch["prompt_embeds"], drop, strict=True)]
+        )
+        pooled = torch.stack(
+            [
+                empty["pooled_prompt_embeds"] if d else p
+                for p, d in zip(batch["pooled_prompt_embeds"], drop, strict=True)
+            ]
+        )
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        mask = encode_mask_latents(vae, label, NUM_CLS)
+        velocity = model(x_t, embeds, pooled, t, mask_hidden_states=mask).sample
+        weight = {
+            "logit_normal": torch.ones_like(s),
+            "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2)),
+            "sigma_sqrt": s**-2,
+        }
+        per_sample = (weight[scheme] * (velocity - (noise - x0)) ** 2).flatten(1).mean(1)
+
+    assert 0 < flip.sum() < BATCH and 0 < drop.sum() < BATCH, "pick a seed whose draws mix both cases"
+    assert torch.equal(got.timesteps, t) and torch.equal(got.sigmas.flatten(), sigma)
+    torch.testing.assert_close(got.per_sample, per_sample, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss, per_sample.mean(), rtol=1e-5, atol=1e-6)
+    assert got.loss.item() > 0
+
+
+def test_same_generator_same_loss_other_generator_other_loss(parts):
+    first = loss_of(parts, parts["model"], seed=4)
+    again = loss_of(parts, parts["model"], seed=4)
+    other = loss_of(parts, parts["model"], seed=5)
+    assert torch.equal(first.loss, again.loss) and torch.equal(first.per_sample, again.per_sample)
+    assert not torch.equal(first.per_sample, other.per_sample)
+    # Per (seed, rank, micro-step): every coordinate changes the draws.
+    draws = {
+        tuple(torch.rand(4, generator=step_generator(*key)).tolist())
+        for key in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    }
+    assert len(draws) == 4
+
+
+@pytest.mark.parametrize("dropout", [0.0, 1.0])
+def test_prompt_dropout_swaps_in_the_empty_prompt(parts, dropout):
+    stub = RecordingModel()
+    loss_of(parts, stub, prompt_dropout=dropout)
+    (call,) = stub.calls
+    source = parts["empty"] if dropout == 1.0 else {k: parts["batch"][k] for k in parts["empty"]}
+    expected_embeds = source["prompt_embeds"].expand(BATCH, -1, -1)
+    expected_pooled = source["pooled_prompt_embeds"].expand(BATCH, -1)
+    assert torch.equal(call["embeds"], expected_embeds)
+    assert torch.equal(call["pooled"], expected_pooled)
+
+
+def test_flip_flips_image_and_mask_together(parts):
+    batch = parts["batch"]
+    flipped = {**batch, "image": batch["image"].flip(-1), "label": batch["label"].flip(-1)}
+    runs = {}
+    for name, data, flip_prob in (("flip", batch, 1.0), ("pre_flipped", flipped, 0.0), ("plain", batch, 0.0)):
+        stub = RecordingModel()
+        loss_of(parts, stub, batch=data, flip_prob=flip_prob)
+        runs[name] = stub.calls[0]
+    # The flip draw is made either way, so with every item flipped the later draws are those of the flipped batch.
+    assert torch.equal(runs["flip"]["noisy"], runs["pre_flipped"]["noisy"])
+    assert torch.equal(runs["flip"]["mask_hidden_states"], runs["pre_flipped"]["mask_hidden_states"])
+    expected_mask = encode_mask_latents(parts["vae"], batch["label"].flip(-1), NUM_CLS)
+    assert torch.equal(runs["flip"]["mask_hidden_states"], expected_mask)
+    assert not torch.allclose(runs["flip"]["noisy"], runs["plain"]["noisy"])
+    assert not torch.allclose(runs["flip"]["mask_hidden_states"], runs["plain"]["mask_hidden_states"])
+
+
+@pytest.mark.parametrize("use_mask", [True, False])
+def test_use_mask(parts, use_mask):
+    stub = RecordingModel()
+    loss_of(parts, stub, use_mask=use_mask, flip_prob=0.0)
+    (call,) = stub.calls
+    if use_mask:
+        assert torch.equal(
+            call["mask_hidden_states"], encode_mask_latents(parts["vae"], parts["batch"]["label"], NUM_CLS)
+        )
+    else:
+        assert call["mask_hidden_states"] is None
+    assert call["return_dict"] is False
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_gradients_reach_only_trainable_parameters(parts, tiny_sd35_dir, mode):
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir)
+    configure_training(model, mode, lora_rank=4)
+    loss_of(parts, model).loss.backward()
+    named = dict(model.named_parameters())
+    trained = {n for n, p in named.items() if p.requires_grad}
+    assert trained and len(trained) < len(named)
+    assert all(named[n].grad is not None for n in trained)
+    assert all(p.grad is None for n, p in named.items() if n not in trained)
+    assert all(p.grad is None for p in parts["vae"].parameters())
+    # The mask branch is trained in both modes, and the loss does depend on it.
+    assert any(n.startswith("mask_blocks.") and named[n].grad.abs().sum() > 0 for n in trained)
+    if mode == "lora":
+        assert all("lora_" in n or n.startswith(("mask_embed.", "mask_blocks.")) for n in trained)
+
+
+def test_config_from_args_and_bad_scheme():
+    from crfm.training.train import build_parser
+
+    args = build_parser().parse_args(
+        ["--pretrained_model_name_or_path", "p", "--data_root", "d", "--vectors_path", "v", "--num_cls", "6"]
+        + ["--no_mask", "--weighting_scheme", "mode", "--flip_prob", "0.25"]
+    )
+    config = FlowMatchingConfig.from_args(args)
+    assert config == FlowMatchingConfig(num_cls=6, weighting_scheme="mode", flip_prob=0.25, use_mask=False)
+    with pytest.raises(ValueError, match="weighting_scheme"):
+        FlowMatchingConfig(num_cls=6, weighting_scheme="uniform")
+
+
+def test_mask_following_losses_see_the_mask(parts):
+    """Own / other / no mask differ for a model with a mask branch and are reproducible for a seed."""
+
+    class Items:
+        def __len__(self):
+            return BATCH
+
+        def __getitem__(self, i):
+            return {key: value[i] for key, value in parts["batch"].items()}
+
+    model = parts["model"]
+    first = mask_following_losses(model, parts["vae"], Items(), NUM_CLS, sigmas=(0.5,), seed=2)
+    again = mask_following_losses(model, parts["vae"], Items(), NUM_CLS, sigmas=(0.5,), seed=2)
+    assert first == again
+    assert set(first) == {"own_mask", "other_mask", "no_mask"}
+    assert len(set(first.values())) == 3 and all(v > 0 for v in first.values())
