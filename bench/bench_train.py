@@ -26,6 +26,7 @@ from diffusers import SD3Transformer2DModel  # noqa: E402
 
 from crfm.models.mmdit import MaskSD3Transformer2DModel  # noqa: E402
 from crfm.models.trained_weights import configure_training  # noqa: E402
+from crfm.utils.flags import DTYPES  # noqa: E402
 
 SD35_MEDIUM = dict(
     sample_size=128,
@@ -55,7 +56,7 @@ def build_base(args) -> SD3Transformer2DModel:
 
 
 def measure(args, mode: str, checkpointing: bool) -> tuple[float, float]:
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model = MaskSD3Transformer2DModel.from_sd3(build_base(args), mask_init="copy").to(args.device, dtype)
     configure_training(model, mode, args.lora_rank)
     if checkpointing:

@@ -25,7 +25,7 @@ from crfm.training.build import build_accelerator, build_data, build_model, buil
 from crfm.training.checkpoints import register_checkpoint_hooks, resume_state, save_checkpoint
 from crfm.training.objective import WEIGHTING_SCHEMES, FlowMatchingConfig, flow_matching_loss, step_generator
 from crfm.utils.fileio import write_text_atomic
-from crfm.utils.flags import add_data_flags, add_model_flags, add_run_flags, entry_point
+from crfm.utils.flags import DTYPES, add_data_flags, add_model_flags, add_run_flags, entry_point
 
 LOSS_LOG = "loss.jsonl"
 
@@ -96,7 +96,8 @@ def train(args: argparse.Namespace) -> dict:
     accelerator = build_accelerator(args, work_dir)
     main = accelerator.is_main_process
     set_seed(args.seed)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # What accelerate settled on (flag or config); fp8 and others keep frozen weights in fp32.
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
 
     # Data is validated before any model is loaded.
     dataset, loader, empty = build_data(args, accelerator.num_processes, progress=main and not args.no_progress)
