@@ -35,24 +35,9 @@ import torch  # noqa: E402
 from diffusers import SD3Transformer2DModel  # noqa: E402
 
 from crfm.models.mmdit import MaskSD3Transformer2DModel  # noqa: E402
+from crfm.models.sd35 import SD35_MEDIUM_TRANSFORMER as SD35_MEDIUM  # noqa: E402
 from crfm.models.trained_weights import TEXT_BRANCH_KEYS, configure_training  # noqa: E402
 
-# stabilityai/stable-diffusion-3.5-medium, transformer/config.json
-SD35_MEDIUM = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)),
-    "qk_norm": "rms_norm",
-}
 D = SD35_MEDIUM["num_attention_heads"] * SD35_MEDIUM["attention_head_dim"]  # 1536
 LORA_RANK = 16
 TEXT_TOKENS = 77 + 256  # CLIP-L/G + T5, as SD3's prompt encoding

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SHARED_SAMPLES
+from tests.helpers import SHARED_SAMPLES, perturb_trainable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any hub access must fail fast, never hang
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,17 +40,11 @@ def rs_samples() -> Path:
 @pytest.fixture(scope="session")
 def trained_checkpoint(tiny_sd35_dir, tmp_path_factory) -> Path:
     """A `train.py`-style checkpoint on the tiny SD3.5 pipeline: full mode, trained weights perturbed (seeded)."""
-    import torch
-
     from crfm.models.mmdit import MaskSD3Transformer2DModel
     from crfm.models.trained_weights import configure_training, save_trained
 
     model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir)
     configure_training(model, "full")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.01 * torch.randn(param.shape, generator=gen))
+    perturb_trainable(model, seed=0, scale=0.01)
     meta = {"train_mode": "full", "lora_rank": 4, "num_cls": 6, "base_model": str(tiny_sd35_dir)}
     return save_trained(model, tmp_path_factory.mktemp("trained") / "ckpt", meta)

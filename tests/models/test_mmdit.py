@@ -26,6 +26,7 @@ from crfm.models.trained_weights import (
     load_trained,
     save_trained,
 )
+from tests.helpers import perturb_trainable
 
 VARIANTS = ["tiny_sd35_dir", "tiny_sd3_dir"]
 TEXT_STREAM_LORA_FORBIDDEN = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "context")
@@ -70,15 +71,6 @@ def make_mask(inputs: dict, seed: int) -> torch.Tensor:
 
 def trainable_names(model: torch.nn.Module) -> set[str]:
     return {name for name, param in model.named_parameters() if param.requires_grad}
-
-
-def perturb_trainable(model: torch.nn.Module, seed: int = 1, scale: float = 0.02) -> None:
-    """Stand-in for training: moves every trained weight (LoRA B starts at zero, so this also activates LoRA)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(scale * torch.randn(param.shape, generator=gen))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,24 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from crfm.models.mmdit import MaskSD3Transformer2DModel
+from crfm.models.sd35 import SD35_MEDIUM_TRANSFORMER as SD35_MEDIUM
 from crfm.models.trained_weights import CHECKPOINT_WEIGHTS, configure_training, load_trained, save_trained
+from tests.helpers import perturb_trainable
 
-# stabilityai/stable-diffusion-3.5-medium, transformer/config.json
-SD35_MEDIUM = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)),
-    "qk_norm": "rms_norm",
-}
 CONFIG = {**SD35_MEDIUM, "num_layers": 2, "dual_attention_layers": (0,)}
 LORA_RANK = 16  # train.py's default
 TEXT_TOKENS = 8
@@ -164,15 +150,6 @@ def inputs() -> dict[str, torch.Tensor]:
 def base_weight(pipe_dir: Path, name: str) -> torch.Tensor:
     with safe_open(str(pipe_dir / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         return f.get_tensor(name)
-
-
-def perturb_trainable(model: torch.nn.Module, seed: int = 1, scale: float = 0.02) -> None:
-    """Stand-in for training: moves every trained weight (LoRA B starts at zero, so this also activates LoRA)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(scale * torch.randn(param.shape, generator=gen))
 
 
 def forward_backward(model: MaskSD3Transformer2DModel, inputs: dict) -> torch.Tensor:
