@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from crfm.utils.flags import (
     add_run_flags,
     add_segmentor_flags,
     entry_point,
-    one_line,
+    report_error,
     resolve_dtype,
 )
 
@@ -98,7 +97,7 @@ def load_batch(units: list[tuple[int, IndexItem, int]], args: argparse.Namespace
             batch.append((pos, item, k, label, load_item_vectors(args.vectors_path, item)))
         except DatasetError as exc:
             failures.append(f"{item.where()}: {exc}")
-            print(f"error: {one_line(f'{item.where()}: {exc}')}", file=sys.stderr, flush=True)
+            report_error(failures[-1])
     return batch
 
 

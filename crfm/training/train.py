@@ -150,11 +150,11 @@ def train(args: argparse.Namespace) -> dict:
     if args.record_batches:
         record_rank(work_dir, accelerator.process_index, seen_positions, accelerator.unwrap_model(model))
     accelerator.wait_for_everyone()
+    summary = {"steps": global_step, "final_loss": last_loss, "seconds_per_step": seconds_per_step}
     if main:
-        summary = {"steps": global_step, "final_loss": last_loss, "seconds_per_step": seconds_per_step}
         write_outputs(args, work_dir, accelerator.unwrap_model(model), meta, summary, counts["trainable"])
     accelerator.end_training()
-    return {"steps": global_step, "final_loss": last_loss, "seconds_per_step": seconds_per_step}
+    return summary
 
 
 def micro_batches(accelerator, loader, args: argparse.Namespace, global_step: int) -> Iterator[tuple[int, dict]]:
