@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEFAULT_OUT=${DEFAULT_OUT:-outputs/demo}
 CKPT=${CKPT:-work_dirs/train/final}
 # The embedded default synthesizes the demo's held-out masks; otherwise the vectorized index.
-JSON_FILE=${JSON_FILE:-$([[ -z "${DATA_ROOT:-}" ]] && echo val_.jsonl || echo index_.jsonl)}
+JSON_FILE=${JSON_FILE:-$([[ -z "${DATA_ROOT:-}" ]] && echo test_.jsonl || echo index_.jsonl)}
 if [[ ! -f "$CKPT/crfm_checkpoint.json" ]]; then
   echo "error: no trained checkpoint at $CKPT: run 'bash train.sh' first, or set CKPT=<train work_dir>/final" >&2
   exit 2

@@ -125,7 +125,7 @@ def main() -> int:
     from crfm.data.dataset import PairDataset
     from crfm.data.index import read_index
     from crfm.data.vectorize import vectorize_index
-    from crfm.models.trained_weights import load_trained
+    from crfm.models.trained_weights import checkpoint_mask_encoding, load_trained
     from crfm.toy.tiny import TinyConfig, fit_vae, save_tiny_pipeline
     from crfm.toy.toydata import write_dataset
     from crfm.training.objective import mask_following_losses
@@ -158,14 +158,15 @@ def main() -> int:
     )
     results = {}
     for init, work in runs.items():
-        model, _ = load_trained(work / "final", pretrained=base)
+        model, meta = load_trained(work / "final", pretrained=base)
+        val_losses = mask_following_losses(model, vae, val, 6, checkpoint_mask_encoding(meta))
         records = read_loss_log(work / "loss.jsonl")
         tail = [r["loss"] for r in records[-100:]]
         first = [r["loss"] for r in records[:100]]
         results[init] = {
             "train_loss_first_100": sum(first) / len(first),
             "train_loss_last_100": sum(tail) / len(tail),
-            **{f"val_{k}": v for k, v in mask_following_losses(model, vae, val, num_cls=6).items()},
+            **{f"val_{k}": v for k, v in val_losses.items()},
         }
     plot({f"mask_init={k}": read_loss_log(w / "loss.jsonl") for k, w in runs.items()}, out / "mask_init_loss.png")
     sample_grid(runs, base, val, vectors / "val", out / "samples.png")

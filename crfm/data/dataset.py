@@ -55,6 +55,24 @@ def resize_center_crop(img: Image.Image, size: int, resample: Image.Resampling) 
     return img.crop((left, top, left + size, top + size))
 
 
+def image_to_tensor(image: Image.Image, resolution: int | None = None) -> torch.Tensor:
+    """An RGB image -> float32 3xHxW in [-1, 1], resized and centre-cropped to `resolution` if given."""
+    if resolution is not None:
+        image = resize_center_crop(image, resolution, Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def load_index_images(index_file: str | Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Every image of an index (data root = its folder) at `resolution`, [N, 3, H, W] in [-1, 1], and the
+    prompts; labels are not read (an unlabelled corpus)."""
+    from crfm.data.index import read_index
+
+    index_file = Path(index_file)
+    items = read_index(index_file, index_file.parent, check_files=False)
+    images = [image_to_tensor(load_image(index_file.parent / item.target), resolution) for item in items]
+    return torch.stack(images), [item.prompt for item in items]
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Image–mask–prompt triples from an index; optionally with the prompt vectors made by vectorize.
 
@@ -93,10 +111,9 @@ class PairDataset(torch.utils.data.Dataset):
                 f"{(label_array.shape[1], label_array.shape[0])}"
             )
         label = Image.fromarray(label_array)
+        pixels = image_to_tensor(image, self.resolution)
         if self.resolution is not None:
-            image = resize_center_crop(image, self.resolution, Image.Resampling.BICUBIC)
             label = resize_center_crop(label, self.resolution, Image.Resampling.NEAREST)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
         sample = {
             "image": pixels,
             "label": torch.from_numpy(np.asarray(label, dtype=np.int64)),

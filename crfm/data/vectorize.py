@@ -39,15 +39,11 @@ def load_text_encoders(pretrained: str | Path, dtype: torch.dtype = torch.float3
     """
     from diffusers import StableDiffusion3Pipeline
 
-    pretrained = Path(pretrained)
-    model_index = pretrained / "model_index.json"
-    if not model_index.is_file():
-        raise FileNotFoundError(
-            f"{pretrained} is not a diffusers pipeline directory (no model_index.json). Download SD3.5 with "
-            "`huggingface-cli download stabilityai/stable-diffusion-3.5-medium --local-dir ./sd3.5_medium`, "
-            "or build a tiny offline one with `python -m crfm.tiny DIR`."
-        )
-    components = json.loads(model_index.read_text())
+    from crfm.models.base_folder import check_base_folder
+
+    text_parts = [f"{kind}{suffix}" for suffix in ("", "_2", "_3") for kind in ("text_encoder", "tokenizer")]
+    pretrained = check_base_folder(pretrained, text_parts)
+    components = json.loads((pretrained / "model_index.json").read_text())
     # Components saved as null (e.g. SD3 without T5) must be passed as None explicitly to diffusers.
     skipped: dict = {name: None for name, spec in components.items() if isinstance(spec, list) and spec[0] is None}
     skipped["vae"] = None

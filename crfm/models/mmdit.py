@@ -1,8 +1,9 @@
 """SD3's MM-DiT with a mask branch: text, image and mask tokens in one joint attention per block.
 
-The mask (a class-index map) is encoded into latents (`crfm.models.conditioning`), patch-embedded by the
-branch's own `PatchEmbed`, and carried through every block with the branch's own AdaLN-Zero modulation,
-q/k/v/out projections (with the block's qk-norm) and feed-forward. Only image tokens reach the output head.
+The mask (a class-index map) is encoded by `crfm.models.conditioning` (VAE latents, or one-hot class fractions
+with `mask_in_channels` = num_cls channels), patch-embedded by the branch's own `PatchEmbed`, and carried through
+every block with the branch's own AdaLN-Zero modulation, q/k/v/out projections (with the block's qk-norm) and
+feed-forward. Only image tokens reach the output head.
 Without a mask the forward pass *is* diffusers' `SD3Transformer2DModel`.
 """
 
@@ -136,10 +137,16 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
         transformer_config: dict,
         mask_init: str = "copy",
         transformer: SD3Transformer2DModel | None = None,
+        mask_in_channels: int | None = None,
     ) -> None:
+        """`mask_in_channels`: channels of a mask condition that is *not* in the image latents' space (one-hot
+        class fractions: num_cls); None (the default, and what configs from before the option mean) for VAE-encoded
+        masks with the latents' channels."""
         super().__init__()
         if mask_init not in MASK_INITS:
             raise ValueError(f"mask_init must be one of {MASK_INITS}, got {mask_init!r}")
+        if mask_in_channels is not None and mask_in_channels < 1:
+            raise ValueError(f"mask_in_channels must be positive or None, got {mask_in_channels}")
         if transformer is None:
             init_args = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
             transformer = SD3Transformer2DModel(**init_args)
@@ -149,7 +156,7 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
             height=cfg.sample_size,
             width=cfg.sample_size,
             patch_size=cfg.patch_size,
-            in_channels=cfg.in_channels,
+            in_channels=cfg.in_channels if mask_in_channels is None else mask_in_channels,
             embed_dim=transformer.inner_dim,
             pos_embed_max_size=cfg.pos_embed_max_size,
         )
@@ -160,24 +167,45 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_sd3(
-        cls, transformer: SD3Transformer2DModel | str | Path, mask_init: str = "copy", **load_kwargs
+        cls,
+        transformer: SD3Transformer2DModel | str | Path,
+        mask_init: str = "copy",
+        mask_in_channels: int | None = None,
+        **load_kwargs,
     ) -> MaskSD3Transformer2DModel:
-        """Wrap a pretrained transformer (or load one from `<pipeline>/transformer`) and add the mask branch."""
+        """Wrap a pretrained transformer (or load one from `<pipeline>/transformer`) and add the mask branch.
+
+        `mask_in_channels`: see `__init__` (`crfm.models.conditioning.mask_embed_in_channels` gives it for an
+        encoding)."""
         if not isinstance(transformer, SD3Transformer2DModel):
             path = Path(transformer)
             subfolder = "transformer" if (path / "transformer" / "config.json").is_file() else None
             transformer = SD3Transformer2DModel.from_pretrained(path, subfolder=subfolder, **load_kwargs)
         # Private keys ("_name_or_path" may be a Path) are not part of the architecture and not JSON-safe.
         config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-        model = cls(transformer_config=config, mask_init=mask_init, transformer=transformer)
+        model = cls(
+            transformer_config=config, mask_init=mask_init, transformer=transformer, mask_in_channels=mask_in_channels
+        )
         # Only the new branch needs moving; the wrapped transformer keeps its own placement and dtype.
         for branch in (model.mask_embed, model.mask_blocks):
             branch.to(device=transformer.device, dtype=transformer.dtype)
         return model
 
+    @property
+    def mask_channels(self) -> int:
+        """Channels the mask condition must have (`mask_hidden_states` [B, mask_channels, H, W])."""
+        in_channels = self.config.mask_in_channels
+        return self.transformer.config.in_channels if in_channels is None else in_channels
+
     def init_mask_branch(self, mask_init: str) -> None:
         if mask_init == "copy":
-            self.mask_embed.load_state_dict(self.transformer.pos_embed.state_dict())
+            source = self.transformer.pos_embed.state_dict()
+            latent_space = self.config.mask_in_channels is None
+            if not latent_space:
+                # One-hot fractions are not VAE latents: the image's projection reads another input space (with
+                # another channel count), so the mask's keeps its default init; the position table is shared.
+                source = {key: value for key, value in source.items() if not key.startswith("proj.")}
+            self.mask_embed.load_state_dict(source, strict=latent_space)
             for mask_block, block in zip(self.mask_blocks, self.transformer.transformer_blocks, strict=True):
                 mask_block.copy_from_image_stream(block)
         else:
@@ -253,7 +281,8 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
         mask_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Velocity for latents `hidden_states` [B, C, H, W] given text and, optionally, mask latents [B, C, H, W]."""
+        """Velocity for latents `hidden_states` [B, C, H, W] given text and, optionally, the mask condition
+        [B, `mask_channels`, H, W]."""
         base = self.transformer
         if mask_hidden_states is None:
             return base(
@@ -263,8 +292,13 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
                 timestep=timestep,
                 return_dict=return_dict,
             )
-        if mask_hidden_states.shape != hidden_states.shape:
-            raise ValueError(f"mask latents {tuple(mask_hidden_states.shape)} != latents {tuple(hidden_states.shape)}")
+        batch, _, *size = hidden_states.shape
+        expected = (batch, self.mask_channels, *size)
+        if tuple(mask_hidden_states.shape) != expected:
+            raise ValueError(
+                f"mask latents {tuple(mask_hidden_states.shape)} do not fit latents {tuple(hidden_states.shape)}: "
+                f"expected {expected} (batch, the model's {self.mask_channels} mask channels, latent height, width)"
+            )
         height, width = hidden_states.shape[-2:]
         hidden = base.pos_embed(hidden_states).contiguous()
         mask = self.mask_embed(mask_hidden_states).contiguous()

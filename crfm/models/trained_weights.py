@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from crfm.models.conditioning import LEGACY_MASK_ENCODING, check_mask_encoding, mask_embed_in_channels
 from crfm.models.mmdit import MaskSD3Transformer2DModel
 from crfm.utils.fileio import atomic_path, write_text_atomic
 
@@ -79,12 +80,19 @@ def trained_state_dict(model: MaskSD3Transformer2DModel) -> dict[str, torch.Tens
 def save_trained(model: MaskSD3Transformer2DModel, out_dir: str | Path, meta: dict) -> Path:
     """Write only the trained weights (`model.safetensors`) and what is needed to rebuild the model (JSON)."""
     out_dir = Path(out_dir)
+    info = {"format": "crfm-mask-mmdit/1", "mask_init": model.config.mask_init, **meta}
+    # load_trained rebuilds the mask patch embedding from the recorded encoding: it must be this model's.
+    encoding = checkpoint_mask_encoding(info)
+    if mask_embed_in_channels(encoding, info.get("num_cls")) != model.config.mask_in_channels:
+        raise ValueError(
+            f"meta says mask_encoding {encoding!r} (num_cls {info.get('num_cls')}), but the model's mask branch "
+            f"has mask_in_channels={model.config.mask_in_channels}"
+        )
     tensors = {name: t.contiguous().cpu() for name, t in trained_state_dict(model).items()}
     if not tensors:
         raise ValueError("the model has no trainable parameters: call configure_training before save_trained")
     with atomic_path(out_dir / CHECKPOINT_WEIGHTS) as tmp:
         save_file(tensors, str(tmp))
-    info = {"format": "crfm-mask-mmdit/1", "mask_init": model.config.mask_init, **meta}
     write_text_atomic(out_dir / CHECKPOINT_META, json.dumps(info, indent=2) + "\n")
     return out_dir
 
@@ -94,6 +102,11 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a crfm checkpoint (written by train.py)")
     return json.loads(path.read_text())
+
+
+def checkpoint_mask_encoding(meta: Mapping) -> str:
+    """The mask encoding a checkpoint was trained with; checkpoints from before it was recorded used grey."""
+    return check_mask_encoding(meta.get("mask_encoding", LEGACY_MASK_ENCODING))
 
 
 def load_trained_weights(
@@ -133,10 +146,12 @@ def load_trained(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[MaskSD3Transformer2DModel, dict]:
-    """Rebuild base + mask branch (+ LoRA) and load the trained weights; returns (model, checkpoint meta)."""
+    """Rebuild base + mask branch (+ LoRA, + the mask patch embedding for the checkpoint's mask encoding) and
+    load the trained weights; returns (model, checkpoint meta)."""
     meta = read_checkpoint_meta(ckpt_dir)
     base = pretrained if pretrained is not None else meta["base_model"]
-    model = MaskSD3Transformer2DModel.from_sd3(base, mask_init=meta.get("mask_init", "copy"))
+    channels = mask_embed_in_channels(checkpoint_mask_encoding(meta), meta.get("num_cls"))
+    model = MaskSD3Transformer2DModel.from_sd3(base, mask_init=meta.get("mask_init", "copy"), mask_in_channels=channels)
     configure_training(model, meta["train_mode"], meta.get("lora_rank", 16))
     load_trained_weights(model, ckpt_dir, target=f"{base} in mode {meta['train_mode']}")
     model.requires_grad_(False).eval()

@@ -1,9 +1,9 @@
 """`MaskToImagePipeline`: label masks + prompt vectors -> images, with the trained MM-DiT and, optionally, CRFM.
 
-The one place where sampling's steps are put together: encode the masks with the VAE, draw each item's noise
-from (seed, item id), integrate the flow (with CRFM's velocity hook in the first `rectified_step` steps when a
-segmentor is attached and a `CRFMConfig` is passed), decode. Synthesis, the demo (through synthesis) and the
-bench scripts all sample through it.
+The one place where sampling's steps are put together: encode the masks (in the checkpoint's mask encoding),
+draw each item's noise from (seed, item id), integrate the flow (with CRFM's velocity hook in the first
+`rectified_step` steps when a segmentor is attached and a `CRFMConfig` is passed), decode. Synthesis, the demo
+(through synthesis) and the bench scripts all sample through it.
 
     pipe = MaskToImagePipeline.from_checkpoint("work_dirs/train/final", "sd3.5_medium", num_cls=7)
     out = pipe(labels, prompt_embeds, pooled_prompt_embeds, noise_ids=[0, 1], seed=0, num_inference_steps=23)
@@ -20,11 +20,18 @@ from pathlib import Path
 import torch
 
 from crfm.data.index import DatasetError
-from crfm.models.conditioning import encode_mask_latents
+from crfm.models.conditioning import (
+    LEGACY_MASK_ENCODING,
+    check_mask_encoding,
+    encode_mask_condition,
+    mask_condition_channels,
+    vae_scale_factor,
+)
 from crfm.models.mmdit import MaskSD3Transformer2DModel
-from crfm.models.trained_weights import load_trained, read_checkpoint_meta
+from crfm.models.trained_weights import checkpoint_mask_encoding, load_trained, read_checkpoint_meta
 from crfm.sampling.rectify import ControlRectifier, CRFMConfig
 from crfm.sampling.sampler import decode_latents, initial_noise, sample_latents
+from crfm.utils.flags import UsageError
 
 
 @dataclass
@@ -44,12 +51,21 @@ class MaskToImagePipeline:
         scheduler,
         num_cls: int,
         segmentor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        mask_encoding: str = LEGACY_MASK_ENCODING,
     ) -> None:
+        """`mask_encoding`: the one `transformer` was trained with (`from_checkpoint` reads it from the checkpoint)."""
+        channels = mask_condition_channels(mask_encoding, num_cls, vae.config.latent_channels)
+        if channels != transformer.mask_channels:
+            raise ValueError(
+                f"mask encoding {mask_encoding!r} gives {channels} channels; the transformer's mask branch takes "
+                f"{transformer.mask_channels}"
+            )
         self.transformer = transformer
         self.vae = vae
         self.scheduler = scheduler
         self.num_cls = num_cls
         self.segmentor = segmentor
+        self.mask_encoding = mask_encoding
 
     @classmethod
     def from_checkpoint(
@@ -60,26 +76,39 @@ class MaskToImagePipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         vae_tiling: bool = False,
+        mask_encoding: str | None = None,
     ) -> MaskToImagePipeline:
         """A `train.py` checkpoint on its base pipeline folder (default: the base recorded in the checkpoint).
 
-        `num_cls`, when given, must be the checkpoint's; the VAE stays fp32 (SD3's VAE is unstable in half).
+        `num_cls` and `mask_encoding`, when given, must be the checkpoint's (checked before any model is loaded);
+        the masks are encoded as the checkpoint records (grey for checkpoints from before the option). The VAE
+        stays fp32 (SD3's VAE is unstable in half).
         """
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+        from crfm.models.base_folder import check_base_folder
 
         meta = read_checkpoint_meta(checkpoint)
         if num_cls is not None and meta.get("num_cls") not in (None, num_cls):
             raise DatasetError(
                 f"checkpoint {checkpoint} was trained with num_cls={meta['num_cls']}, not --num_cls {num_cls}"
             )
+        trained_encoding = checkpoint_mask_encoding(meta)
+        if mask_encoding is not None and check_mask_encoding(mask_encoding) != trained_encoding:
+            raise UsageError(
+                f"checkpoint {checkpoint} was trained with --mask_encoding {trained_encoding}, "
+                f"not --mask_encoding {mask_encoding}"
+            )
         base = pretrained_model_name_or_path if pretrained_model_name_or_path is not None else meta["base_model"]
+        check_base_folder(base, ("transformer", "vae", "scheduler"))
         transformer, meta = load_trained(checkpoint, pretrained=base, dtype=dtype, device=device)
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=torch.float32)
         vae = vae.requires_grad_(False).eval().to(device)
         if vae_tiling:
             vae.enable_tiling()
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
-        return cls(transformer, vae, scheduler, num_cls if num_cls is not None else meta["num_cls"])
+        num_cls = num_cls if num_cls is not None else meta["num_cls"]
+        return cls(transformer, vae, scheduler, num_cls, mask_encoding=trained_encoding)
 
     @property
     def device(self) -> torch.device:
@@ -91,12 +120,13 @@ class MaskToImagePipeline:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     @torch.no_grad()
     def encode_masks(self, labels: torch.Tensor) -> torch.Tensor:
-        """Class-index maps [B, H, W] -> mask latents in the transformer's dtype."""
-        return encode_mask_latents(self.vae, labels.to(self.device), self.num_cls).to(self.dtype)
+        """Class-index maps [B, H, W] -> the mask condition (in `mask_encoding`) in the transformer's dtype."""
+        condition = encode_mask_condition(self.vae, labels.to(self.device), self.num_cls, self.mask_encoding)
+        return condition.to(self.device, self.dtype)
 
     def __call__(
         self,
@@ -128,7 +158,9 @@ class MaskToImagePipeline:
         labels = labels.to(device)
         masks = self.encode_masks(labels)
         latent_hw = (labels.shape[-2] // self.vae_scale_factor, labels.shape[-1] // self.vae_scale_factor)
-        noise = initial_noise(noise_ids, seed, (masks.shape[1], *latent_hw)).to(device, dtype)
+        # The noise has the image latents' channels; the mask condition may have others (onehot: num_cls).
+        channels = self.vae.config.latent_channels
+        noise = initial_noise(noise_ids, seed, (channels, *latent_hw)).to(device, dtype)
         hook = None
         if crfm is not None:
             hook = ControlRectifier(crfm, self.segmentor, self.vae, labels, num_inference_steps)

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="test.py", description="Synthesize image-mask pairs with the trained MM-DiT (+ CRFM with a segmentor)."
     )
-    add_model_flags(parser, checkpoint=True)
+    add_model_flags(parser, checkpoint=True, mask_encoding=True)
     add_data_flags(
         parser, "index_.jsonl", "masks' index written by preprocess/vectorize.py", vectors=True,
         data_root_help="folder of the masks' index (index paths are relative to it)",
@@ -135,7 +135,7 @@ def synthesize(args: argparse.Namespace) -> dict:
 
     pipe = MaskToImagePipeline.from_checkpoint(
         args.lora_ckpt, args.pretrained_model_name_or_path, num_cls=args.num_cls, device=state.device,
-        dtype=resolve_dtype(args.mixed_precision), vae_tiling=args.vae_tiling,
+        dtype=resolve_dtype(args.mixed_precision), vae_tiling=args.vae_tiling, mask_encoding=args.mask_encoding,
     )  # fmt: skip
     crfm = None
     if args.mmseg_config is not None:

@@ -2,23 +2,24 @@
 
     python -m crfm.demo [--out outputs/demo] [--preset default|ci] [--fresh] [--KNOB VALUE ...]
 
-Stages (each prints the command it runs, so every step can be repeated by hand at real scale):
- 1. toy remote-sensing scenes, split into a training and a held-out split;
- 2. a tiny random SD3.5 pipeline, its VAE fitted to the training images (`crfm.toy.tiny`);
+Stages (each prints the command it runs, so every step can be repeated by hand at real scale), in the paper's
+low-label regime: a generator pretrained on a large unlabelled corpus is fine-tuned with masks on a few scenes.
+ 1. toy remote-sensing scenes: a small labelled split, a validation split (for choices, in `bench/`), a held-out
+    split (only for the tables), and separate scenes for the judge (another seed);
+ 2. the base: a copy of the shipped pretrained tiny SD3.5 (`crfm/toy/tiny_sd35_base`), or `--base scratch`;
  3. prompt vectors (`crfm.data.vectorize`, i.e. `preprocess/vectorize.py`);
- 4. the mask-conditioned MM-DiT (`crfm.training.train`, i.e. `train.py`), paper stage (a);
- 5. the frozen guide segmentor, trained on the real training split (`crfm.segmentation.downstream`, i.e.
-    `scripts/train_segmentor.py`; mmseg);
- 6. an independent judge segmentor (same recipe, another seed) that scores mask fidelity without having
-    guided anything;
- 7. synthesis of the held-out masks from the same seeds (`crfm.sampling.synthesis`, i.e. `test.py`), paper stage
-    (b): plain, CRFM at the paper's defaults, and CRFM tuned for this tiny model (stronger, L2-normalised steps
-    without the velocity clamp);
- 8. mask fidelity of plain vs CRFM images, and of the real held-out images for reference (`crfm.evaluate`);
- 9. synthesis with tuned CRFM of the *training* masks (held-out masks would leak held-out labels into training);
-10. downstream, paper stage (c): a segmentor trained on real + synthetic data vs the guide (real only),
-    both scored on the held-out real split;
-11. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM paper | CRFM tuned | real) under --out.
+ 4. the mask-conditioned MM-DiT fine-tuned on the labelled split (`crfm.training.train`, i.e. `train.py`), stage (a);
+ 5. the frozen guide segmentor, trained on the labelled split only (`crfm.segmentation.downstream`, i.e.
+    `scripts/train_segmentor.py`; mmseg); it is also the real-only downstream segmentor;
+ 6. an independent judge segmentor trained on its own scenes; it scores mask fidelity and never guides;
+ 7. synthesis of the held-out masks from the same noise (`crfm.sampling.synthesis`, i.e. `test.py`), stage (b):
+    plain, CRFM at the paper's settings, and CRFM at test.py's defaults;
+ 8. mask fidelity of the real held-out images, of the same images through the VAE (the ceiling), and of the
+    three syntheses;
+ 9. synthesis of the *labelled* masks (held-out masks would leak held-out labels into training);
+10. downstream, stage (c): a segmentor trained on real + synthetic data vs the real-only one, both scored on the
+    held-out real scenes;
+11. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM paper | CRFM default | real).
 
 Every tool runs as `python -m <module>` of the installed (or checked-out) package, so no checkout is needed.
 A re-run reuses every finished stage; an interrupted stage resumes (training from its last checkpoint,
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import crfm
+from crfm.models.conditioning import MASK_ENCODINGS
 from crfm.utils.fileio import write_text_atomic
 from crfm.utils.flags import UsageError, add_run_flags, entry_point
 
@@ -55,82 +57,119 @@ SETTINGS_FILE = "demo_settings.json"
 SYNTHESES = {
     "plain": ("synth_plain", None),
     "crfm_paper": ("synth_crfm_paper", "paper"),
-    "crfm": ("synth_crfm", "tuned"),
+    "crfm": ("synth_crfm", "default"),
 }
-IMAGE_SETS = ("real", *SYNTHESES)
+# "vae": the real held-out images passed through the VAE, the ceiling of what any generator can score.
+IMAGE_SETS = ("real", "vae", *SYNTHESES)
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Every knob of the demo (see KNOB_HELP). Defaults fit a 2-core CPU in about 10 minutes after set-up."""
+    """Every knob of the demo (see KNOB_HELP). Defaults fit a 2-core CPU in about 12 minutes after set-up."""
 
-    num_scenes: int = 160
-    val_scenes: int = 32
+    train_scenes: int = 48
+    val_scenes: int = 16
+    test_scenes: int = 32
+    judge_scenes: int = 320
     scene_size: int = 128
     resolution: int = 64
+    base: str = "pretrained"
+    mask_encoding: str = "onehot"
     variant: str = "sd3.5"
     vae_channels: str = "16,32,32"
     latent_channels: int = 4
-    layers: int = 4
+    layers: int = 6
     heads: int = 4
-    head_dim: int = 16
+    head_dim: int = 32
     vae_steps: int = 400
     max_sequence_length: int = 32
-    train_steps: int = 2000
+    train_steps: int = 1500
     train_batch_size: int = 8
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-4
     seg_iters: int = 400
     seg_size: int = 64
-    num_inference_steps: int = 23
-    rectified_step: int = 8
-    max_step_size: float = 10.0
-    num_rectified: int = 3
+    num_inference_steps: int = 20
+    num_per_mask: int = 2
     synth_ratio: float = 0.5
     figure_rows: int = 6
     seed: int = 0
 
 
 KNOB_HELP = {
-    "num_scenes": "toy scenes in all (training + held-out)",
-    "val_scenes": "the last N scenes are held out: masks for fidelity, real images for downstream scoring",
+    "train_scenes": "labelled toy scenes: fine-tune the generator, train the guide and the downstream segmentors",
+    "val_scenes": "validation scenes, for choosing settings (bench/); never trained on",
+    "test_scenes": "held-out scenes: masks for fidelity, real images for downstream scoring; never used for choices",
+    "judge_scenes": "separate toy scenes (another seed) the judge segmentor trains on",
     "scene_size": "px of the toy scenes",
-    "resolution": "px the generator trains and samples at",
-    "variant": "tiny pipeline: sd3.5 (qk-norm, dual attention) or sd3",
-    "vae_channels": "tiny VAE block widths; n blocks = 2^(n-1) x downsampling",
-    "latent_channels": "VAE latent channels (SD3: 16; fewer leave the tiny model less texture to learn)",
-    "layers": "MM-DiT blocks",
-    "heads": "attention heads",
-    "head_dim": "width per head (model width = heads x head_dim)",
-    "vae_steps": "steps fitting the tiny VAE to the training images",
+    "resolution": "px the generator trains and samples at (the pretrained base: 64)",
+    "base": "pretrained: the shipped tiny SD3.5 base (crfm/toy/tiny_sd35_base); scratch: a random one, VAE "
+    "fitted to the labelled scenes",
+    "mask_encoding": "how the mask enters the mask branch: onehot, palette or grey (the paper's)",
+    "variant": "--base scratch: tiny pipeline sd3.5 (qk-norm, dual attention) or sd3",
+    "vae_channels": "--base scratch: VAE block widths; n blocks = 2^(n-1) x downsampling",
+    "latent_channels": "--base scratch: VAE latent channels (SD3: 16)",
+    "layers": "--base scratch: MM-DiT blocks",
+    "heads": "--base scratch: attention heads",
+    "head_dim": "--base scratch: width per head (model width = heads x head_dim)",
+    "vae_steps": "--base scratch: steps fitting the tiny VAE to the labelled images",
     "max_sequence_length": "T5 tokens per prompt (the toy prompts are short)",
-    "train_steps": "MM-DiT optimizer steps",
+    "train_steps": "MM-DiT fine-tuning steps",
     "train_batch_size": "MM-DiT batch",
     "learning_rate": "MM-DiT AdamW learning rate",
     "seg_iters": "iterations of each segmentor (guide, judge, downstream)",
     "seg_size": "px the segmentors train at",
     "num_inference_steps": "Euler sampling steps",
-    "rectified_step": "tuned CRFM: corrects the first N steps (the paper-default row always uses 4)",
-    "max_step_size": "tuned CRFM: eta_max of the L2-normalised gradient, no velocity clamp (paper row: 0.1, clamp 1)",
-    "num_rectified": "tuned CRFM: passes per rectified step (paper row: 1)",
+    "num_per_mask": "synthetic images per training mask for downstream training",
     "synth_ratio": "share of synthetic draws in the downstream segmentor's batches",
     "figure_rows": "held-out masks shown in samples.png",
-    "seed": "seed of data, models, noise",
+    "seed": "seed of data, models, noise (the judge's scenes use seed + 500)",
 }
+
+JUDGE_SEED_OFFSET = 500
+BASES = ("pretrained", "scratch")
+SHIPPED_RESOLUTION = 64  # the shipped base's position grid covers exactly 64 px images (8 x 8 tokens)
+FIGURE_TITLES = ("mask", "plain", "CRFM paper", "CRFM default", "real")
+# The CRFM settings of the paper's scripts, for the "paper" row; the "default" row uses test.py's own defaults.
+PAPER_CRFM: list[object] = ["--rectified_step", 4, "--max_step_size", 0.1, "--num_rectified", 1, "--velocity_clamp", 1]
+
+
+class VAEReconstructions:
+    """A `PairDataset` whose images went through the VAE (encode, posterior mode, decode): the VAE's ceiling."""
+
+    def __init__(self, dataset, vae_dir: Path) -> None:
+        from diffusers import AutoencoderKL
+
+        self.dataset = dataset
+        self.vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> dict:
+        import torch
+
+        sample = dict(self.dataset[position])
+        with torch.no_grad():
+            latents = self.vae.encode(sample["image"][None]).latent_dist.mode()
+            sample["image"] = self.vae.decode(latents).sample[0].clamp(-1, 1)
+        return sample
 
 
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},
     # A few minutes on 2 cores: every stage and artefact, at sizes too small to learn anything.
     "ci": dict(
-        num_scenes=16,
-        val_scenes=4,
+        train_scenes=12,
+        val_scenes=2,
+        test_scenes=4,
+        judge_scenes=12,
         vae_steps=20,
         train_steps=20,
         train_batch_size=4,
         seg_iters=10,
         num_inference_steps=4,
-        rectified_step=2,
-        num_rectified=1,
+        num_per_mask=1,
         figure_rows=3,
     ),
 }
@@ -177,34 +216,57 @@ class Demo:
         write_text_atomic(marker, json.dumps({"seconds": self.timings[name]}) + "\n")
         print(f"--- {name}: {self.timings[name]:.0f} s")
 
-    def split(self, index: Path, train: Path, val: Path) -> None:
+    def split(self, index: Path, suffix: str = "") -> None:
+        """index -> train / val / test files of the knobs' sizes, in scene order (scene i depends only on seed, i)."""
         lines = index.read_text(encoding="utf-8").splitlines(keepends=True)
-        cut = len(lines) - self.s.val_scenes
-        write_text_atomic(train, "".join(lines[:cut]))
-        write_text_atomic(val, "".join(lines[cut:]))
+        sizes = (self.s.train_scenes, self.s.val_scenes, self.s.test_scenes)
+        begin = 0
+        for name, size in zip(SPLITS, sizes, strict=True):
+            write_text_atomic(index.with_name(f"{name}{suffix}.jsonl"), "".join(lines[begin : begin + size]))
+            begin += size
 
     # ----------------------------------------------------------------------------------------------- stages
     def data(self) -> None:
         from crfm.toy.toydata import write_dataset
 
         root = self.path("toydata")
-        write_dataset(root, self.s.num_scenes, self.s.scene_size, seed=self.s.seed, workers=2, progress=self.progress)
-        self.split(root / "index.jsonl", root / "train.jsonl", root / "val.jsonl")
-        print(f"{self.s.num_scenes - self.s.val_scenes} training + {self.s.val_scenes} held-out scenes in {root}")
+        total = self.s.train_scenes + self.s.val_scenes + self.s.test_scenes
+        write_dataset(root, total, self.s.scene_size, seed=self.s.seed, workers=2, progress=self.progress)
+        self.split(root / "index.jsonl")
+        # The judge is an instrument: its own scenes (another seed), never the held-out ones, never synthetic.
+        judge_root = self.path("toydata_judge")
+        judge_seed = self.s.seed + JUDGE_SEED_OFFSET
+        index = write_dataset(judge_root, self.s.judge_scenes, self.s.scene_size, seed=judge_seed, workers=2,
+                              progress=self.progress)  # fmt: skip
+        lines = index.read_text(encoding="utf-8").splitlines(keepends=True)
+        cut = max(1, len(lines) // 10)
+        write_text_atomic(judge_root / "train.jsonl", "".join(lines[cut:]))
+        write_text_atomic(judge_root / "val.jsonl", "".join(lines[:cut]))
+        print(
+            f"{self.s.train_scenes} labelled + {self.s.val_scenes} validation + {self.s.test_scenes} held-out scenes "
+            f"in {root}; {self.s.judge_scenes} judge scenes (seed {judge_seed}) in {judge_root}"
+        )
 
     def pipeline(self) -> None:
         final, tmp = self.path("tiny_sd35"), self.path("tiny_sd35.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        latent_side = self.s.resolution // 2 ** (len(self.s.vae_channels.split(",")) - 1)
-        # A position grid of exactly the tokens per side spaces positions one unit apart (see TinyConfig).
-        self.run(
-            "crfm.toy.tiny", tmp, "--variant", self.s.variant, "--vae_channels", self.s.vae_channels,
-            "--latent_channels", self.s.latent_channels, "--sample_size", latent_side,
-            "--pos_embed_max_size", latent_side // 2, "--layers", self.s.layers, "--heads", self.s.heads,
-            "--head_dim", self.s.head_dim, "--seed", self.s.seed,
-            "--fit_vae_on", self.path("toydata", "train.jsonl"), "--vae_steps", self.s.vae_steps,
-            "--vae_size", self.s.resolution, *self.quiet(),
-        )  # fmt: skip
+        if self.s.base == "pretrained":
+            from crfm.toy.tiny import SHIPPED_BASE
+
+            # As a user starts from a downloaded SD3.5: the shipped base, pretrained on other scenes, copied.
+            print(f"base: {SHIPPED_BASE} (see its README.md model card)")
+            shutil.copytree(SHIPPED_BASE, tmp)
+        else:
+            latent_side = self.s.resolution // 2 ** (len(self.s.vae_channels.split(",")) - 1)
+            # A position grid of exactly the tokens per side spaces positions one unit apart (see TinyConfig).
+            self.run(
+                "crfm.toy.tiny", tmp, "--variant", self.s.variant, "--vae_channels", self.s.vae_channels,
+                "--latent_channels", self.s.latent_channels, "--sample_size", latent_side,
+                "--pos_embed_max_size", latent_side // 2, "--layers", self.s.layers, "--heads", self.s.heads,
+                "--head_dim", self.s.head_dim, "--seed", self.s.seed,
+                "--fit_vae_on", self.path("toydata", "train.jsonl"), "--vae_steps", self.s.vae_steps,
+                "--vae_size", self.s.resolution, *self.quiet(),
+            )  # fmt: skip
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # complete or absent
 
@@ -216,13 +278,13 @@ class Demo:
             "--work_dir", self.path("vectors"), "--max_sequence_length", self.s.max_sequence_length,
             "--mixed_precision", "no", "--device", "cpu", *self.quiet(),
         )  # fmt: skip
-        self.split(root / "index_.jsonl", root / "train_.jsonl", root / "val_.jsonl")
+        self.split(root / "index_.jsonl", suffix="_")
 
     def generator(self) -> None:
         self.run(
             "crfm.training.train", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
             "--data_root", self.path("toydata"), "--json_file", "train_.jsonl", "--vectors_path", self.path("vectors"),
-            "--work_dir", self.path("train"),
+            "--work_dir", self.path("train"), "--mask_encoding", self.s.mask_encoding,
             "--num_cls", 6, "--resolution", self.s.resolution, "--train_batch_size", self.s.train_batch_size,
             "--max_train_steps", self.s.train_steps, "--learning_rate", self.s.learning_rate,
             "--lr_warmup_steps", min(50, self.s.train_steps // 10), "--checkpointing_steps",
@@ -230,30 +292,25 @@ class Demo:
             "--seed", self.s.seed, *self.quiet(),
         )  # fmt: skip
 
-    def segmentor(self, work: str, seed: int, *extra: object) -> None:
+    def segmentor(self, work: str, seed: int, *extra: object, root: str = "toydata", val: str = "test.jsonl") -> None:
         """The toy SegFormer (the tool's default config), on the CPU like every other stage of the demo."""
         self.run(
-            "crfm.segmentation.downstream", "--data_root", self.path("toydata"), "--json_file", "train.jsonl",
-            "--val_file", "val.jsonl", "--work_dir", self.path(work), "--num_cls", 6,
+            "crfm.segmentation.downstream", "--data_root", self.path(root), "--json_file", "train.jsonl",
+            "--val_file", val, "--work_dir", self.path(work), "--num_cls", 6,
             "--max_iters", self.s.seg_iters, "--img_size", self.s.seg_size, "--seed", seed, "--device", "cpu", *extra,
         )  # fmt: skip
 
-    def synthesize(self, json_file: str, work: str, crfm: str | None) -> None:
-        """Synthesis (`test.py`) with CRFM off (None), at the paper's defaults ("paper") or the demo's tuned one."""
+    def synthesize(self, json_file: str, work: str, crfm: str | None, num_per_mask: int = 1) -> None:
+        """Synthesis (`test.py`) with CRFM off (None), at the paper's settings ("paper") or test.py's defaults."""
         guide = self.path("seg_real")
         rectify: list[object] = ["--mmseg_config", guide / "config.py", "--mmseg_ckpt", guide / "segmentor.pth"]
         if crfm == "paper":
-            rectify += ["--rectified_step", 4, "--max_step_size", 0.1, "--velocity_clamp", 1]
-        elif crfm == "tuned":
-            rectify += [
-                "--rectified_step", self.s.rectified_step, "--max_step_size", self.s.max_step_size,
-                "--num_rectified", self.s.num_rectified, "--l2_norm", "--velocity_clamp", 0,
-            ]  # fmt: skip
+            rectify += PAPER_CRFM
         self.run(
             "crfm.sampling.synthesis", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
             "--data_root", self.path("toydata"),
             "--json_file", json_file, "--vectors_path", self.path("vectors"),
-            "--lora_ckpt", self.path("train", "final"),
+            "--lora_ckpt", self.path("train", "final"), "--num_per_mask", num_per_mask,
             "--work_dir", self.path(work), "--num_cls", 6, "--resolution", self.s.resolution, "--batch_size", 8,
             "--num_inference_steps", self.s.num_inference_steps, "--seed", self.s.seed,
             *(rectify if crfm else []), *self.quiet(),
@@ -266,16 +323,19 @@ class Demo:
         from crfm.segmentation.adapter import load_segmentor
         from crfm.segmentation.evaluate import mask_fidelity
 
-        sets = {"real": (self.path("toydata"), "val.jsonl")}
-        sets |= {images: (self.path(work), "index.jsonl") for images, (work, _) in SYNTHESES.items()}
+        root = self.path("toydata")
+        # Real images are scored at the generator's resolution too, so all rows are comparable.
+        real = PairDataset(read_index(root / "test.jsonl", root), root, resolution=self.s.resolution, num_cls=6)
+        sets: dict[str, object] = {"real": real, "vae": VAEReconstructions(real, self.path("tiny_sd35", "vae"))}
+        for images, (work, _) in SYNTHESES.items():
+            index = self.path(work, "index.jsonl")
+            sets[images] = PairDataset(read_index(index, index.parent), index.parent, self.s.resolution, num_cls=6)
         for judge in ("seg_judge", "seg_real"):
             seg = self.path(judge)
             segmentor = load_segmentor(seg / "config.py", seg / "segmentor.pth", device="cpu", num_cls=6)
-            for images, (root, index) in sets.items():
-                # Real images are scored at the generator's resolution too, so all rows are comparable.
-                dataset = PairDataset(read_index(root / index, root), root, resolution=self.s.resolution, num_cls=6)
+            for images, dataset in sets.items():
                 result = mask_fidelity(segmentor, dataset, 6, progress=self.progress)
-                print(f"{images:>5} images, {judge}: mIoU {100 * result['mIoU']:.2f}")
+                print(f"{images:>10} images, {judge}: mIoU {100 * result['mIoU']:.2f}")
                 write_text_atomic(self.path("fidelity", f"{images}_{judge}.json"), json.dumps(result, indent=2) + "\n")
 
     def downstream(self) -> None:
@@ -325,7 +385,7 @@ class Demo:
         from crfm.utils.viz import colourise_mask, image_grid
 
         root = self.path("toydata")
-        real = {item.source: item.target for item in read_index(root / "val.jsonl", root)}
+        real = {item.source: item.target for item in read_index(root / "test.jsonl", root)}
 
         def by_mask(work: str) -> dict[str, Path]:
             items = read_index(self.path(work, "index.jsonl"))
@@ -338,32 +398,38 @@ class Demo:
             mask = colourise_mask(load_label(root / source), PALETTE)
             samples = [Image.open(images[source]).convert("RGB") for images in synthesized]
             rows.append([Image.fromarray(mask), *samples, Image.open(root / real[source]).convert("RGB")])
-        titles = ["mask", "plain", "CRFM paper", "CRFM tuned", "real"]
-        image_grid(rows, titles, cell=size, resample=Image.Resampling.NEAREST).save(self.path("samples.png"))
+        image_grid(rows, list(FIGURE_TITLES), cell=size, resample=Image.Resampling.NEAREST).save(
+            self.path("samples.png")
+        )
+
+
+ROW_NAMES = {
+    "real": "real held-out images (reference)",
+    "vae": "real images through the VAE (the ceiling)",
+    "plain": "plain sampling",
+    "crfm_paper": "CRFM, paper settings (4 steps, eta_max 0.1, clamp 1)",
+    "crfm": "CRFM, test.py defaults",
+}
 
 
 def summary_markdown(summary: dict) -> str:
     s = summary["settings"]
     fid, down = summary["mask_fidelity"], summary["downstream"]
-    held_out = s["val_scenes"]
+    held_out = s["test_scenes"]
     lines = [
         "# crfm demo summary",
         "",
+        f"Base: {s['base']}; mask encoding: {s['mask_encoding']}; generator fine-tuned on {s['train_scenes']} "
+        "labelled scenes.",
+        "",
         f"Mask fidelity on {held_out} held-out masks: mIoU (%) of a segmentor's prediction on the images against "
-        "the masks they were drawn from. The judge was trained on the real training split like the guide, with "
-        "another seed, and never guided sampling.",
+        f"the masks they were drawn from. The judge was trained on {s['judge_scenes']} separate toy scenes and never "
+        "guided sampling; the guide is the real-only segmentor below.",
         "",
         "| images | judge mIoU | guide mIoU |",
         "|---|---|---|",
     ]
-    names = {
-        "real": "real held-out images (reference)",
-        "plain": "plain sampling",
-        "crfm_paper": "CRFM, paper defaults (4 steps, eta_max 0.1, clamp 1)",
-        "crfm": f"CRFM, tuned ({s['rectified_step']} steps x {s['num_rectified']}, L2-normalised, "
-        f"eta_max {s['max_step_size']:g}, no clamp)",
-    }
-    for key, name in names.items():
+    for key, name in ROW_NAMES.items():
         lines.append(f"| {name} | {fid[key]['judge_mIoU']:.2f} | {fid[key]['guide_mIoU']:.2f} |")
     real, mixed = down["real_only"], down["real_plus_synthetic"]
     lines += [
@@ -390,17 +456,37 @@ def summary_markdown(summary: dict) -> str:
 
 
 STAGES: list[tuple[str, str]] = [
-    ("data", "toy remote-sensing scenes, training / held-out split"),
-    ("pipeline", "tiny SD3.5 pipeline, VAE fitted to the training images"),
+    ("data", "toy remote-sensing scenes: labelled / validation / held-out splits, and the judge's own scenes"),
+    ("pipeline", "the base: the shipped pretrained tiny SD3.5 (or a scratch one, --base scratch)"),
     ("vectors", "prompt vectors (SD3 encode_prompt)"),
     ("generator", "train the mask-conditioned MM-DiT (paper stage a)"),
     ("guide", "guide segmentor on the real training split (mmseg)"),
-    ("judge", "judge segmentor (same recipe, another seed)"),
-    ("synthesis", "synthesize the held-out masks: plain, CRFM paper defaults, CRFM tuned; same seeds (stage b)"),
-    ("fidelity", "mask fidelity: real vs plain vs CRFM"),
-    ("synth_train", "synthesize the training masks with tuned CRFM, for downstream training"),
+    ("judge", "judge segmentor on its own scenes (same recipe, another seed)"),
+    ("synthesis", "synthesize the held-out masks: plain, CRFM paper settings, CRFM defaults; same seeds (stage b)"),
+    ("fidelity", "mask fidelity: real vs VAE ceiling vs plain vs CRFM"),
+    ("synth_train", "synthesize the labelled masks with CRFM defaults, for downstream training"),
     ("downstream", "downstream segmentor on real + synthetic (paper stage c)"),
 ]
+
+
+def check_knobs(settings: DemoSettings) -> None:
+    """Refuse impossible knob combinations before anything is written."""
+    if min(settings.train_scenes, settings.val_scenes, settings.test_scenes) < 1 or settings.judge_scenes < 2:
+        raise UsageError("need at least 1 training, validation and held-out scene and 2 judge scenes")
+    if settings.base not in BASES:
+        raise UsageError(f"--base must be one of {BASES}, got {settings.base!r}")
+    if settings.mask_encoding not in MASK_ENCODINGS:
+        raise UsageError(f"--mask_encoding must be one of {MASK_ENCODINGS}, got {settings.mask_encoding!r}")
+    if settings.base == "pretrained":
+        from crfm.toy.tiny import SHIPPED_BASE
+
+        if not (SHIPPED_BASE / "model_index.json").is_file():
+            raise UsageError(f"the shipped base {SHIPPED_BASE} is missing; reinstall crfm or use --base scratch")
+        if settings.resolution != SHIPPED_RESOLUTION:
+            raise UsageError(
+                f"the shipped base draws {SHIPPED_RESOLUTION} px images; use --resolution {SHIPPED_RESOLUTION} "
+                "or --base scratch"
+            )
 
 
 def check_settings(out: Path, settings: DemoSettings) -> None:
@@ -443,8 +529,7 @@ def run_demo(args: argparse.Namespace) -> int:
         {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoSettings) if getattr(args, f.name) is not None}
     )
     settings = DemoSettings(**values)
-    if settings.val_scenes >= settings.num_scenes or settings.val_scenes < 1:
-        raise UsageError("need 1 <= --val_scenes < --num_scenes")
+    check_knobs(settings)
     out = args.out.resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -458,10 +543,10 @@ def run_demo(args: argparse.Namespace) -> int:
         "vectors": demo.vectors,
         "generator": demo.generator,
         "guide": lambda: demo.segmentor("seg_real", settings.seed),
-        "judge": lambda: demo.segmentor("seg_judge", settings.seed + 1),
-        "synthesis": lambda: [demo.synthesize("val_.jsonl", work, crfm) for work, crfm in SYNTHESES.values()],
+        "judge": lambda: demo.segmentor("seg_judge", settings.seed + 1, root="toydata_judge", val="val.jsonl"),
+        "synthesis": lambda: [demo.synthesize("test_.jsonl", work, crfm) for work, crfm in SYNTHESES.values()],
         "fidelity": demo.fidelity,
-        "synth_train": lambda: demo.synthesize("train_.jsonl", "synth_train", crfm="tuned"),
+        "synth_train": lambda: demo.synthesize("train_.jsonl", "synth_train", "default", settings.num_per_mask),
         "downstream": demo.downstream,
     }
     for number, (name, title) in enumerate(STAGES, 1):
@@ -479,7 +564,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\n=== report -> {out} ===")
     summary = demo.report()
     print(summary["markdown"])
-    print(f"figure  : {out / 'samples.png'} (mask | plain | CRFM paper | CRFM tuned | real)")
+    print(f"figure  : {out / 'samples.png'} ({' | '.join(FIGURE_TITLES)})")
     print(f"tables  : {out / 'summary.md'}, {out / 'summary.json'}")
     print(f"this run: {time.perf_counter() - start:.0f} s")
     return 0

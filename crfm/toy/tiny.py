@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from crfm.toy.pretrain import PretrainSettings
 from crfm.utils.flags import UsageError, add_run_flags, entry_point
 
 # Words the tiny tokenizers are trained on: remote-sensing prompts plus generic caption words,
@@ -32,6 +33,10 @@ building buildings house houses roof roofs residential industrial commercial par
 barren desert sand rock unpaved area traffic inland low medium dense sparse green brown grey gray blue
 white red yellow dark light shadow shadows summer winter spring autumn cloud clouds clear sunny
 """.split()
+
+
+# The pretrained tiny base shipped with crfm (`scripts/pretrain_base.sh` rebuilds it; model card in its README.md).
+SHIPPED_BASE = Path(__file__).resolve().parent / "tiny_sd35_base"
 
 
 @dataclass
@@ -279,12 +284,10 @@ def fit_vae(
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
-    from crfm.data.dataset import PairDataset
-    from crfm.data.index import read_index
+    from crfm.data.dataset import load_index_images
 
     pipe_dir = Path(pipe_dir)
-    dataset = PairDataset(read_index(index_file), Path(index_file).parent, resolution=size)
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    images, _ = load_index_images(index_file, size)
     vae = AutoencoderKL.from_pretrained(pipe_dir / "vae").train()
     optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
     gen = torch.Generator().manual_seed(seed)
@@ -344,17 +347,32 @@ def build_parser() -> argparse.ArgumentParser:
     add("pos_embed_max_size", type=int, help="position grid side in tokens (max tokens per side)")
     add("fit_vae_on", type=Path, help="index.jsonl whose images the tiny VAE is fitted to")
     add("vae_steps", type=int, default=1500, help="steps fitting the VAE")
-    add("vae_size", type=int, default=64, help="image size for fitting the VAE")
+    add("vae_size", type=int, default=64, help="px of the images the VAE is fitted (and the base pretrained) on")
+    add(
+        "pretrain_on",
+        type=Path,
+        help="index.jsonl of an unlabelled corpus: fit the VAE, then pretrain the "
+        "transformer text-to-image on it (resumable; re-run the same command to continue)",
+    )
+    add("pretrain_steps", type=int, default=PretrainSettings.steps, help="transformer pretraining steps")
+    add("pretrain_batch_size", type=int, default=PretrainSettings.batch_size, help="pretraining batch")
+    add("pretrain_lr", type=float, default=PretrainSettings.learning_rate, help="pretraining AdamW learning rate")
+    add("pretrain_work_dir", type=Path, help="checkpoints and loss log of pretraining (default: OUT_DIR.work)")
     add_run_flags(parser, seed_help="seed of the random weights and of the VAE fit", seed_default=defaults.seed)
     return parser
 
 
 def build(args: argparse.Namespace) -> int:
-    """Write the pipeline of `args` (and fit its VAE with --fit_vae_on); 0 on success."""
-    if args.fit_vae_on is not None and not Path(args.fit_vae_on).is_file():
-        raise UsageError(f"--fit_vae_on: no index file at {args.fit_vae_on}")  # before minutes of work
+    """Write the pipeline of `args` (and fit its VAE with --fit_vae_on, or pretrain it); 0 on success."""
+    for flag in ("fit_vae_on", "pretrain_on"):
+        if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
+            raise UsageError(f"--{flag}: no index file at {getattr(args, flag)}")  # before minutes of work
+    if args.fit_vae_on is not None and args.pretrain_on is not None:
+        raise UsageError("--fit_vae_on and --pretrain_on exclude each other (pretraining fits the VAE itself)")
     # Every TinyConfig field that is a flag comes from the command line; the rest keep their defaults.
     config = TinyConfig(**{f.name: getattr(args, f.name) for f in fields(TinyConfig) if hasattr(args, f.name)})
+    if args.pretrain_on is not None:
+        return pretrain(args, config)
     out = save_tiny_pipeline(args.out_dir, config)
     side = config.sample_size * 2 ** (len(config.vae_channels) - 1)
     print(f"wrote tiny {config.variant} pipeline to {out} (default image size {side} px)")
@@ -368,6 +386,40 @@ def build(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         print(f"fitted the VAE on {args.fit_vae_on}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+    return 0
+
+
+def pretrain(args: argparse.Namespace, config: TinyConfig) -> int:
+    """Build OUT_DIR once, then fit and pretrain it (`crfm.toy.pretrain`); a re-run resumes where it stopped."""
+    import shlex
+    import sys
+
+    from crfm.toy.pretrain import run_pretraining
+
+    out = Path(args.out_dir)
+    recorded = out / "crfm_tiny.json"
+    if recorded.is_file():
+        # Rebuilding would retrain the tokenizers (not bit-reproducible), so an existing folder is resumed as is.
+        if json.loads(recorded.read_text()) != json.loads(json.dumps(asdict(config))):
+            raise UsageError(f"{out} holds a tiny pipeline of another configuration; resume with the same flags")
+    else:
+        save_tiny_pipeline(out, config)
+    settings = PretrainSettings(
+        steps=args.pretrain_steps,
+        batch_size=args.pretrain_batch_size,
+        learning_rate=args.pretrain_lr,
+        resolution=args.vae_size,
+        vae_steps=args.vae_steps,
+        seed=args.seed,
+    )
+    work = args.pretrain_work_dir or out.with_name(out.name + ".work")
+    command = "python -m crfm.toy.tiny " + shlex.join(sys.argv[1:])
+    report = run_pretraining(out, args.pretrain_on, work, settings, command, progress=not args.no_progress)
+    print(
+        f"pretrained {out}: VAE MSE {report['vae']['reconstruction_mse']:.4f}, transformer "
+        f"{report['transformer_steps']} steps in {report['transformer_seconds']:.0f} s, "
+        f"loss {report['first_500_loss']} -> {report['last_500_loss']}"
+    )
     return 0
 
 

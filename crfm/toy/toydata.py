@@ -36,6 +36,8 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (220, 40, 40),  # building: red
 )
 
+RECIPE_FILE = "toydata.json"
+
 SOIL, FARM, FOREST, WATER, ROAD, BUILDING = range(len(CLASSES))
 
 _SOIL_COLOURS = np.array(
@@ -415,6 +417,9 @@ def write_dataset(
     (out / "label").mkdir(parents=True, exist_ok=True)
     meta = {"classes": list(CLASSES), "palette": [list(c) for c in PALETTE], "ignore_index": IGNORE_INDEX}
     write_text_atomic(out / "classes.json", json.dumps(meta, indent=2) + "\n")
+    # How the scenes were drawn, so a model trained on them can name its data exactly (e.g. a model card).
+    recipe = {"num": num, "size": size, "seed": seed, "ignore_prob": ignore_prob}
+    write_text_atomic(out / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
 
     jobs = [(out, seed, i, size, ignore_prob) for i in range(num)]
     bar = dict(total=num, desc="toydata", unit="scene", disable=not progress)

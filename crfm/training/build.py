@@ -71,6 +71,7 @@ def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: to
     --train_mode; returns (model, vae, timesteps, parameter counts)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
+    from crfm.models.conditioning import mask_embed_in_channels
     from crfm.models.mmdit import MaskSD3Transformer2DModel
     from crfm.models.trained_weights import configure_training
 
@@ -79,7 +80,8 @@ def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: to
     vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", dtype=torch.float32).requires_grad_(False)
     vae.eval().to(device)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    model = MaskSD3Transformer2DModel.from_sd3(pretrained, mask_init=args.mask_init)
+    mask_in_channels = mask_embed_in_channels(args.mask_encoding, args.num_cls)
+    model = MaskSD3Transformer2DModel.from_sd3(pretrained, mask_init=args.mask_init, mask_in_channels=mask_in_channels)
     counts = configure_training(model, args.train_mode, args.lora_rank)
     if args.no_mask:
         for branch in (model.mask_embed, model.mask_blocks):
@@ -102,6 +104,7 @@ def checkpoint_meta(args: argparse.Namespace) -> dict:
         "train_mode": args.train_mode,
         "lora_rank": args.lora_rank,
         "num_cls": args.num_cls,
+        "mask_encoding": args.mask_encoding,
         "base_model": str(Path(args.pretrained_model_name_or_path).resolve()),
         "resolution": args.resolution,
     }

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from crfm.models.conditioning import encode_latents, encode_mask_latents
+from crfm.models.conditioning import DEFAULT_MASK_ENCODING, check_mask_encoding, encode_latents, encode_mask_condition
 
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 
@@ -38,10 +38,12 @@ class FlowMatchingConfig:
     prompt_dropout: float = 0.1  # probability of the empty prompt (trains the unconditional branch of CFG)
     flip_prob: float = 0.5  # horizontal flip of image and mask together
     use_mask: bool = True  # False: the `--no_mask` ablation, the model sees no mask
+    mask_encoding: str = DEFAULT_MASK_ENCODING  # crfm.models.conditioning.MASK_ENCODINGS
 
     def __post_init__(self) -> None:
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
+        check_mask_encoding(self.mask_encoding)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FlowMatchingConfig:
@@ -79,12 +81,19 @@ class FlowMatchingLoss(NamedTuple):
 
 
 def encode_pair(
-    vae, image: torch.Tensor, label: torch.Tensor, num_cls: int, dtype: torch.dtype, generator: torch.Generator
+    vae,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    num_cls: int,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    mask_encoding: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (posterior sample, from `generator`) and label maps (posterior mode) -> latents in `dtype`."""
+    """Images (posterior sample, from `generator`) and label maps (in `mask_encoding`, deterministic) -> latents
+    and mask condition in `dtype`."""
     with torch.no_grad():
         latents = encode_latents(vae, image.float(), generator=generator).to(dtype)
-        mask_latents = encode_mask_latents(vae, label, num_cls).to(dtype)
+        mask_latents = encode_mask_condition(vae, label, num_cls, mask_encoding).to(dtype)
     return latents, mask_latents
 
 
@@ -94,7 +103,10 @@ def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tens
 
 
 def predict(model, noisy, embeds, pooled, timesteps, mask_latents: torch.Tensor | None) -> torch.Tensor:
-    """The model's velocity prediction; `mask_latents=None` runs it without the mask branch."""
+    """The model's velocity prediction; `mask_latents=None` runs it without the mask branch (and then `model`
+    may also be a plain `SD3Transformer2DModel`, as in text-to-image pretraining)."""
+    if mask_latents is None:
+        return model(noisy, embeds, pooled, timesteps, return_dict=False)[0]
     return model(noisy, embeds, pooled, timesteps, mask_hidden_states=mask_latents, return_dict=False)[0]
 
 
@@ -117,11 +129,15 @@ def flow_matching_loss(
     """
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-    image, label = batch["image"], batch["label"]
+    image = batch["image"]
     flip = (torch.rand(image.shape[0], generator=generator) < config.flip_prob).to(image.device)
     image = torch.where(flip[:, None, None, None], image.flip(-1), image)
-    label = torch.where(flip[:, None, None], label.flip(-1), label)
-    latents, mask_latents = encode_pair(vae, image, label, config.num_cls, dtype, generator)
+    if config.use_mask:
+        label = torch.where(flip[:, None, None], batch["label"].flip(-1), batch["label"])
+        latents, mask_latents = encode_pair(vae, image, label, config.num_cls, dtype, generator, config.mask_encoding)
+    else:  # text-to-image (pretraining, or the --no_mask ablation): no label is read or encoded
+        with torch.no_grad():
+            latents, mask_latents = encode_latents(vae, image.float(), generator=generator).to(dtype), None
     batch_size, device = latents.shape[0], latents.device
 
     noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -144,7 +160,7 @@ def flow_matching_loss(
     embeds = torch.where(drop[:, None, None], empty_embeds.expand_as(embeds), embeds)
     pooled = torch.where(drop[:, None], empty_pooled.expand_as(pooled), pooled)
 
-    pred = predict(model, noisy, embeds, pooled, timesteps, mask_latents if config.use_mask else None)
+    pred = predict(model, noisy, embeds, pooled, timesteps, mask_latents)
     weighting = compute_loss_weighting_for_sd3(config.weighting_scheme, sigmas)
     per_sample = (weighting.float() * (pred.float() - (noise - latents).float()) ** 2).mean(dim=(1, 2, 3))
     return FlowMatchingLoss(per_sample.mean(), per_sample, timesteps, sigmas)
@@ -152,9 +168,17 @@ def flow_matching_loss(
 
 @torch.no_grad()
 def mask_following_losses(
-    model, vae, dataset, num_cls: int, sigmas: tuple[float, ...] = (0.3, 0.6, 0.9), seed: int = 0
+    model,
+    vae,
+    dataset,
+    num_cls: int,
+    mask_encoding: str,
+    sigmas: tuple[float, ...] = (0.3, 0.6, 0.9),
+    seed: int = 0,
 ) -> dict[str, float]:
     """Flow-matching loss on `dataset` with each item's own mask, with another item's mask, and with none.
+
+    `mask_encoding` must be the one `model` was trained with (its checkpoint's).
 
     The gap between the first two measures how much the model follows the mask; noise and timesteps are
     fixed by `seed`, so numbers are comparable across models. Unweighted, at fixed σ, the timestep σ · 1000.
@@ -168,7 +192,7 @@ def mask_following_losses(
     images = torch.stack([s["image"] for s in samples]).to(device)
     labels = torch.stack([s["label"] for s in samples]).to(device)
     gen = torch.Generator().manual_seed(seed)
-    latents, masks = encode_pair(vae, images, labels, num_cls, dtype, gen)
+    latents, masks = encode_pair(vae, images, labels, num_cls, dtype, gen, mask_encoding)
     other = masks.roll(1, dims=0)  # each item gets its neighbour's mask
     embeds = torch.stack([s["prompt_embeds"] for s in samples]).to(device, dtype)
     pooled = torch.stack([s["pooled_prompt_embeds"] for s in samples]).to(device, dtype)

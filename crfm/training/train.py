@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from crfm.models.base_folder import check_base_folder
 from crfm.training.build import build_accelerator, build_data, build_model, build_optimizer, checkpoint_meta
 from crfm.training.checkpoints import register_checkpoint_hooks, resume_state, save_checkpoint
 from crfm.training.objective import WEIGHTING_SCHEMES, FlowMatchingConfig, flow_matching_loss, step_generator
@@ -32,7 +33,7 @@ LOSS_LOG = "loss.jsonl"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Fine-tune SD3/SD3.5's MM-DiT with a mask branch (crfm).")
-    add_model_flags(parser)
+    add_model_flags(parser, mask_encoding=True)
     add_data_flags(parser, "index_.jsonl", "training index written by preprocess/vectorize.py", vectors=True)
     add = parser.add_argument
     add("--work_dir", default="work_dirs/crfm", help="checkpoints, logs, final weights")
@@ -92,6 +93,8 @@ def train(args: argparse.Namespace) -> dict:
     """Run training; returns a summary (steps, final loss, seconds per step)."""
     from accelerate.utils import set_seed
 
+    # The base and the data are validated before anything is written or any model is loaded.
+    check_base_folder(args.pretrained_model_name_or_path, ("transformer", "vae", "scheduler"))
     work_dir = Path(args.work_dir)
     accelerator = build_accelerator(args, work_dir)
     main = accelerator.is_main_process
@@ -99,7 +102,6 @@ def train(args: argparse.Namespace) -> dict:
     # What accelerate settled on (flag or config); fp8 and others keep frozen weights in fp32.
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
 
-    # Data is validated before any model is loaded.
     dataset, loader, empty = build_data(args, accelerator.num_processes, progress=main and not args.no_progress)
     model, vae, schedule, counts = build_model(args, accelerator.device, weight_dtype)
     if main:

@@ -2,7 +2,9 @@
 
 Every entry point builds its parser from these groups, so a flag means the same thing everywhere:
 
-- model: `--pretrained_model_name_or_path` (the base SD3/SD3.5 folder), `--lora_ckpt` (a trained checkpoint);
+- model: `--pretrained_model_name_or_path` (the base SD3/SD3.5 folder), `--lora_ckpt` (a trained checkpoint),
+  `--mask_encoding` (how masks reach the mask branch: chosen when training, checked against the checkpoint when
+  sampling);
 - data: `--data_root`, `--json_file` (aliases `--train_file`, `--src_json_file`: the index to read, relative to
   `--data_root`), `--vectors_path`, `--num_cls`;
 - run: `--seed`, `--device`, `--mixed_precision`, `--no_progress`;
@@ -21,6 +23,8 @@ import sys
 from collections.abc import Callable
 
 import torch
+
+from crfm.models.conditioning import DEFAULT_MASK_ENCODING, MASK_ENCODINGS
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
@@ -52,7 +56,10 @@ def resolve_dtype(mixed_precision: str | None) -> torch.dtype:
     return DTYPES[mixed_precision]
 
 
-def add_model_flags(parser: argparse.ArgumentParser, checkpoint: bool = False) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, checkpoint: bool = False, mask_encoding: bool = False) -> None:
+    """`checkpoint`: the command reads a trained checkpoint (`--lora_ckpt`); then `--mask_encoding` (with
+    `mask_encoding`) defaults to the checkpoint's and, when given, must match it. Without a checkpoint it is the
+    encoding to train with."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--pretrained_model_name_or_path", required=True, help="local diffusers SD3/SD3.5 folder (the base model)"
@@ -60,6 +67,21 @@ def add_model_flags(parser: argparse.ArgumentParser, checkpoint: bool = False) -
     if checkpoint:
         group.add_argument(
             "--lora_ckpt", required=True, help="trained checkpoint folder (train.py's final/ or a checkpoint-N/)"
+        )
+    if mask_encoding and checkpoint:
+        group.add_argument(
+            "--mask_encoding",
+            choices=MASK_ENCODINGS,
+            default=None,
+            help="mask encoding; default: the checkpoint's, and if given it must be the checkpoint's",
+        )
+    elif mask_encoding:
+        group.add_argument(
+            "--mask_encoding",
+            choices=MASK_ENCODINGS,
+            default=DEFAULT_MASK_ENCODING,
+            help="mask as the mask branch sees it: a grey (the paper's) or palette image through the VAE, or "
+            "onehot class fractions per latent cell",
         )
 
 

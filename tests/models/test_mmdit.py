@@ -16,12 +16,21 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 
 from crfm.data.index import IGNORE_INDEX
-from crfm.models.conditioning import mask_to_pixels
+from crfm.models.conditioning import (
+    MASK_ENCODINGS,
+    encode_mask_condition,
+    mask_condition_channels,
+    mask_embed_in_channels,
+    mask_to_class_fractions,
+    mask_to_pixels,
+)
 from crfm.models.mmdit import MaskSD3Transformer2DModel
+from crfm.models.sd35 import SD35_MEDIUM_TRANSFORMER
 from crfm.models.trained_weights import (
     CHECKPOINT_META,
     CHECKPOINT_WEIGHTS,
     TEXT_BRANCH_KEYS,
+    checkpoint_mask_encoding,
     configure_training,
     load_trained,
     save_trained,
@@ -437,3 +446,142 @@ def test_fresh_init_checkpoint_roundtrip(tiny_sd3_dir, tmp_path):
         assert torch.equal(
             loaded(**inputs, mask_hidden_states=mask).sample, model(**inputs, mask_hidden_states=mask).sample
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 11: mask encodings (grey, palette: VAE latents; onehot: num_cls class fractions per latent cell)
+
+
+def encoded_masks(pipe_dir: Path, encoding: str, seeds: tuple[int, ...] = (1, 2)) -> list[torch.Tensor]:
+    """For each seed, a batch of 2 random 64x128 px masks (8x16 latents, as make_inputs) in `encoding`."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(pipe_dir, subfolder="vae").eval()
+    masks = []
+    for seed in seeds:
+        label = torch.randint(0, 6, (2, 64, 128), generator=torch.Generator().manual_seed(seed))
+        label[:, :8] = IGNORE_INDEX
+        with torch.no_grad():
+            masks.append(encode_mask_condition(vae, label, 6, encoding))
+    return masks
+
+
+@pytest.mark.parametrize("encoding", MASK_ENCODINGS)
+def test_each_mask_encoding_conditions_the_output(pipe_dir, encoding):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir, mask_in_channels=mask_embed_in_channels(encoding, 6))
+    configure_training(model, "full")
+    inputs = make_inputs(model)
+    first, second = encoded_masks(pipe_dir, encoding)
+    channels = mask_condition_channels(encoding, 6, model.transformer.config.in_channels)
+    assert first.shape == (2, channels, 8, 16) and model.mask_channels == channels
+    out = model(**inputs, mask_hidden_states=first).sample
+    with torch.no_grad():
+        other = model(**inputs, mask_hidden_states=second).sample
+        plain = model(**inputs).sample
+    assert out.shape == inputs["hidden_states"].shape and torch.isfinite(out).all()
+    assert (out - other).abs().max().item() > 1e-4  # another mask, another velocity
+    assert (out - plain).abs().max().item() > 1e-4
+    out.square().mean().backward()
+    assert model.mask_embed.proj.weight.grad.abs().max().item() > 0
+
+
+def test_onehot_copy_init_copies_positions_and_blocks_not_the_projection(pipe_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir, mask_init="copy", mask_in_channels=6)
+    base = model.transformer
+    patch = base.config.patch_size
+    assert model.mask_embed.proj.weight.shape == (base.inner_dim, 6, patch, patch)
+    assert base.pos_embed.proj.weight.shape[1] == base.config.in_channels != 6
+    assert torch.equal(model.mask_embed.pos_embed, base.pos_embed.pos_embed)
+    block, mask_block = base.transformer_blocks[0], model.mask_blocks[0]
+    assert torch.equal(mask_block.to_q.weight, block.attn.to_q.weight)
+    # An old config (no mask_in_channels) means VAE latents: the whole patch embedding is copied.
+    assert MaskSD3Transformer2DModel.from_sd3(pipe_dir).config.mask_in_channels is None
+
+
+def test_the_mask_condition_shape_is_checked(tiny_sd35_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir, mask_in_channels=6).eval()
+    inputs = make_inputs(model)
+    latent_shaped = make_mask(inputs, 1)  # 16 channels, as a grey/palette model would take
+    with pytest.raises(ValueError, match=r"mask latents \(2, 16, 8, 16\) do not fit .*expected \(2, 6, 8, 16\)"):
+        model(**inputs, mask_hidden_states=latent_shaped)
+    with pytest.raises(ValueError, match="do not fit"):
+        model(**inputs, mask_hidden_states=torch.zeros(1, 6, 8, 16))  # batch
+    with pytest.raises(ValueError, match="do not fit"):
+        model(**inputs, mask_hidden_states=torch.zeros(2, 6, 8, 8))  # size
+    with pytest.raises(ValueError, match="mask_in_channels"):
+        MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir, mask_in_channels=0)
+
+
+def test_sd35_medium_shaped_onehot_trains():
+    """SD3.5-medium's layout (16 latent channels, patch 2, 384-token position grid, qk RMS-norm, dual attention
+    then joint then the last block) at small widths, with 7 classes one-hot: nothing assumes mask channels ==
+    latent channels."""
+    config = {
+        **SD35_MEDIUM_TRANSFORMER,
+        "num_layers": 3,
+        "dual_attention_layers": (0,),
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "joint_attention_dim": 32,
+        "caption_projection_dim": 32,
+        "pooled_projection_dim": 24,
+    }
+    assert config["in_channels"] == 16 and config["patch_size"] == 2
+    torch.manual_seed(0)
+    model = MaskSD3Transformer2DModel.from_sd3(SD3Transformer2DModel(**config), mask_in_channels=7)
+    configure_training(model, "full")
+    label = torch.randint(0, 7, (2, 64, 96), generator=torch.Generator().manual_seed(0))
+    label[:, :16] = IGNORE_INDEX
+    mask = mask_to_class_fractions(label, 7, 8)  # SD3's VAE factor
+    gen = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(2, 16, 8, 12, generator=gen),
+        "encoder_hidden_states": torch.randn(2, 5, 32, generator=gen),
+        "pooled_projections": torch.randn(2, 24, generator=gen),
+        "timestep": torch.tensor([100.0, 700.0]),
+    }
+    out = model(**inputs, mask_hidden_states=mask).sample
+    assert mask.shape == (2, 7, 8, 12) and out.shape == (2, 16, 8, 12) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert model.mask_embed.proj.weight.grad.abs().max().item() > 0
+    assert model.mask_blocks[0].to_k.weight.grad.abs().max().item() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 12: the mask encoding in checkpoints
+
+
+@pytest.mark.parametrize("encoding", MASK_ENCODINGS)
+def test_checkpoint_records_the_mask_encoding_and_load_trained_rebuilds_it(tiny_sd35_dir, encoding, tmp_path):
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir, mask_in_channels=mask_embed_in_channels(encoding, 6))
+    configure_training(model, "full")
+    perturb_trainable(model)
+    model.eval()
+    meta = {"train_mode": "full", "num_cls": 6, "base_model": str(tiny_sd35_dir), "mask_encoding": encoding}
+    ckpt = save_trained(model, tmp_path / "ckpt", meta=meta)
+    assert json.loads((ckpt / CHECKPOINT_META).read_text())["mask_encoding"] == encoding
+    loaded, loaded_meta = load_trained(ckpt)
+    assert checkpoint_mask_encoding(loaded_meta) == encoding
+    assert loaded.config.mask_in_channels == model.config.mask_in_channels == mask_embed_in_channels(encoding, 6)
+    inputs = make_inputs(model)
+    (mask,) = encoded_masks(tiny_sd35_dir, encoding, seeds=(3,))
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(**inputs, mask_hidden_states=mask).sample, model(**inputs, mask_hidden_states=mask).sample
+        )
+
+
+def test_checkpoint_without_mask_encoding_loads_as_grey(trained_checkpoint):
+    assert "mask_encoding" not in json.loads((trained_checkpoint / CHECKPOINT_META).read_text())
+    model, meta = load_trained(trained_checkpoint)
+    assert checkpoint_mask_encoding(meta) == "grey"
+    assert model.config.mask_in_channels is None and model.mask_channels == model.transformer.config.in_channels
+
+
+def test_save_trained_refuses_a_meta_of_another_encoding(tiny_sd35_dir, tmp_path):
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir)  # a grey/palette mask branch
+    configure_training(model, "full")
+    meta = {"train_mode": "full", "num_cls": 6, "base_model": str(tiny_sd35_dir), "mask_encoding": "onehot"}
+    with pytest.raises(ValueError, match="mask_encoding 'onehot'"):
+        save_trained(model, tmp_path / "ckpt", meta=meta)
+    assert not (tmp_path / "ckpt").exists()  # refused before anything was written

@@ -8,7 +8,8 @@ import torch
 from crfm.data.index import DatasetError
 from crfm.sampling.pipeline import MaskToImagePipeline
 from crfm.sampling.rectify import CRFMConfig
-from tests.helpers import NUM_CLS, ColourSegmentor
+from crfm.utils.flags import UsageError
+from tests.helpers import NUM_CLS, ColourSegmentor, perturb_trainable
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +81,46 @@ def test_masks_must_fit_the_vae_grid(pipe):
     labels, embeds, pooled = inputs(pipe, 1)
     with pytest.raises(ValueError, match="multiple of 8"):
         pipe(labels[:, :60, :60], embeds, pooled, noise_ids=[0], num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def onehot_checkpoint(tiny_sd35_dir, tmp_path_factory):
+    from crfm.models.mmdit import MaskSD3Transformer2DModel
+    from crfm.models.trained_weights import configure_training, save_trained
+
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir, mask_in_channels=NUM_CLS)
+    configure_training(model, "full")
+    perturb_trainable(model, seed=0, scale=0.01)
+    meta = {"train_mode": "full", "num_cls": NUM_CLS, "base_model": str(tiny_sd35_dir), "mask_encoding": "onehot"}
+    return save_trained(model, tmp_path_factory.mktemp("onehot") / "ckpt", meta)
+
+
+def test_the_checkpoints_mask_encoding_is_used(pipe, onehot_checkpoint, tiny_sd35_dir):
+    assert pipe.mask_encoding == "grey"  # a checkpoint from before the option
+    onehot = MaskToImagePipeline.from_checkpoint(onehot_checkpoint, tiny_sd35_dir)
+    assert onehot.mask_encoding == "onehot" and onehot.transformer.mask_channels == NUM_CLS
+    labels, embeds, pooled = inputs(onehot, 1)
+    assert onehot.encode_masks(labels).shape == (1, NUM_CLS, 8, 8)
+    first = onehot(labels, embeds, pooled, noise_ids=[0], num_inference_steps=3)
+    second = onehot((labels + 1) % NUM_CLS, embeds, pooled, noise_ids=[0], num_inference_steps=3)
+    assert first.images.shape == (1, 3, 64, 64)
+    assert (first.latents - second.latents).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("asked", "trained"), [("onehot", "grey"), ("grey", "onehot"), ("palette", "grey")])
+def test_another_mask_encoding_is_refused_naming_both(
+    trained_checkpoint, onehot_checkpoint, tiny_sd35_dir, asked, trained
+):
+    checkpoint = onehot_checkpoint if trained == "onehot" else trained_checkpoint
+    with pytest.raises(UsageError) as refused:
+        MaskToImagePipeline.from_checkpoint(checkpoint, tiny_sd35_dir, mask_encoding=asked)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"trained with --mask_encoding {trained}, not --mask_encoding {asked}" in message
+    with pytest.raises(ValueError, match="mask encoding must be one of"):
+        MaskToImagePipeline.from_checkpoint(checkpoint, tiny_sd35_dir, mask_encoding="rgb")
+
+
+def test_an_encoding_that_does_not_fit_the_transformer_is_refused(pipe):
+    with pytest.raises(ValueError, match="'onehot' gives 6 channels; the transformer's mask branch takes 16"):
+        MaskToImagePipeline(pipe.transformer, pipe.vae, pipe.scheduler, NUM_CLS, mask_encoding="onehot")

@@ -108,6 +108,15 @@ def test_checkpoint_with_other_num_cls_is_refused(setup, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_checkpoint_with_other_mask_encoding_is_refused(setup, tmp_path, capsys):
+    assert build_parser().parse_args(cli(setup, tmp_path / "out")).mask_encoding is None  # default: the checkpoint's
+    assert main(cli(setup, tmp_path / "out", "--mask_encoding", "onehot")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert "trained with --mask_encoding grey, not --mask_encoding onehot" in err[0]
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 def test_crfm_path_changes_images_and_traces_losses(setup, tmp_path, monkeypatch):
     import crfm.segmentation.adapter
 

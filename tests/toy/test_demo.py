@@ -42,23 +42,37 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         assert (out / "stages" / f"{name}.json").is_file(), name
     # Every tool runs as a module of the package (no checkout needed), each command printed before it runs.
     commands = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
-    modules = ["crfm.toy.tiny", "crfm.data.vectorize", "crfm.training.train"]
+    modules = ["crfm.data.vectorize", "crfm.training.train"]  # the base is the shipped one, copied
     modules += ["crfm.segmentation.downstream"] * 2 + ["crfm.sampling.synthesis"] * 4 + ["crfm.segmentation.downstream"]
     assert [line.split()[3] for line in commands] == modules and all(c.startswith("$ python -m ") for c in commands)
     settings = DemoSettings(**PRESETS["ci"])
-    n_train = settings.num_scenes - settings.val_scenes
+    n_train, n_test = settings.train_scenes, settings.test_scenes
     expected_lines = {
         "toydata/train.jsonl": n_train,
         "toydata/val.jsonl": settings.val_scenes,
+        "toydata/test.jsonl": n_test,
         "toydata/train_.jsonl": n_train,
-        "toydata/val_.jsonl": settings.val_scenes,
-        "synth_plain/index.jsonl": settings.val_scenes,
-        "synth_crfm_paper/index.jsonl": settings.val_scenes,
-        "synth_crfm/index.jsonl": settings.val_scenes,
-        "synth_train/index.jsonl": n_train,
+        "toydata/test_.jsonl": n_test,
+        "synth_plain/index.jsonl": n_test,
+        "synth_crfm_paper/index.jsonl": n_test,
+        "synth_crfm/index.jsonl": n_test,
+        "synth_train/index.jsonl": n_train * settings.num_per_mask,
     }
     for name, count in expected_lines.items():
         assert len((out / name).read_text().splitlines()) == count, name
+    # The three splits and the judge's scenes are disjoint: no image is in two of them.
+    images = {}
+    for split in ("train", "val", "test"):
+        images[split] = {json.loads(line)["target"] for line in (out / "toydata" / f"{split}.jsonl").open()}
+    assert sum(map(len, images.values())) == len(set().union(*images.values()))
+    judge_pixels = {(out / "toydata_judge" / json.loads(line)["target"]).read_bytes()
+                    for line in (out / "toydata_judge" / "index.jsonl").open()}  # fmt: skip
+    assert not judge_pixels & {(out / "toydata" / t).read_bytes() for t in set().union(*images.values())}
+    # The generator started from the shipped base, whose weights the demo did not change.
+    from crfm.toy.tiny import SHIPPED_BASE
+
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (out / "tiny_sd35" / part).read_bytes() == (SHIPPED_BASE / part).read_bytes()
     for name in (
         "tiny_sd35/model_index.json",
         "train/final/model.safetensors",
@@ -79,17 +93,19 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
 def test_summary_table_is_well_formed(demo_run):
     out, proc = demo_run
     summary = json.loads((out / "summary.json").read_text())
-    for images in ("real", "plain", "crfm_paper", "crfm"):
+    for images in ("real", "vae", "plain", "crfm_paper", "crfm"):
         row = summary["mask_fidelity"][images]
         assert 0 <= row["judge_mIoU"] <= 100 and 0 <= row["guide_mIoU"] <= 100
     real, mixed = summary["downstream"]["real_only"], summary["downstream"]["real_plus_synthetic"]
-    assert real["synthetic_train"] == 0 and mixed["synthetic_train"] == mixed["real_train"] == real["real_train"]
+    assert real["synthetic_train"] == 0 and mixed["real_train"] == real["real_train"]
+    assert mixed["synthetic_train"] == real["real_train"] * DemoSettings(**PRESETS["ci"]).num_per_mask
     assert set(summary["stage_seconds"]) == {name for name, _ in STAGES}
     markdown = (out / "summary.md").read_text()
     assert markdown in proc.stdout  # the printed table is the saved one
     tables = [line for line in markdown.splitlines() if line.startswith("|")]
     assert all(line.endswith("|") for line in tables)
-    for row in ("| plain sampling |", "| CRFM, paper defaults", "| CRFM, tuned", "| real only (", "| real + CRFM"):
+    rows = ("| real images through the VAE", "| plain sampling |", "| CRFM, paper settings", "| CRFM, test.py defaults")
+    for row in (*rows, "| real only (", "| real + CRFM"):
         assert any(line.startswith(row) for line in tables), row
     # Every data row of the two result tables holds numbers where the header says so.
     for line in tables:
@@ -103,7 +119,7 @@ def test_figure_has_a_row_per_mask_and_five_columns(demo_run):
     settings = DemoSettings(**PRESETS["ci"])
     image = Image.open(out / "samples.png")
     gap, cell = 4, settings.scene_size
-    assert image.width == 5 * cell + 4 * gap  # mask | plain | CRFM paper | CRFM tuned | real
+    assert image.width == 5 * cell + 4 * gap  # mask | plain | CRFM paper | CRFM default | real
     assert image.height > settings.figure_rows * cell + (settings.figure_rows - 1) * gap  # + title strip
 
 

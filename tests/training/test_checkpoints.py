@@ -7,8 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from crfm.models.conditioning import DEFAULT_MASK_ENCODING
 from crfm.models.mmdit import MaskSD3Transformer2DModel
-from crfm.models.trained_weights import CHECKPOINT_WEIGHTS, configure_training, load_trained_weights, trained_state_dict
+from crfm.models.trained_weights import (
+    CHECKPOINT_WEIGHTS,
+    configure_training,
+    load_trained_weights,
+    save_trained,
+    trained_state_dict,
+)
 from crfm.training.checkpoints import list_checkpoints, register_checkpoint_hooks, save_checkpoint
 
 META = {"train_mode": "lora", "lora_rank": 4, "num_cls": 6}
@@ -70,3 +77,40 @@ def test_checkpoint_hooks_store_and_restore_only_trained_weights(accelerator, ti
     accelerator.prepare(other)
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoint-3 does not fit the test model: \d+ missing"):
         accelerator.load_state(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("saved", "error"),
+    [
+        ({"mask_encoding": "palette"}, "trained with --mask_encoding palette, not --mask_encoding grey"),
+        ({"num_cls": 7}, "trained with num_cls=7, not --num_cls 6"),
+    ],
+    ids=["mask_encoding", "num_cls"],
+)
+def test_resume_refuses_a_checkpoint_of_other_inputs(accelerator, tiny_sd35_dir, tmp_path, saved, error):
+    """Grey and palette mask branches have the same shapes, so only the recorded encoding can tell them apart."""
+    model = lora_model(tiny_sd35_dir)
+    folder = save_trained(model, tmp_path / "checkpoint-1", {**META, **saved})
+    register_checkpoint_hooks(accelerator, META)  # this run: grey (no key), num_cls 6
+    accelerator.prepare(model)
+    before = {name: t.clone() for name, t in trained_state_dict(model).items()}
+    with torch.no_grad():
+        for param in trained_state_dict(model).values():
+            param.add_(1.0)
+    moved = {name: t.clone() for name, t in trained_state_dict(model).items()}
+    with pytest.raises(ValueError, match=error):
+        accelerator.load_state(str(folder))
+    assert all(torch.equal(t, moved[name]) for name, t in trained_state_dict(model).items())  # nothing loaded
+    assert not any(torch.equal(t, before[name]) for name, t in trained_state_dict(model).items())
+
+
+def test_train_flag_and_checkpoint_meta_record_the_mask_encoding():
+    from crfm.training.build import checkpoint_meta
+    from crfm.training.train import build_parser
+
+    required = ["--pretrained_model_name_or_path", "p", "--data_root", "d", "--vectors_path", "v", "--num_cls", "6"]
+    assert checkpoint_meta(build_parser().parse_args(required))["mask_encoding"] == DEFAULT_MASK_ENCODING
+    args = build_parser().parse_args([*required, "--mask_encoding", "grey"])
+    assert checkpoint_meta(args)["mask_encoding"] == "grey"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*required, "--mask_encoding", "rgb"])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from crfm.models.conditioning import encode_mask_latents
+from crfm.models.conditioning import encode_mask_condition, encode_mask_latents
 from crfm.models.mmdit import MaskSD3Transformer2DModel
 from crfm.models.trained_weights import configure_training
 from crfm.training.objective import (
@@ -79,8 +79,21 @@ class RecordingModel(torch.nn.Module):
         return (self.weight * hidden_states,)
 
 
+class Items:
+    """The `parts` batch as a dataset (what mask_following_losses reads)."""
+
+    def __init__(self, parts: dict) -> None:
+        self.batch = parts["batch"]
+
+    def __len__(self) -> int:
+        return BATCH
+
+    def __getitem__(self, i: int) -> dict:
+        return {key: value[i] for key, value in self.batch.items()}
+
+
 def loss_of(parts, model, seed: int = 1, batch: dict | None = None, **config):
-    config = FlowMatchingConfig(num_cls=NUM_CLS, **config)
+    config = FlowMatchingConfig(num_cls=NUM_CLS, **{"mask_encoding": "grey", **config})  # the `parts` model's
     gen = step_generator(seed, 0, 3)
     return flow_matching_loss(
         model, parts["vae"], batch or parts["batch"], gen, config, parts["timesteps"], parts["empty"]
@@ -189,9 +202,30 @@ def test_use_mask(parts, use_mask):
         assert torch.equal(
             call["mask_hidden_states"], encode_mask_latents(parts["vae"], parts["batch"]["label"], NUM_CLS)
         )
-    else:
-        assert call["mask_hidden_states"] is None
+    else:  # the model is called without the mask argument (so a plain SD3 transformer works too)
+        assert "mask_hidden_states" not in call
     assert call["return_dict"] is False
+
+
+@pytest.mark.parametrize("encoding", ["palette", "onehot"])
+def test_the_mask_is_encoded_as_configured(parts, encoding):
+    stub = RecordingModel()
+    loss_of(parts, stub, mask_encoding=encoding, flip_prob=0.0)
+    (call,) = stub.calls
+    expected = encode_mask_condition(parts["vae"], parts["batch"]["label"], NUM_CLS, encoding)
+    assert torch.equal(call["mask_hidden_states"], expected)
+    latent_shape = call["noisy"].shape
+    channels = NUM_CLS if encoding == "onehot" else latent_shape[1]
+    assert call["mask_hidden_states"].shape == (BATCH, channels, *latent_shape[2:])
+
+
+def test_onehot_model_trains_through_the_loss(parts, tiny_sd35_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir, mask_in_channels=NUM_CLS)
+    configure_training(model, "full")
+    loss_of(parts, model, mask_encoding="onehot").loss.backward()
+    assert model.mask_embed.proj.weight.grad.abs().sum() > 0
+    losses = mask_following_losses(model, parts["vae"], Items(parts), NUM_CLS, "onehot", sigmas=(0.5,), seed=2)
+    assert losses["own_mask"] != losses["other_mask"]
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -216,27 +250,24 @@ def test_config_from_args_and_bad_scheme():
 
     args = build_parser().parse_args(
         ["--pretrained_model_name_or_path", "p", "--data_root", "d", "--vectors_path", "v", "--num_cls", "6"]
-        + ["--no_mask", "--weighting_scheme", "mode", "--flip_prob", "0.25"]
+        + ["--no_mask", "--weighting_scheme", "mode", "--flip_prob", "0.25", "--mask_encoding", "palette"]
     )
     config = FlowMatchingConfig.from_args(args)
-    assert config == FlowMatchingConfig(num_cls=6, weighting_scheme="mode", flip_prob=0.25, use_mask=False)
+    expected = FlowMatchingConfig(
+        num_cls=6, weighting_scheme="mode", flip_prob=0.25, use_mask=False, mask_encoding="palette"
+    )
+    assert config == expected
     with pytest.raises(ValueError, match="weighting_scheme"):
         FlowMatchingConfig(num_cls=6, weighting_scheme="uniform")
+    with pytest.raises(ValueError, match="mask encoding"):
+        FlowMatchingConfig(num_cls=6, mask_encoding="rgb")
 
 
 def test_mask_following_losses_see_the_mask(parts):
     """Own / other / no mask differ for a model with a mask branch and are reproducible for a seed."""
-
-    class Items:
-        def __len__(self):
-            return BATCH
-
-        def __getitem__(self, i):
-            return {key: value[i] for key, value in parts["batch"].items()}
-
     model = parts["model"]
-    first = mask_following_losses(model, parts["vae"], Items(), NUM_CLS, sigmas=(0.5,), seed=2)
-    again = mask_following_losses(model, parts["vae"], Items(), NUM_CLS, sigmas=(0.5,), seed=2)
+    first = mask_following_losses(model, parts["vae"], Items(parts), NUM_CLS, "grey", sigmas=(0.5,), seed=2)
+    again = mask_following_losses(model, parts["vae"], Items(parts), NUM_CLS, "grey", sigmas=(0.5,), seed=2)
     assert first == again
     assert set(first) == {"own_mask", "other_mask", "no_mask"}
     assert len(set(first.values())) == 3 and all(v > 0 for v in first.values())

@@ -44,7 +44,7 @@ def _bad_runs(tmp: Path) -> dict[str, list[str]]:
         "crfm.make_index": ["-m", "crfm.make_index", nodata, "--no_progress"],
         "crfm.tiny": ["-m", "crfm.tiny", str(tmp / "tiny"), "--fit_vae_on", str(tmp / MISSING / "index.jsonl")],
         "crfm.toydata": ["-m", "crfm.toydata", str(tmp / MISSING / "toy")],  # OUT without --num
-        "crfm.demo": ["-m", "crfm.demo", "--out", str(tmp / "demo"), "--preset", "ci", "--val_scenes", "99"],
+        "crfm.demo": ["-m", "crfm.demo", "--out", str(tmp / "demo"), "--preset", "ci", "--test_scenes", "0"],
     }  # fmt: skip
 
 

@@ -1,0 +1,108 @@
+"""Pretraining the tiny base (`python -m crfm.tiny OUT --pretrain_on INDEX`) and the base crfm ships."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO, subprocess_env
+
+SMALL = ["--layers", "2", "--heads", "2", "--head_dim", "8", "--vae_channels", "8,8", "--latent_channels", "4"]
+SMALL += ["--sample_size", "8", "--pos_embed_max_size", "4", "--vae_size", "16", "--vae_steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from crfm.toy.toydata import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("corpus"), 6, 32, seed=1000, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fresh_base(tmp_path_factory) -> Path:
+    """One random build, copied by each test: tokenizer training is not bit-reproducible across builds."""
+    out = tmp_path_factory.mktemp("fresh") / "base"
+    proc = subprocess.run([sys.executable, "-m", "crfm.tiny", str(out), *SMALL[:-4], "--no_progress"],
+                          env=subprocess_env(), cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _pretrain(out: Path, corpus: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "crfm.tiny", str(out), *SMALL, "--pretrain_on", str(corpus), "--no_progress"]
+    cmd += ["--pretrain_steps", str(steps), "--pretrain_batch_size", "2", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+
+
+def _losses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.with_name(out.name + ".work").joinpath("loss.jsonl").open()]
+
+
+def test_pretraining_writes_a_loadable_base_with_a_model_card(corpus, fresh_base, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    out = tmp_path / "base"
+    proc = _pretrain(out, corpus, 4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pretrained" in proc.stdout and "4 steps" in proc.stdout
+    card = (out / "README.md").read_text()
+    # The card names both commands that rebuild the base: the corpus and the pretraining.
+    assert "python -m crfm.toy.toydata" in card and "--seed 1000" in card and "--pretrain_on" in card
+    assert (out / "samples.png").is_file()
+    report = json.loads((out / "pretrain_report.json").read_text())
+    assert report["transformer_steps"] == 4 and report["corpus_images"] == 6
+    assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4]
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    # The VAE's scaling was refitted and the transformer holds trained (EMA) weights, not the random ones.
+    assert pipe.vae.config.scaling_factor != 1.5305
+    fresh = fresh_base
+    trained = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    initial = load_file(str(fresh / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert trained.keys() == initial.keys() and any(not torch.equal(trained[k], initial[k]) for k in trained)
+
+
+def test_an_interrupted_pretraining_resumes_to_the_same_losses(corpus, fresh_base, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for folder in (whole, parts):
+        shutil.copytree(fresh_base, folder)  # an existing folder of the same configuration is resumed, not rebuilt
+    assert _pretrain(whole, corpus, 4).returncode == 0
+    # Stop after 2 steps (the last step is always checkpointed), then run the same command to 4.
+    assert _pretrain(parts, corpus, 2).returncode == 0
+    proc = _pretrain(parts, corpus, 4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _losses(parts) == _losses(whole)
+
+
+def test_pretraining_refuses_a_folder_of_another_configuration(corpus, tmp_path):
+    out = tmp_path / "base"
+    assert _pretrain(out, corpus, 1).returncode == 0
+    proc = _pretrain(out, corpus, 2, "--layers", "3")
+    assert proc.returncode == 2 and "another configuration" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_shipped_base_loads_offline_and_is_documented():
+    from diffusers import StableDiffusion3Pipeline
+
+    from crfm.toy.tiny import SHIPPED_BASE
+
+    files = [f for f in SHIPPED_BASE.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 25 * 2**20
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # weights only as safetensors
+    pipe = StableDiffusion3Pipeline.from_pretrained(SHIPPED_BASE)
+    report = json.loads((SHIPPED_BASE / "pretrain_report.json").read_text())
+    card = (SHIPPED_BASE / "README.md").read_text()
+    assert report["command"] in card and report["corpus"]["command"] in card
+    # The shipped script is the command the card names (same flags), so the base can be rebuilt.
+    script = (REPO / "scripts" / "pretrain_base.sh").read_text()
+    for flag in ("--pretrain_steps", "--layers", "--head_dim", "--vae_steps"):
+        value = report["command"].split(flag + " ")[1].split()[0]
+        assert f"{flag} {value}" in script, flag
+    assert pipe.transformer.config.num_layers == int(report["command"].split("--layers ")[1].split()[0])
