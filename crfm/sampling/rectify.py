@@ -67,7 +67,13 @@ class CRFMConfig:
             extra = {k: v for k, v in config_field.metadata.items() if k not in ("help", "flag")}
             name = cls.flag_name(config_field)
             if config_field.type in (bool, "bool"):
-                group.add_argument(f"--{name}", action="store_true", help=config_field.metadata["help"])
+                # --name / --no-name, so a default of True can still be turned off.
+                group.add_argument(
+                    f"--{name}",
+                    action=argparse.BooleanOptionalAction,
+                    default=config_field.default,
+                    help=config_field.metadata["help"],
+                )
             else:
                 kind = {"int": int, "float": float, "str": str}[str(config_field.type)]
                 group.add_argument(

@@ -253,6 +253,12 @@ def _corpus_recipe(index_file: Path) -> dict:
 
 def write_model_card(pipe_dir: Path, report: dict) -> None:
     settings, vae = report["settings"], report["vae"]
+    config = json.loads((pipe_dir / "transformer" / "config.json").read_text())
+    vae_config = json.loads((pipe_dir / "vae" / "config.json").read_text())
+    weights = load_file(str(pipe_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    params = sum(t.numel() for t in weights.values()) / 1e6
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     size_mb = sum(f.stat().st_size for f in pipe_dir.rglob("*") if f.is_file()) / 1e6
     prompts = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(report["grid_prompts"]))
     card = f"""# crfm tiny SD3.5 base (pretrained, embedded default)
@@ -261,6 +267,11 @@ A randomly initialised tiny SD3.5 pipeline (`crfm.toy.tiny`, diffusers layout) p
 {report["corpus_images"]} unlabelled procedural toy scenes, text-to-image: the small-scale stand-in for the
 SD3.5-medium that users of crfm fine-tune with masks. The demo, `train.sh` and `test.sh` start from it.
 
+- **Architecture:** SD3.5-style MM-DiT (qk RMS-norm, dual attention in the first half), {config["num_layers"]}
+  blocks, width {width}, patch {config["patch_size"]}, {params:.2f} M parameters; VAE {factor}x down-sampling with
+  {vae_config["latent_channels"]} latent channels, so {settings["resolution"]} px images are
+  {settings["resolution"] // factor // config["patch_size"]}x{settings["resolution"] // factor // config["patch_size"]}
+  tokens; the position grid covers exactly that ({config["pos_embed_max_size"]} per side).
 - **Load:** `StableDiffusion3Pipeline.from_pretrained(this_folder)` (offline; {size_mb:.1f} MB of safetensors
   and tokenizer files).
 - **Data:** procedural scenes of `crfm.toy.toydata`, seed {report["corpus"].get("seed", "?")}, drawn at
@@ -282,6 +293,10 @@ SD3.5-medium that users of crfm fine-tune with masks. The demo, `train.sh` and `
 {report["corpus"]["command"]}
 {report["command"]}
 ```
+
+`bash scripts/pretrain_base.sh` runs both; re-run after an interruption, it continues from the last checkpoint
+(every draw of step i is a function of the seed and i, and the learning rate is constant after warm-up, so a
+resumed run equals an uninterrupted one).
 
 ## Samples
 

@@ -157,3 +157,18 @@ def test_a_failing_stage_stops_with_a_resume_hint(demo_run, tmp_path):
     assert proc.returncode == 1
     assert "stage 'downstream' failed" in proc.stderr and "run the same command again" in proc.stderr
     assert not (copy / "stages" / "downstream.json").exists()  # not marked done
+
+
+def test_scratch_base_builds_a_random_pipeline_instead(tmp_path):
+    out = tmp_path / "scratch"
+    proc = _demo(out, "--base", "scratch", "--until", "pipeline")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "$ python -m crfm.toy.tiny " in proc.stdout and "--fit_vae_on" in proc.stdout
+    assert (out / "tiny_sd35" / "model_index.json").is_file()
+    assert not (out / "tiny_sd35" / "pretrain_report.json").exists()  # not the shipped base
+
+
+def test_the_shipped_base_refuses_another_resolution(tmp_path):
+    proc = _demo(tmp_path / "out", "--resolution", "128")
+    assert proc.returncode == 2 and "--base scratch" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
