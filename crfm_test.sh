@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Synthesize with CRFM, the paper's setting: --rectified_step 4 --num_inference_steps 23 with a frozen mmseg
-# segmentor. Defaults as test.sh; the segmentor defaults to the small toy SegFormer, trained with mmseg's Runner
+# Synthesize with CRFM at test.py's defaults (chosen on the demo's validation split) with a frozen mmseg segmentor;
+# the paper's scripts' setting is: --rectified_step 4 --max_step_size 0.1 --num_rectified 1 --no-l2_norm
+# --velocity_clamp 1 --num_inference_steps 23 (append those flags to use it). Defaults as test.sh; the segmentor defaults to the small toy SegFormer, trained with mmseg's Runner
 # on the toy data if it is missing. Bring your own: MMSEG_CONFIG=... MMSEG_CKPT=... bash crfm_test.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -21,4 +22,4 @@ if [[ -z "${MMSEG_CKPT:-}" ]]; then
 fi
 MMSEG_CONFIG=${MMSEG_CONFIG:-crfm/segmentation/configs/toy_segformer.py}
 OUT=${OUT:-work_dirs/synth_crfm} exec bash test.sh --mmseg_config "$MMSEG_CONFIG" --mmseg_ckpt "$MMSEG_CKPT" \
-  --rectified_step 4 --num_inference_steps 23 "$@"
+  "$@"

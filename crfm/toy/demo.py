@@ -131,7 +131,8 @@ BASES = ("pretrained", "scratch")
 SHIPPED_RESOLUTION = 64  # the shipped base's position grid covers exactly 64 px images (8 x 8 tokens)
 FIGURE_TITLES = ("mask", "plain", "CRFM paper", "CRFM default", "real")
 # The CRFM settings of the paper's scripts, for the "paper" row; the "default" row uses test.py's own defaults.
-PAPER_CRFM: list[object] = ["--rectified_step", 4, "--max_step_size", 0.1, "--num_rectified", 1, "--velocity_clamp", 1]
+PAPER_CRFM: list[object] = ["--rectified_step", 4, "--max_step_size", 0.1, "--num_rectified", 1, "--no-l2_norm"]
+PAPER_CRFM += ["--velocity_clamp", 1]
 
 
 class VAEReconstructions:
@@ -408,7 +409,8 @@ ROW_NAMES = {
     "vae": "real images through the VAE (the ceiling)",
     "plain": "plain sampling",
     "crfm_paper": "CRFM, paper settings (4 steps, eta_max 0.1, clamp 1)",
-    "crfm": "CRFM, test.py defaults",
+    "crfm": "CRFM, test.py defaults ({rectified_step} steps x {num_rectified}, eta_max {max_step_size:g}, "
+    "L2-normalised {l2_norm}, clamp {velocity_clamp:g})",
 }
 
 
@@ -416,6 +418,7 @@ def summary_markdown(summary: dict) -> str:
     s = summary["settings"]
     fid, down = summary["mask_fidelity"], summary["downstream"]
     held_out = s["test_scenes"]
+    judge_train = s["judge_scenes"] - max(1, s["judge_scenes"] // 10)  # as Demo.data splits them
     lines = [
         "# crfm demo summary",
         "",
@@ -423,13 +426,16 @@ def summary_markdown(summary: dict) -> str:
         "labelled scenes.",
         "",
         f"Mask fidelity on {held_out} held-out masks: mIoU (%) of a segmentor's prediction on the images against "
-        f"the masks they were drawn from. The judge was trained on {s['judge_scenes']} separate toy scenes and never "
-        "guided sampling; the guide is the real-only segmentor below.",
+        f"the masks they were drawn from. The judge was trained on {judge_train} separate toy scenes (another seed) "
+        "and never guided sampling; the guide is the real-only segmentor below.",
         "",
         "| images | judge mIoU | guide mIoU |",
         "|---|---|---|",
     ]
+    from crfm.sampling.rectify import CRFMConfig
+
     for key, name in ROW_NAMES.items():
+        name = name.format(**dataclasses.asdict(CRFMConfig()))
         lines.append(f"| {name} | {fid[key]['judge_mIoU']:.2f} | {fid[key]['guide_mIoU']:.2f} |")
     real, mixed = down["real_only"], down["real_plus_synthetic"]
     lines += [

@@ -63,7 +63,7 @@ def test_guidance_needs_and_uses_the_negative_prompt(pipe):
 
 def test_crfm_rectifies_the_first_steps_and_needs_a_segmentor(pipe):
     labels, embeds, pooled = inputs(pipe, 2)
-    config = CRFMConfig(rectified_step=2, num_rectified=2, max_step_size=0.5)
+    config = CRFMConfig.paper(rectified_step=2, num_rectified=2, max_step_size=0.5)
     with pytest.raises(ValueError, match="needs a segmentor"):
         pipe(labels, embeds, pooled, noise_ids=[0, 1], num_inference_steps=4, crfm=config)
     plain = pipe(labels, embeds, pooled, noise_ids=[0, 1], num_inference_steps=4)

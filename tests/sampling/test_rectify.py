@@ -49,13 +49,18 @@ def test_loss_counts_only_valid_misclassified_pixels():
 
 def test_step_size_schedules():
     n = 23
-    assert step_size(CRFMConfig(step_scheme="LD", max_step_size=0.1), 0, n) == pytest.approx(0.1 * (1 - 1 / n))
-    assert step_size(CRFMConfig(step_scheme="LD", max_step_size=0.1), 3, n) == pytest.approx(0.1 * (1 - 4 / n))
-    assert step_size(CRFMConfig(step_scheme="LI", max_step_size=0.1), 3, n) == pytest.approx(0.1 * 4 / n)
-    assert step_size(CRFMConfig(step_scheme="C", max_step_size=0.2), 7, n) == 0.2
+    assert step_size(CRFMConfig.paper(step_scheme="LD", max_step_size=0.1), 0, n) == pytest.approx(0.1 * (1 - 1 / n))
+    assert step_size(CRFMConfig.paper(step_scheme="LD", max_step_size=0.1), 3, n) == pytest.approx(0.1 * (1 - 4 / n))
+    assert step_size(CRFMConfig.paper(step_scheme="LI", max_step_size=0.1), 3, n) == pytest.approx(0.1 * 4 / n)
+    assert step_size(CRFMConfig.paper(step_scheme="C", max_step_size=0.2), 7, n) == 0.2
+    paper = CRFMConfig.paper()  # the paper's scripts
+    assert (paper.rectified_step, paper.max_step_size, paper.step_scheme) == (4, 0.1, "LD")
+    assert (paper.num_rectified, paper.l2_norm, paper.is_synth, paper.velocity_clamp) == (1, False, False, 1.0)
+    # test.py's defaults: chosen on the demo's validation split (bench/results_crfm_settings.md).
     defaults = CRFMConfig()
-    assert (defaults.rectified_step, defaults.max_step_size, defaults.step_scheme) == (4, 0.1, "LD")
-    assert (defaults.num_rectified, defaults.l2_norm, defaults.is_synth) == (1, False, False)
+    assert (defaults.rectified_step, defaults.max_step_size, defaults.num_rectified) == (12, 30.0, 3)
+    assert (defaults.l2_norm, defaults.velocity_clamp, defaults.step_scheme) == (True, 0.0, "LD")
+    assert CRFMConfig.paper(num_rectified=2).num_rectified == 2
     with pytest.raises(ValueError, match="step_scheme"):
         CRFMConfig(step_scheme="X")
 
@@ -67,7 +72,7 @@ def test_update_descends_the_segmentor_loss(vae, l2_norm):
     latents = torch.randn(2, 16, 8, 8, generator=gen)
     velocity = 0.2 * torch.randn(2, 16, 8, 8, generator=gen)  # inside [-1, 1]: the clamp is not what helps
     sigma = torch.tensor(0.8)
-    config = CRFMConfig(max_step_size=0.02 if l2_norm else 0.5, step_scheme="C", l2_norm=l2_norm)
+    config = CRFMConfig.paper(max_step_size=0.02 if l2_norm else 0.5, step_scheme="C", l2_norm=l2_norm)
     rectifier = ControlRectifier(config, segmentor, vae, labels, num_inference_steps=10)
     new_velocity = rectifier(0, sigma, latents, velocity)
     before = segmentor_loss(vae, segmentor, latents, sigma, velocity, labels)
@@ -81,7 +86,11 @@ def test_update_descends_the_segmentor_loss(vae, l2_norm):
 
 def test_only_the_first_steps_are_rectified_and_values_are_clamped(vae):
     rectifier = ControlRectifier(
-        CRFMConfig(rectified_step=2, max_step_size=50.0, step_scheme="C"), ColourSegmentor(), vae, labels_for(1), 10
+        CRFMConfig.paper(rectified_step=2, max_step_size=50.0, step_scheme="C"),
+        ColourSegmentor(),
+        vae,
+        labels_for(1),
+        10,
     )
     latents, velocity, sigma = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8), torch.tensor(0.5)
     assert torch.equal(rectifier(2, sigma, latents, velocity), velocity)
@@ -90,9 +99,11 @@ def test_only_the_first_steps_are_rectified_and_values_are_clamped(vae):
     assert not torch.equal(rectified, velocity)
     assert rectified.abs().max() <= 1.0 and (rectified.abs() == 1.0).any()  # a huge step is clamped to [-1, 1]
     shrunk = ControlRectifier(
-        CRFMConfig(max_step_size=0.5, step_scheme="C", is_synth=True), ColourSegmentor(), vae, labels_for(1), 10
+        CRFMConfig.paper(max_step_size=0.5, step_scheme="C", is_synth=True), ColourSegmentor(), vae, labels_for(1), 10
     )
-    plain = ControlRectifier(CRFMConfig(max_step_size=0.5, step_scheme="C"), ColourSegmentor(), vae, labels_for(1), 10)
+    plain = ControlRectifier(
+        CRFMConfig.paper(max_step_size=0.5, step_scheme="C"), ColourSegmentor(), vae, labels_for(1), 10
+    )
     small = 0.1 * velocity
     gradient_step = small - plain(0, sigma, latents, small)  # eta * g
     assert torch.allclose(shrunk(0, sigma, latents, small), (0.5 * small - gradient_step).clamp(-1, 1), atol=1e-6)
@@ -102,8 +113,8 @@ def test_items_are_rectified_independently_of_their_batch(vae):
     segmentor, labels = ColourSegmentor(), labels_for(3)
     latents, velocity = torch.randn(3, 16, 8, 8), 0.3 * torch.randn(3, 16, 8, 8)
     sigma = torch.tensor(0.7)
-    config = CRFMConfig(max_step_size=0.3, num_rectified=2)
-    together = ControlRectifier(CRFMConfig(**{**config.__dict__, "chunk_size": 3}), segmentor, vae, labels, 10)(
+    config = CRFMConfig.paper(max_step_size=0.3, num_rectified=2)
+    together = ControlRectifier(CRFMConfig.paper(**{**config.__dict__, "chunk_size": 3}), segmentor, vae, labels, 10)(
         0, sigma, latents, velocity
     )
     alone = torch.cat(
@@ -120,7 +131,7 @@ def test_items_are_rectified_independently_of_their_batch(vae):
 def test_works_under_no_grad_and_touches_no_weights(vae):
     segmentor = ColourSegmentor()
     segmentor.head.weight.requires_grad_(True)  # even a segmentor that forgot to freeze keeps its weights clean
-    rectifier = ControlRectifier(CRFMConfig(checkpoint_decode=True), segmentor, vae, labels_for(1), 10)
+    rectifier = ControlRectifier(CRFMConfig.paper(checkpoint_decode=True), segmentor, vae, labels_for(1), 10)
     latents, velocity = torch.randn(1, 16, 8, 8), 0.3 * torch.randn(1, 16, 8, 8)
     with torch.no_grad():
         rectified = rectifier(0, torch.tensor(0.9), latents, velocity)
@@ -156,7 +167,7 @@ def test_crfm_in_sampling_lowers_the_segmentor_loss_of_the_result(tiny_sd35_dir,
 
     plain = run(None)
     rectifier = ControlRectifier(
-        CRFMConfig(rectified_step=steps, max_step_size=0.5, step_scheme="C", l2_norm=True),
+        CRFMConfig.paper(rectified_step=steps, max_step_size=0.5, step_scheme="C", l2_norm=True),
         segmentor,
         vae,
         labels,
@@ -172,7 +183,7 @@ def test_velocity_clamp_is_configurable(vae):
     latents, velocity, sigma = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8), torch.tensor(0.5)
 
     def rectify(clamp: float) -> torch.Tensor:
-        config = CRFMConfig(rectified_step=1, max_step_size=50.0, step_scheme="C", velocity_clamp=clamp)
+        config = CRFMConfig.paper(rectified_step=1, max_step_size=50.0, step_scheme="C", velocity_clamp=clamp)
         return ControlRectifier(config, ColourSegmentor(), vae, labels_for(1), 10)(0, sigma, latents, velocity)
 
     unclamped = rectify(0.0)
