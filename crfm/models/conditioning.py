@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from crfm.data.index import IGNORE_INDEX
 
 MASK_ENCODINGS = ("grey", "palette", "onehot")
-# train.py's --mask_encoding default (to be confirmed by measurement; change it here only).
+# train.py's --mask_encoding default, chosen on the demo's validation split (bench/results_fidelity.md).
 DEFAULT_MASK_ENCODING = "onehot"
 # Checkpoints written before the encoding was recorded used the paper's grey rendering.
 LEGACY_MASK_ENCODING = "grey"

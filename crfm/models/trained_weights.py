@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from crfm.data.index import DatasetError
 from crfm.models.conditioning import LEGACY_MASK_ENCODING, check_mask_encoding, mask_embed_in_channels
 from crfm.models.mmdit import MaskSD3Transformer2DModel
 from crfm.utils.fileio import atomic_path, write_text_atomic
+from crfm.utils.flags import UsageError
 
 TRAIN_MODES = ("full", "lora")
 
@@ -107,6 +109,22 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
 def checkpoint_mask_encoding(meta: Mapping) -> str:
     """The mask encoding a checkpoint was trained with; checkpoints from before it was recorded used grey."""
     return check_mask_encoding(meta.get("mask_encoding", LEGACY_MASK_ENCODING))
+
+
+def check_checkpoint_inputs(
+    meta: Mapping, checkpoint: str | Path, num_cls: int | None = None, mask_encoding: str | None = None
+) -> None:
+    """Refuse a checkpoint trained on other inputs than asked for: another `num_cls` or `mask_encoding` (None: not
+    constrained). Grey and palette mask branches have the same shapes, so only the record tells them apart."""
+    if num_cls is not None and meta.get("num_cls") not in (None, num_cls):
+        raise DatasetError(
+            f"checkpoint {checkpoint} was trained with num_cls={meta['num_cls']}, not --num_cls {num_cls}"
+        )
+    trained = checkpoint_mask_encoding(meta)
+    if mask_encoding is not None and check_mask_encoding(mask_encoding) != trained:
+        raise UsageError(
+            f"checkpoint {checkpoint} was trained with --mask_encoding {trained}, not --mask_encoding {mask_encoding}"
+        )
 
 
 def load_trained_weights(

@@ -19,19 +19,21 @@ from pathlib import Path
 
 import torch
 
-from crfm.data.index import DatasetError
 from crfm.models.conditioning import (
     LEGACY_MASK_ENCODING,
-    check_mask_encoding,
     encode_mask_condition,
     mask_condition_channels,
     vae_scale_factor,
 )
 from crfm.models.mmdit import MaskSD3Transformer2DModel
-from crfm.models.trained_weights import checkpoint_mask_encoding, load_trained, read_checkpoint_meta
+from crfm.models.trained_weights import (
+    check_checkpoint_inputs,
+    checkpoint_mask_encoding,
+    load_trained,
+    read_checkpoint_meta,
+)
 from crfm.sampling.rectify import ControlRectifier, CRFMConfig
 from crfm.sampling.sampler import decode_latents, initial_noise, sample_latents
-from crfm.utils.flags import UsageError
 
 
 @dataclass
@@ -89,16 +91,7 @@ class MaskToImagePipeline:
         from crfm.models.base_folder import check_base_folder
 
         meta = read_checkpoint_meta(checkpoint)
-        if num_cls is not None and meta.get("num_cls") not in (None, num_cls):
-            raise DatasetError(
-                f"checkpoint {checkpoint} was trained with num_cls={meta['num_cls']}, not --num_cls {num_cls}"
-            )
-        trained_encoding = checkpoint_mask_encoding(meta)
-        if mask_encoding is not None and check_mask_encoding(mask_encoding) != trained_encoding:
-            raise UsageError(
-                f"checkpoint {checkpoint} was trained with --mask_encoding {trained_encoding}, "
-                f"not --mask_encoding {mask_encoding}"
-            )
+        check_checkpoint_inputs(meta, checkpoint, num_cls, mask_encoding)
         base = pretrained_model_name_or_path if pretrained_model_name_or_path is not None else meta["base_model"]
         check_base_folder(base, ("transformer", "vae", "scheduler"))
         transformer, meta = load_trained(checkpoint, pretrained=base, dtype=dtype, device=device)
@@ -108,7 +101,7 @@ class MaskToImagePipeline:
             vae.enable_tiling()
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
         num_cls = num_cls if num_cls is not None else meta["num_cls"]
-        return cls(transformer, vae, scheduler, num_cls, mask_encoding=trained_encoding)
+        return cls(transformer, vae, scheduler, num_cls, mask_encoding=checkpoint_mask_encoding(meta))
 
     @property
     def device(self) -> torch.device:

@@ -36,8 +36,8 @@ def _option(default: object, help: str, flag: str | None = None, **argparse_kwar
 class CRFMConfig:
     """CRFM's settings; `add_flags` makes them command-line flags and `from_args` builds them back."""
 
-    # Defaults chosen on the demo's validation split (bench/results_crfm_settings.md); the paper's scripts use
-    # --rectified_step 4 --max_step_size 0.1 --num_rectified 1 --no-l2_norm --velocity_clamp 1.
+    # Defaults chosen on the demo's validation split (bench/results_crfm_settings.md); the paper's scripts'
+    # setting is `CRFMConfig.paper()`.
     rectified_step: int = _option(12, "CRFM corrects the first N sampling steps (the paper's scripts: 4 of 23)")
     max_step_size: float = _option(30.0, "eta_max of the CRFM step-size scheme (the paper's scripts: 0.1)")
     step_scheme: str = _option("LD", "eta schedule: linear decreasing, increasing, constant", choices=STEP_SCHEMES)
@@ -63,6 +63,20 @@ class CRFMConfig:
         """The setting of the paper's scripts (4 of 23 steps, eta_max 0.1, one raw pass, clamp 1), with overrides."""
         settings = dict(rectified_step=4, max_step_size=0.1, num_rectified=1, l2_norm=False, velocity_clamp=1.0)
         return cls(**{**settings, **overrides})
+
+    def flags(self) -> list[str]:
+        """test.py's flags that select this setting: those of the fields that differ from the defaults."""
+        defaults = type(self)()
+        out: list[str] = []
+        for config_field in fields(self):
+            value, name = getattr(self, config_field.name), self.flag_name(config_field)
+            if value == getattr(defaults, config_field.name):
+                continue
+            if isinstance(value, bool):
+                out.append(f"--{name}" if value else f"--no-{name}")
+            else:
+                out += [f"--{name}", str(value)]
+        return out
 
     @staticmethod
     def flag_name(config_field: Field) -> str:

@@ -66,7 +66,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Every knob of the demo (see KNOB_HELP). Defaults fit a 2-core CPU in about 12 minutes after set-up."""
+    """Every knob of the demo (see KNOB_HELP). Defaults fit a 2-core CPU in about 8 minutes after set-up."""
 
     train_scenes: int = 48
     val_scenes: int = 16
@@ -130,9 +130,11 @@ JUDGE_SEED_OFFSET = 500
 BASES = ("pretrained", "scratch")
 SHIPPED_RESOLUTION = 64  # the shipped base's position grid covers exactly 64 px images (8 x 8 tokens)
 FIGURE_TITLES = ("mask", "plain", "CRFM paper", "CRFM default", "real")
-# The CRFM settings of the paper's scripts, for the "paper" row; the "default" row uses test.py's own defaults.
-PAPER_CRFM: list[object] = ["--rectified_step", 4, "--max_step_size", 0.1, "--num_rectified", 1, "--no-l2_norm"]
-PAPER_CRFM += ["--velocity_clamp", 1]
+
+
+def judge_val_scenes(judge_scenes: int) -> int:
+    """How many of the judge's scenes it is validated on (the first tenth); it trains on the rest."""
+    return max(1, judge_scenes // 10)
 
 
 class VAEReconstructions:
@@ -240,7 +242,7 @@ class Demo:
         index = write_dataset(judge_root, self.s.judge_scenes, self.s.scene_size, seed=judge_seed, workers=2,
                               progress=self.progress)  # fmt: skip
         lines = index.read_text(encoding="utf-8").splitlines(keepends=True)
-        cut = max(1, len(lines) // 10)
+        cut = judge_val_scenes(len(lines))
         write_text_atomic(judge_root / "train.jsonl", "".join(lines[cut:]))
         write_text_atomic(judge_root / "val.jsonl", "".join(lines[:cut]))
         print(
@@ -305,8 +307,10 @@ class Demo:
         """Synthesis (`test.py`) with CRFM off (None), at the paper's settings ("paper") or test.py's defaults."""
         guide = self.path("seg_real")
         rectify: list[object] = ["--mmseg_config", guide / "config.py", "--mmseg_ckpt", guide / "segmentor.pth"]
-        if crfm == "paper":
-            rectify += PAPER_CRFM
+        if crfm == "paper":  # the paper's scripts' setting; "default" is test.py's own
+            from crfm.sampling.rectify import CRFMConfig
+
+            rectify += CRFMConfig.paper().flags()
         self.run(
             "crfm.sampling.synthesis", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
             "--data_root", self.path("toydata"),
@@ -418,7 +422,7 @@ def summary_markdown(summary: dict) -> str:
     s = summary["settings"]
     fid, down = summary["mask_fidelity"], summary["downstream"]
     held_out = s["test_scenes"]
-    judge_train = s["judge_scenes"] - max(1, s["judge_scenes"] // 10)  # as Demo.data splits them
+    judge_train = s["judge_scenes"] - judge_val_scenes(s["judge_scenes"])
     lines = [
         "# crfm demo summary",
         "",

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crfm.data.dataset import load_index_images
+from crfm.data.index import read_index
 from crfm.utils.fileio import atomic_path, write_text_atomic
 
 CHECKPOINT = "checkpoint"
@@ -90,7 +91,7 @@ def pretrain_transformer(
     pipe_dir: str | Path, index_file: str | Path, work_dir: str | Path, settings: PretrainSettings, progress: bool
 ) -> dict:
     """Train `pipe_dir/transformer` text-to-image on the corpus, resumably; writes the EMA weights back into it."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -102,9 +103,6 @@ def pretrain_transformer(
     images, prompts = load_index_images(index_file, settings.resolution)
     embeds, pooled, prompt_ids = encode_corpus_prompts(pipe_dir, prompts, settings.max_sequence_length)
     empty = {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0]}
-
-    from diffusers import AutoencoderKL
-
     vae = AutoencoderKL.from_pretrained(pipe_dir / "vae").eval().requires_grad_(False)
     transformer = SD3Transformer2DModel.from_pretrained(pipe_dir / "transformer").train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
@@ -155,7 +153,7 @@ def pretrain_transformer(
     seconds = seconds_before + time.perf_counter() - t0
     ema.copy_to(transformer.parameters())
     transformer.eval().save_pretrained(pipe_dir / "transformer", safe_serialization=True)
-    losses = [json.loads(line)["loss"] for line in (work_dir / LOSS_LOG).read_text().splitlines()]
+    losses = [json.loads(line)["loss"] for line in loss_log.read_text().splitlines()]
     tail = losses[-min(len(losses), 500) :]
     return {
         "transformer_steps": settings.steps,
@@ -168,7 +166,14 @@ def pretrain_transformer(
 
 
 @torch.no_grad()
-def sample_grid(pipe_dir: str | Path, prompts: list[str], out_png: str | Path, resolution: int, seed: int = 0) -> None:
+def sample_grid(
+    pipe_dir: str | Path,
+    prompts: list[str],
+    out_png: str | Path,
+    resolution: int,
+    max_sequence_length: int,
+    seed: int = 0,
+) -> None:
     """Text-to-image samples of the pretrained pipeline with diffusers' own `StableDiffusion3Pipeline`."""
     from diffusers import StableDiffusion3Pipeline
     from PIL import Image
@@ -183,7 +188,7 @@ def sample_grid(pipe_dir: str | Path, prompts: list[str], out_png: str | Path, r
             width=resolution,
             num_inference_steps=28,
             guidance_scale=1.0,
-            max_sequence_length=32,
+            max_sequence_length=max_sequence_length,
             generator=torch.Generator().manual_seed(seed + i),
         )
         tiles.append(out.images[0])
@@ -228,9 +233,10 @@ def run_pretraining(
     report["settings"] = asdict(settings)
     report["command"] = command
     report["corpus"] = _corpus_recipe(Path(index_file))
-    _, prompts = load_index_images(index_file, 8)
+    # The grid's prompts come from the index alone; the images were loaded (and freed) by pretrain_transformer.
+    prompts = [item.prompt for item in read_index(index_file, Path(index_file).parent, check_files=False)]
     grid_prompts = sorted(set(prompts), key=lambda p: (len(p), p))[:: max(1, len(set(prompts)) // 8)][:8]
-    sample_grid(pipe_dir, grid_prompts, pipe_dir / "samples.png", settings.resolution)
+    sample_grid(pipe_dir, grid_prompts, pipe_dir / "samples.png", settings.resolution, settings.max_sequence_length)
     report["grid_prompts"] = grid_prompts
     write_text_atomic(pipe_dir / REPORT, json.dumps(report, indent=2) + "\n")
     write_model_card(pipe_dir, report)

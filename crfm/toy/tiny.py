@@ -37,6 +37,7 @@ white red yellow dark light shadow shadows summer winter spring autumn cloud clo
 
 # The pretrained tiny base shipped with crfm (`scripts/pretrain_base.sh` rebuilds it; model card in its README.md).
 SHIPPED_BASE = Path(__file__).resolve().parent / "tiny_sd35_base"
+CONFIG_FILE = "crfm_tiny.json"  # the TinyConfig a folder was built with
 
 
 @dataclass
@@ -260,7 +261,7 @@ def save_tiny_pipeline(out_dir: str | Path, config: TinyConfig | None = None) ->
     out_dir = Path(out_dir)
     pipe = build_pipeline(config)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "crfm_tiny.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
     return out_dir
 
 
@@ -397,7 +398,7 @@ def pretrain(args: argparse.Namespace, config: TinyConfig) -> int:
     from crfm.toy.pretrain import run_pretraining
 
     out = Path(args.out_dir)
-    recorded = out / "crfm_tiny.json"
+    recorded = out / CONFIG_FILE
     if recorded.is_file():
         # Rebuilding would retrain the tokenizers (not bit-reproducible), so an existing folder is resumed as is.
         if json.loads(recorded.read_text()) != json.loads(json.dumps(asdict(config))):

@@ -38,26 +38,18 @@ def resolve_resume(work_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def check_same_inputs(saved: dict, meta: dict, checkpoint: str | Path) -> None:
-    """Refuse to resume a checkpoint trained on other inputs than this run's `meta`: another --mask_encoding
-    (grey and palette weights fit either way, so only the record tells) or --num_cls."""
-    from crfm.models.trained_weights import checkpoint_mask_encoding
-
-    was, now = checkpoint_mask_encoding(saved), checkpoint_mask_encoding(meta)
-    if was != now:
-        raise ValueError(f"checkpoint {checkpoint} was trained with --mask_encoding {was}, not --mask_encoding {now}")
-    if None not in (saved.get("num_cls"), meta.get("num_cls")) and saved["num_cls"] != meta["num_cls"]:
-        raise ValueError(
-            f"checkpoint {checkpoint} was trained with num_cls={saved['num_cls']}, not --num_cls {meta['num_cls']}"
-        )
-
-
 def register_checkpoint_hooks(accelerator, meta: dict, target: str = "this model") -> None:
     """Make accelerate's `save_state`/`load_state` store and restore only what is trained (diffusers-examples
     hooks). `meta` goes into each checkpoint's `crfm_checkpoint.json`; `target` describes the model in the
     error raised when a checkpoint does not fit it (e.g. another --train_mode). A checkpoint of another mask
-    encoding or num_cls is refused before anything is loaded (`check_same_inputs`)."""
-    from crfm.models.trained_weights import load_trained_weights, read_checkpoint_meta, save_trained
+    encoding or num_cls is refused before anything is loaded (`check_checkpoint_inputs`)."""
+    from crfm.models.trained_weights import (
+        check_checkpoint_inputs,
+        checkpoint_mask_encoding,
+        load_trained_weights,
+        read_checkpoint_meta,
+        save_trained,
+    )
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -67,7 +59,8 @@ def register_checkpoint_hooks(accelerator, meta: dict, target: str = "this model
             weights.pop()
 
     def load_hook(models, input_dir):
-        check_same_inputs(read_checkpoint_meta(input_dir), meta, input_dir)
+        this_run = {"num_cls": meta.get("num_cls"), "mask_encoding": checkpoint_mask_encoding(meta)}
+        check_checkpoint_inputs(read_checkpoint_meta(input_dir), input_dir, **this_run)
         while models:
             load_trained_weights(accelerator.unwrap_model(models.pop()), input_dir, target=target)
 

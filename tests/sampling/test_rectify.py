@@ -192,3 +192,13 @@ def test_velocity_clamp_is_configurable(vae):
     torch.testing.assert_close(rectify(1.0), unclamped.clamp(-1, 1))
     with pytest.raises(ValueError, match="velocity_clamp"):
         CRFMConfig(velocity_clamp=-1.0)
+
+
+def test_flags_select_the_setting_they_were_made_from():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    CRFMConfig.add_flags(parser)
+    paper = CRFMConfig.paper()
+    assert "--no-l2_norm" in paper.flags() and CRFMConfig().flags() == []
+    assert CRFMConfig.from_args(parser.parse_args(paper.flags())) == paper
