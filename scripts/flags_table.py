@@ -60,6 +60,16 @@ COMMANDS = (
         "crfm.segmentation.evaluate",
         "`python -m crfm.segmentation.evaluate`, `crfm-evaluate`",
     ),
+    Command(
+        "python -m crfm.reflow",
+        "crfm.sampling.reflow_pairs",
+        "`python -m crfm.sampling.reflow_pairs`, `crfm-reflow`",
+    ),
+    Command(
+        "python -m crfm.evaluate_sampling",
+        "crfm.sampling.evaluate_sampling",
+        "`python -m crfm.sampling.evaluate_sampling`, `crfm-evaluate-sampling`",
+    ),
     Command("python -m crfm.tiny", "crfm.toy.tiny", "`python -m crfm.toy.tiny`, `crfm-tiny`"),
     Command("python -m crfm.toydata", "crfm.toy.toydata", "`python -m crfm.toy.toydata`, `crfm-toydata`"),
 )

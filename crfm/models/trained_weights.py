@@ -25,6 +25,11 @@ CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_META = "crfm_checkpoint.json"
 
 
+# The exponential moving average of the trained weights (train.py --use_ema): same keys as model.safetensors;
+# sampling loads it instead of the last iterate when it is there.
+EMA_WEIGHTS = "ema.safetensors"
+
+
 # Parameters of SD3's text stream (frozen in both training modes). `time_text_embed.text_embedder`
 # projects the pooled CLIP vector, so it belongs to the text side too.
 TEXT_BRANCH_KEYS = (
@@ -79,8 +84,12 @@ def trained_state_dict(model: MaskSD3Transformer2DModel) -> dict[str, torch.Tens
     return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def save_trained(model: MaskSD3Transformer2DModel, out_dir: str | Path, meta: dict) -> Path:
-    """Write only the trained weights (`model.safetensors`) and what is needed to rebuild the model (JSON)."""
+def save_trained(
+    model: MaskSD3Transformer2DModel, out_dir: str | Path, meta: dict, ema: torch.nn.Module | None = None
+) -> Path:
+    """Write only the trained weights (`model.safetensors`), what is needed to rebuild the model (JSON) and, with
+    `ema` (diffusers' `EMAModel` over the trained parameters, in their order), their average (`ema.safetensors`,
+    its step count in the metadata)."""
     out_dir = Path(out_dir)
     info = {"format": "crfm-mask-mmdit/1", "mask_init": model.config.mask_init, **meta}
     # load_trained rebuilds the mask patch embedding from the recorded encoding: it must be this model's.
@@ -95,6 +104,10 @@ def save_trained(model: MaskSD3Transformer2DModel, out_dir: str | Path, meta: di
         raise ValueError("the model has no trainable parameters: call configure_training before save_trained")
     with atomic_path(out_dir / CHECKPOINT_WEIGHTS) as tmp:
         save_file(tensors, str(tmp))
+    if ema is not None:
+        averaged = {name: p.detach().contiguous().cpu() for name, p in zip(tensors, ema.shadow_params, strict=True)}
+        with atomic_path(out_dir / EMA_WEIGHTS) as tmp:
+            save_file(averaged, str(tmp), metadata={"optimization_step": str(ema.optimization_step)})
     write_text_atomic(out_dir / CHECKPOINT_META, json.dumps(info, indent=2) + "\n")
     return out_dir
 
@@ -127,12 +140,32 @@ def check_checkpoint_inputs(
         )
 
 
+def load_ema_state(ema: torch.nn.Module, ckpt_dir: str | Path, names: list[str]) -> None:
+    """Restore an `EMAModel` (averages and step count) saved by `save_trained` into `ckpt_dir`; `names` are the
+    trained parameters' names in the order the EMA holds them (safetensors keeps names, not order)."""
+    from safetensors import safe_open
+
+    path = Path(ckpt_dir) / EMA_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the checkpoint was saved without --use_ema")
+    with safe_open(str(path), framework="pt") as handle:
+        if set(handle.keys()) != set(names) or len(names) != len(ema.shadow_params):
+            raise ValueError(f"{path} does not average this run's {len(ema.shadow_params)} trained parameters")
+        averaged = [handle.get_tensor(name) for name in names]
+        step = int(handle.metadata()["optimization_step"])
+    for shadow, saved in zip(ema.shadow_params, averaged, strict=True):
+        shadow.data.copy_(saved)
+    ema.optimization_step = step
+
+
 def load_trained_weights(
     model: MaskSD3Transformer2DModel,
     weights_or_dir: Mapping[str, torch.Tensor] | str | Path,
     target: str = "this model",
+    use_ema: bool = False,
 ) -> MaskSD3Transformer2DModel:
-    """Load trained weights (a state dict, or a checkpoint folder's `model.safetensors`) into `model`.
+    """Load trained weights (a state dict, or a checkpoint folder's `model.safetensors`; with `use_ema` its
+    `ema.safetensors` when there is one) into `model`.
 
     `model` must already be configured for training (`configure_training`), so that its trainable parameters
     are exactly the checkpoint's tensors: any missing, unexpected or reshaped key raises a ValueError naming
@@ -143,9 +176,12 @@ def load_trained_weights(
         weights, source = dict(weights_or_dir), "weights"
     else:
         path = Path(weights_or_dir) / CHECKPOINT_WEIGHTS
+        if use_ema and (Path(weights_or_dir) / EMA_WEIGHTS).is_file():
+            path = Path(weights_or_dir) / EMA_WEIGHTS
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a crfm checkpoint (written by train.py)")
-        weights, source = load_file(str(path)), f"checkpoint {weights_or_dir}"
+        averaged = " (its EMA weights)" if path.name == EMA_WEIGHTS else ""
+        weights, source = load_file(str(path)), f"checkpoint {weights_or_dir}{averaged}"
     expected = trained_state_dict(model)
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     resized = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
@@ -165,12 +201,12 @@ def load_trained(
     device: str | torch.device = "cpu",
 ) -> tuple[MaskSD3Transformer2DModel, dict]:
     """Rebuild base + mask branch (+ LoRA, + the mask patch embedding for the checkpoint's mask encoding) and
-    load the trained weights; returns (model, checkpoint meta)."""
+    load the trained weights (their EMA when the checkpoint has one); returns (model, checkpoint meta)."""
     meta = read_checkpoint_meta(ckpt_dir)
     base = pretrained if pretrained is not None else meta["base_model"]
     channels = mask_embed_in_channels(checkpoint_mask_encoding(meta), meta.get("num_cls"))
     model = MaskSD3Transformer2DModel.from_sd3(base, mask_init=meta.get("mask_init", "copy"), mask_in_channels=channels)
     configure_training(model, meta["train_mode"], meta.get("lora_rank", 16))
-    load_trained_weights(model, ckpt_dir, target=f"{base} in mode {meta['train_mode']}")
+    load_trained_weights(model, ckpt_dir, target=f"{base} in mode {meta['train_mode']}", use_ema=True)
     model.requires_grad_(False).eval()
     return (model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)), meta

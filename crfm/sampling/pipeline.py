@@ -33,7 +33,18 @@ from crfm.models.trained_weights import (
     read_checkpoint_meta,
 )
 from crfm.sampling.rectify import ControlRectifier, CRFMConfig
-from crfm.sampling.sampler import decode_latents, initial_noise, sample_latents
+from crfm.sampling.sampler import SolverConfig, VelocityHook, decode_latents, initial_noise, sample_latents
+
+
+def observed(hook: VelocityHook | None, observe: VelocityHook) -> VelocityHook:
+    """`hook` (or none), then `observe` shown the velocity the solver will use."""
+
+    def chained(index: int, sigma: torch.Tensor, latents: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        velocity = velocity if hook is None else hook(index, sigma, latents, velocity)
+        observe(index, sigma, latents, velocity)
+        return velocity
+
+    return chained
 
 
 @dataclass
@@ -41,6 +52,8 @@ class MaskToImageOutput:
     images: torch.Tensor  # [B, 3, H, W] float in [-1, 1] (crfm.sampling.sampler.to_uint8 turns them into arrays)
     latents: torch.Tensor  # the final SD3-scaled latents
     crfm_trace: list[dict] = field(default_factory=list)  # one record per rectify pass (empty without CRFM)
+    nfe: int = 0  # velocity evaluations per image (rk45: the mean over the batch's images)
+    states: dict[int, torch.Tensor] = field(default_factory=dict)  # grid index -> latents there (`save_at`)
 
 
 class MaskToImagePipeline:
@@ -134,12 +147,19 @@ class MaskToImagePipeline:
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         crfm: CRFMConfig | None = None,
         progress: bool = False,
+        solver: SolverConfig | None = None,
+        save_at: Sequence[int] = (),
+        observe: VelocityHook | None = None,
     ) -> MaskToImageOutput:
         """Images for masks `labels` [B, H, W] (255 = ignore) at their resolution.
 
         Item `i`'s noise comes from (seed, `noise_ids[i]`), so an image does not depend on its batch. The
         negative (empty-prompt) embeddings are needed when `guidance_scale > 1`. CRFM runs when `crfm` is given,
-        with `self.segmentor` as the guide.
+        with `self.segmentor` as the guide, on velocities whose σ lies in the first `rectified_step` steps of the
+        `num_inference_steps` grid (`crfm.sampling.sampler.grid_index`; for Euler: those steps). `solver`
+        (default Euler) integrates; rk45 runs image by image, since its steps adapt to what it integrates.
+        `save_at`: grid indices whose latents are returned in `states` (reflow's segment boundaries). `observe`
+        sees every velocity the solver uses (after CRFM) and may not change it (e.g. `straightness.VelocityRecorder`).
         """
         if crfm is not None and self.segmentor is None:
             raise ValueError(
@@ -147,6 +167,7 @@ class MaskToImagePipeline:
             )
         if labels.shape[-1] % self.vae_scale_factor or labels.shape[-2] % self.vae_scale_factor:
             raise ValueError(f"mask size {tuple(labels.shape[-2:])} is not a multiple of {self.vae_scale_factor}")
+        solver = solver or SolverConfig()
         device, dtype = self.device, self.dtype
         labels = labels.to(device)
         masks = self.encode_masks(labels)
@@ -154,27 +175,39 @@ class MaskToImagePipeline:
         # The noise has the image latents' channels; the mask condition may have others (onehot: num_cls).
         channels = self.vae.config.latent_channels
         noise = initial_noise(noise_ids, seed, (channels, *latent_hw)).to(device, dtype)
-        hook = None
-        if crfm is not None:
-            hook = ControlRectifier(crfm, self.segmentor, self.vae, labels, num_inference_steps)
 
         def on_device(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device, dtype)
 
-        latents = sample_latents(
-            self.transformer,
-            self.scheduler,
-            noise,
-            on_device(prompt_embeds),
-            on_device(pooled_prompt_embeds),
-            masks,
-            on_device(negative_prompt_embeds),
-            on_device(negative_pooled_prompt_embeds),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            velocity_hook=hook,
-            progress=progress,
-        )
+        conditions = [on_device(t) for t in (prompt_embeds, pooled_prompt_embeds)]
+        negatives = [on_device(t) for t in (negative_prompt_embeds, negative_pooled_prompt_embeds)]
+        groups = [slice(i, i + 1) for i in range(len(noise))] if solver.solver == "rk45" else [slice(None)]
+        parts, trace, nfe = [], [], 0
+        for rows in groups:
+            hook = rectifier = None
+            if crfm is not None:
+                hook = rectifier = ControlRectifier(crfm, self.segmentor, self.vae, labels[rows], num_inference_steps)
+            if observe is not None:
+                hook = observed(rectifier, observe)
+            solution = sample_latents(
+                self.transformer,
+                self.scheduler,
+                noise[rows],
+                *(t[rows] for t in conditions),
+                masks[rows],
+                *(t if t is None or t.shape[0] != len(noise) else t[rows] for t in negatives),
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                velocity_hook=hook,
+                progress=progress,
+                solver=solver,
+                save_at=save_at,
+            )
+            parts.append(solution)
+            trace += [] if rectifier is None else rectifier.trace
+            nfe += solution.nfe
+        latents = torch.cat([p.latents for p in parts])
+        states = {i: torch.cat([p.states[i] for p in parts]) for i in parts[0].states}
         with torch.no_grad():
             images = decode_latents(self.vae, latents.float())
-        return MaskToImageOutput(images=images, latents=latents, crfm_trace=[] if hook is None else hook.trace)
+        return MaskToImageOutput(images, latents, trace, nfe=round(nfe / len(groups)), states=states)

@@ -13,7 +13,9 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,9 +24,9 @@ from PIL import Image
 from crfm.data.dataset import load_image, load_label, resize_center_crop
 from crfm.data.index import CLASSES_FILE, DatasetError, IndexItem, read_classes_json, read_index
 from crfm.data.vectors import load_empty_prompt_vectors, load_item_vectors
-from crfm.sampling.pipeline import MaskToImagePipeline
+from crfm.sampling.pipeline import MaskToImageOutput, MaskToImagePipeline
 from crfm.sampling.rectify import CRFMConfig
-from crfm.sampling.sampler import to_uint8
+from crfm.sampling.sampler import SolverConfig, to_uint8
 from crfm.utils.fileio import atomic_path, write_jsonl_atomic, write_text_atomic
 from crfm.utils.flags import (
     UsageError,
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add = parser.add_argument
     add("--work_dir", default="work_dirs/synth", help="output dataset folder")
-    add("--num_inference_steps", type=int, default=28, help="Euler steps (the paper: 23)")
+    add("--num_inference_steps", type=int, default=28, help="sampling steps (the paper: 23; rk45: CRFM's grid)")
     add("--guidance_scale", type=float, default=1.0, help="classifier-free guidance (1.0: off)")
     add("--resolution", type=int, default=512, help="output side, px (masks resized + centre-cropped)")
     add("--batch_size", type=int, default=1, help="images per sampler call")
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser, seed_help="noise seed (drawn per item and variant, so independent of batching)", mixed_precision=True
     )
     add_segmentor_flags(parser, required=False, purpose="of the CRFM guide (CRFM on with --mmseg_ckpt)")
+    SolverConfig.add_flags(parser)
     CRFMConfig.add_flags(parser)
     return parser
 
@@ -70,15 +73,20 @@ def unit_name(position: int, item: IndexItem, variant: int) -> str:
     return f"{position:05d}_{Path(item.target).stem}_v{variant}"
 
 
-def read_done(work_dir: Path) -> dict[str, dict]:
-    """Finished units from every rank's shard: name -> output record (only those whose files exist)."""
+def image_outputs(record: dict) -> list[str]:
+    """The files a synthesized unit's index line stands for (relative to the work dir)."""
+    return [record["target"], record["source"]]
+
+
+def read_done(work_dir: Path, outputs: Callable[[dict], list[str]] = image_outputs) -> dict[str, dict]:
+    """Finished units from every rank's shard: name -> output record (only those whose `outputs` files exist)."""
     done: dict[str, dict] = {}
     for shard in sorted(work_dir.glob(SHARD_PATTERN.format(rank="*"))):
         for line in shard.read_text().splitlines():
             if not line.strip():
                 continue
             record = json.loads(line)
-            if (work_dir / record["target"]).is_file() and (work_dir / record["source"]).is_file():
+            if all((work_dir / path).is_file() for path in outputs(record)):
                 done[record["unit"]] = record
     return done
 
@@ -107,9 +115,11 @@ def write_unit(work_dir: Path, name: str, image: np.ndarray, label: np.ndarray) 
             Image.fromarray(array).save(tmp)
 
 
-def merge_shards(work_dir: Path, units: list, data_root: Path) -> list[dict]:
+def merge_shards(
+    work_dir: Path, units: list, data_root: Path, outputs: Callable[[dict], list[str]] = image_outputs
+) -> list[dict]:
     """Every rank's finished units, in plan order, as the dataset's `index.jsonl` (+ the classes beside it)."""
-    merged = read_done(work_dir)
+    merged = read_done(work_dir, outputs)
     order = {unit_name(p, i, k): n for n, (p, i, k) in enumerate(units)}
     records = sorted((r for r in merged.values() if r["unit"] in order), key=lambda r: order[r["unit"]])
     write_jsonl_atomic(work_dir / "index.jsonl", records)
@@ -119,7 +129,62 @@ def merge_shards(work_dir: Path, units: list, data_root: Path) -> list[dict]:
     return records
 
 
+class UnitWriter(Protocol):
+    """What a run over (mask, variant) units keeps of each batch: `write` stores a batch's files atomically and
+    returns one index record per unit (with its "unit" name); `outputs` lists a record's files."""
+
+    name: str
+    save_at: tuple[int, ...]
+    folders: tuple[str, ...]
+
+    def write(self, work_dir: Path, batch: list, out: MaskToImageOutput) -> list[dict]: ...
+
+    def outputs(self, record: dict) -> list[str]: ...
+
+
+class ImageWriter:
+    """test.py's output: one image and its mask (+ a debug panel) per unit, a dataset index line each."""
+
+    name = "synthesize"
+    save_at: tuple[int, ...] = ()
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.folders = ("img", "label", *(("debug",) if args.debug else ()))
+
+    def outputs(self, record: dict) -> list[str]:
+        return image_outputs(record)
+
+    def write(self, work_dir: Path, batch: list, out: MaskToImageOutput) -> list[dict]:
+        args, records = self.args, []
+        for (pos, item, k, label, _), image in zip(batch, to_uint8(out.images), strict=True):
+            name = unit_name(pos, item, k)
+            write_unit(work_dir, name, image, label)
+            if args.debug:
+                write_panel(work_dir / "debug" / f"{name}.png", image, label, Path(args.data_root) / item.target, args)
+            records.append(
+                {
+                    **{key: v for key, v in item.record.items() if key not in ("index",)},
+                    "source": f"label/{name}.png",
+                    "target": f"img/{name}.png",
+                    "unit": name,
+                    "source_mask": item.source,
+                    "variant": k,
+                    "seed": args.seed,
+                    "crfm": args.mmseg_config is not None,
+                }
+            )
+        return records
+
+
 def synthesize(args: argparse.Namespace) -> dict:
+    """test.py: synthesize a dataset (images + masks) from the masks' index."""
+    return run_units(args, ImageWriter(args))
+
+
+def run_units(args: argparse.Namespace, writer: UnitWriter) -> dict:
+    """Sample every (mask, variant) unit of the index not finished yet (this process's share) and keep what
+    `writer` keeps; returns a summary. The one sampling loop of test.py and crfm.reflow."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -130,7 +195,7 @@ def synthesize(args: argparse.Namespace) -> dict:
         raise UsageError("CRFM needs both --mmseg_config and --mmseg_ckpt")
     items = read_index(data_root / args.json_file, data_root)
     units = [(pos, item, k) for pos, item in enumerate(items) for k in range(args.num_per_mask)]
-    done = read_done(work_dir) if work_dir.is_dir() else {}
+    done = read_done(work_dir, writer.outputs) if work_dir.is_dir() else {}
     mine = [u for j, u in enumerate(units) if j % world == rank and unit_name(*u) not in done]
 
     pipe = MaskToImagePipeline.from_checkpoint(
@@ -143,18 +208,19 @@ def synthesize(args: argparse.Namespace) -> dict:
 
         pipe.segmentor = load_segmentor(args.mmseg_config, args.mmseg_ckpt, device=state.device, num_cls=args.num_cls)
         crfm = CRFMConfig.from_args(args)
+    solver = SolverConfig.from_args(args)
     negative = {}
     if args.guidance_scale > 1.0:
         empty = load_empty_prompt_vectors(args.vectors_path)
         negative = {f"negative_{key}": empty[key][None] for key in ("prompt_embeds", "pooled_prompt_embeds")}
-    for sub in ("img", "label", *(("debug",) if args.debug else ())):
+    for sub in writer.folders:
         (work_dir / sub).mkdir(parents=True, exist_ok=True)
     shard = work_dir / SHARD_PATTERN.format(rank=rank)
 
     failures: list[str] = []
     traces: list[dict] = []
-    start, finished = time.perf_counter(), 0
-    bar = tqdm(total=len(mine), desc=f"synthesize[{rank}]", unit="img", disable=args.no_progress or not mine)
+    start, finished, evaluations = time.perf_counter(), 0, 0
+    bar = tqdm(total=len(mine), desc=f"{writer.name}[{rank}]", unit="img", disable=args.no_progress or not mine)
     for begin in range(0, len(mine), args.batch_size):
         chunk = mine[begin : begin + args.batch_size]
         batch = load_batch(chunk, args, failures)
@@ -165,35 +231,21 @@ def synthesize(args: argparse.Namespace) -> dict:
             torch.from_numpy(np.stack([b[3] for b in batch]).astype(np.int64)),
             torch.stack([b[4]["prompt_embeds"] for b in batch]),
             torch.stack([b[4]["pooled_prompt_embeds"] for b in batch]),
-            noise_ids=[pos * args.num_per_mask + k for pos, _, k, _, _ in batch],
+            noise_ids=[noise_id(pos, k, args.num_per_mask) for pos, _, k, _, _ in batch],
             seed=args.seed,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
             crfm=crfm,
+            solver=solver,
+            save_at=writer.save_at,
             **negative,
         )
-        records = []
-        for (pos, item, k, label, _), image in zip(batch, to_uint8(out.images), strict=True):
-            name = unit_name(pos, item, k)
-            write_unit(work_dir, name, image, label)
-            if args.debug:
-                write_panel(work_dir / "debug" / f"{name}.png", image, label, data_root / item.target, args)
-            records.append(
-                {
-                    **{key: v for key, v in item.record.items() if key not in ("index",)},
-                    "source": f"label/{name}.png",
-                    "target": f"img/{name}.png",
-                    "unit": name,
-                    "source_mask": item.source,
-                    "variant": k,
-                    "seed": args.seed,
-                    "crfm": crfm is not None,
-                }
-            )
+        records = writer.write(work_dir, batch, out)
         with shard.open("a") as handle:  # after the files: an index line never lacks its files
             handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         traces.extend({"units": [r["unit"] for r in records], **t} for t in out.crfm_trace)
         finished += len(batch)
+        evaluations += out.nfe * len(batch)
         bar.update(len(batch))
     bar.close()
     seconds = time.perf_counter() - start
@@ -205,19 +257,26 @@ def synthesize(args: argparse.Namespace) -> dict:
         "synthesized": finished,
         "failures": failures,
         "seconds_per_image": seconds / finished if finished else math.nan,
+        "nfe_per_image": evaluations / finished if finished else math.nan,
+        "solver": solver.describe(args.num_inference_steps),
         "crfm": crfm is not None,
     }
     if traces:
         with (work_dir / f"crfm_trace.rank{rank}.jsonl").open("a") as handle:
             handle.write("".join(json.dumps(t) + "\n" for t in traces))
     if state.is_main_process:
-        records = merge_shards(work_dir, units, data_root)
+        records = merge_shards(work_dir, units, data_root, writer.outputs)
         print(
-            f"[synthesize] {len(records)}/{len(units)} images in {work_dir} ({finished} now, {len(done)} before, "
-            f"{len(failures)} failed on rank 0); {summary['seconds_per_image']:.2f} s/image; CRFM "
-            f"{'on' if crfm is not None else 'off'}"
+            f"[{writer.name}] {len(records)}/{len(units)} units in {work_dir} ({finished} now, {len(done)} before, "
+            f"{len(failures)} failed on rank 0); {summary['seconds_per_image']:.2f} s/image, "
+            f"{summary['nfe_per_image']:.1f} NFE/image ({summary['solver']}); CRFM {'on' if crfm else 'off'}"
         )
     return summary
+
+
+def noise_id(position: int, variant: int, num_per_mask: int) -> int:
+    """The item id a unit's noise is drawn with (with the seed): `crfm.sampling.sampler.initial_noise`."""
+    return position * num_per_mask + variant
 
 
 def write_panel(path: Path, image: np.ndarray, label: np.ndarray, real_path: Path, args) -> None:

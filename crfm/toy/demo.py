@@ -19,7 +19,11 @@ low-label regime: a generator pretrained on a large unlabelled corpus is fine-tu
  9. synthesis of the *labelled* masks (held-out masks would leak held-out labels into training);
 10. downstream, stage (c): a segmentor trained on real + synthetic data vs the real-only one, both scored on the
     held-out real scenes;
-11. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM paper | CRFM default | real).
+11. few-step (docs/fewstep.md): reflow pairs of the labelled masks from the CRFM-guided generator
+    (`crfm.reflow`), a k-SeqRF (or 2-RF) student trained on them (`train.py --reflow_pairs`), and the held-out masks
+    drawn by the student in `--few_step` Euler steps with no segmentor, scored like the other syntheses;
+12. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM paper | CRFM default | few-step |
+    real).
 
 Every tool runs as `python -m <module>` of the installed (or checked-out) package, so no checkout is needed.
 A re-run reuses every finished stage; an interrupted stage resumes (training from its last checkpoint,
@@ -92,6 +96,10 @@ class DemoSettings:
     num_inference_steps: int = 20
     num_per_mask: int = 2
     synth_ratio: float = 0.5
+    few_step: int = 2
+    reflow_segments: int = 4
+    reflow_per_mask: int = 2
+    reflow_train_steps: int = 400
     figure_rows: int = 6
     seed: int = 0
 
@@ -122,6 +130,10 @@ KNOB_HELP = {
     "num_inference_steps": "Euler sampling steps",
     "num_per_mask": "synthetic images per training mask for downstream training",
     "synth_ratio": "share of synthetic draws in the downstream segmentor's batches",
+    "few_step": "Euler steps of the few-step student (docs/fewstep.md; 0: no few-step stage)",
+    "reflow_segments": "time segments of the few-step student (1: 2-rectified flow; K > 1: K-SeqRF)",
+    "reflow_per_mask": "CRFM-teacher reflow pairs per labelled mask, for the few-step student",
+    "reflow_train_steps": "training steps of the few-step student (started from the generator)",
     "figure_rows": "held-out masks shown in samples.png",
     "seed": "seed of data, models, noise (the judge's scenes use seed + 500)",
 }
@@ -130,6 +142,11 @@ JUDGE_SEED_OFFSET = 500
 BASES = ("pretrained", "scratch")
 SHIPPED_RESOLUTION = 64  # the shipped base's position grid covers exactly 64 px images (8 x 8 tokens)
 FIGURE_TITLES = ("mask", "plain", "CRFM paper", "CRFM default", "real")
+FEW_STEP = ("fewstep", "synth_fewstep")  # (image set, work dir) of the few-step student's held-out synthesis
+# Few-step student recipe (docs/fewstep.md), the 2-RF-from-a-CRFM-teacher row of bench/fewstep_runs.py: pairs from
+# the uniform grid, AdamW at this rate, EMA of the weights used for sampling.
+REFLOW_LEARNING_RATE = 1e-4
+REFLOW_EMA_DECAY = 0.995
 
 
 def judge_val_scenes(judge_scenes: int) -> int:
@@ -173,6 +190,8 @@ PRESETS: dict[str, dict[str, object]] = {
         seg_iters=10,
         num_inference_steps=4,
         num_per_mask=1,
+        reflow_per_mask=1,
+        reflow_train_steps=4,
         figure_rows=3,
     ),
 }
@@ -303,38 +322,88 @@ class Demo:
             "--max_iters", self.s.seg_iters, "--img_size", self.s.seg_size, "--seed", seed, "--device", "cpu", *extra,
         )  # fmt: skip
 
-    def synthesize(self, json_file: str, work: str, crfm: str | None, num_per_mask: int = 1) -> None:
-        """Synthesis (`test.py`) with CRFM off (None), at the paper's settings ("paper") or test.py's defaults."""
+    def guide_flags(self, crfm: str | None) -> list[object]:
+        """The guide's flags for CRFM off (None), at the paper's settings ("paper") or test.py's defaults."""
+        if crfm is None:
+            return []
         guide = self.path("seg_real")
         rectify: list[object] = ["--mmseg_config", guide / "config.py", "--mmseg_ckpt", guide / "segmentor.pth"]
         if crfm == "paper":  # the paper's scripts' setting; "default" is test.py's own
             from crfm.sampling.rectify import CRFMConfig
 
             rectify += CRFMConfig.paper().flags()
-        self.run(
-            "crfm.sampling.synthesis", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
-            "--data_root", self.path("toydata"),
-            "--json_file", json_file, "--vectors_path", self.path("vectors"),
-            "--lora_ckpt", self.path("train", "final"), "--num_per_mask", num_per_mask,
+        return rectify
+
+    def sampling_flags(self, json_file: str, work: str, generator: Path) -> list[object]:
+        """What synthesis (`test.py`) and reflow pairs share."""
+        return [
+            "--pretrained_model_name_or_path", self.path("tiny_sd35"), "--data_root", self.path("toydata"),
+            "--json_file", json_file, "--vectors_path", self.path("vectors"), "--lora_ckpt", generator,
             "--work_dir", self.path(work), "--num_cls", 6, "--resolution", self.s.resolution, "--batch_size", 8,
-            "--num_inference_steps", self.s.num_inference_steps, "--seed", self.s.seed,
-            *(rectify if crfm else []), *self.quiet(),
+            "--seed", self.s.seed, *self.quiet(),
+        ]  # fmt: skip
+
+    def synthesize(self, json_file: str, work: str, crfm: str | None, num_per_mask: int = 1) -> None:
+        """Synthesis (`test.py`) by the generator, CRFM as in `guide_flags`."""
+        self.run(
+            "crfm.sampling.synthesis", *self.sampling_flags(json_file, work, self.path("train", "final")),
+            "--num_per_mask", num_per_mask, "--num_inference_steps", self.s.num_inference_steps,
+            *self.guide_flags(crfm),
         )  # fmt: skip
 
-    def fidelity(self) -> None:
-        """`python -m crfm.evaluate` for each image set and segmentor, in-process (one model load per judge)."""
+    def few_step(self) -> None:
+        """CRFM-teacher reflow pairs of the labelled masks -> a 2-RF or k-SeqRF student -> the held-out masks in
+        `few_step` Euler steps with no segmentor (docs/fewstep.md), scored like the other syntheses."""
+        if self.s.few_step == 0:
+            print("off (--few_step 0)")
+            return
+        self.run(
+            "crfm.reflow", *self.sampling_flags("train_.jsonl", "reflow_pairs", self.path("train", "final")),
+            "--num_per_mask", self.s.reflow_per_mask, "--num_inference_steps", self.s.num_inference_steps,
+            "--sigma_grid", "uniform", "--segments", self.s.reflow_segments, *self.guide_flags("default"),
+        )  # fmt: skip
+        steps = self.s.reflow_train_steps
+        self.run(
+            "crfm.training.train", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
+            "--data_root", self.path("toydata"), "--vectors_path", self.path("vectors"),
+            "--work_dir", self.path("student"), "--reflow_pairs", self.path("reflow_pairs"),
+            "--init_ckpt", self.path("train", "final"), "--mask_encoding", self.s.mask_encoding, "--num_cls", 6,
+            "--resolution", self.s.resolution, "--train_batch_size", self.s.train_batch_size,
+            "--max_train_steps", steps, "--learning_rate", REFLOW_LEARNING_RATE, "--prompt_dropout", 0,
+            "--seqrf_segments", self.s.reflow_segments, "--use_ema", "--ema_decay", REFLOW_EMA_DECAY,
+            "--checkpointing_steps", max(1, steps // 4),
+            "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest", "--seed", self.s.seed,
+            *self.quiet(),
+        )  # fmt: skip
+        images, work = FEW_STEP
+        self.run(
+            "crfm.sampling.synthesis", *self.sampling_flags("test_.jsonl", work, self.path("student", "final")),
+            "--num_inference_steps", self.s.few_step, "--sigma_grid", "uniform",
+        )  # fmt: skip
+        self.score({images: self.synthesized(work)})
+
+    def synthesized(self, work: str):
         from crfm.data.dataset import PairDataset
         from crfm.data.index import read_index
-        from crfm.segmentation.adapter import load_segmentor
-        from crfm.segmentation.evaluate import mask_fidelity
+
+        index = self.path(work, "index.jsonl")
+        return PairDataset(read_index(index, index.parent), index.parent, self.s.resolution, num_cls=6)
+
+    def fidelity(self) -> None:
+        from crfm.data.dataset import PairDataset
+        from crfm.data.index import read_index
 
         root = self.path("toydata")
         # Real images are scored at the generator's resolution too, so all rows are comparable.
         real = PairDataset(read_index(root / "test.jsonl", root), root, resolution=self.s.resolution, num_cls=6)
         sets: dict[str, object] = {"real": real, "vae": VAEReconstructions(real, self.path("tiny_sd35", "vae"))}
-        for images, (work, _) in SYNTHESES.items():
-            index = self.path(work, "index.jsonl")
-            sets[images] = PairDataset(read_index(index, index.parent), index.parent, self.s.resolution, num_cls=6)
+        self.score(sets | {images: self.synthesized(work) for images, (work, _) in SYNTHESES.items()})
+
+    def score(self, sets: dict[str, object]) -> None:
+        """`python -m crfm.evaluate` for each image set and segmentor, in-process (one model load per judge)."""
+        from crfm.segmentation.adapter import load_segmentor
+        from crfm.segmentation.evaluate import mask_fidelity
+
         for judge in ("seg_judge", "seg_real"):
             seg = self.path(judge)
             segmentor = load_segmentor(seg / "config.py", seg / "segmentor.pth", device="cpu", num_cls=6)
@@ -360,7 +429,7 @@ class Demo:
 
         train_summary = json.loads(self.path("train", "summary.json").read_text())
         fidelity = {}
-        for images in IMAGE_SETS:
+        for images in (*IMAGE_SETS, FEW_STEP[0]) if self.s.few_step else IMAGE_SETS:
             judge, guide = fid(images, "seg_judge"), fid(images, "seg_real")
             fidelity[images] = {
                 "judge_mIoU": 100 * judge["mIoU"],
@@ -396,16 +465,24 @@ class Demo:
             items = read_index(self.path(work, "index.jsonl"))
             return {i.record["source_mask"]: self.path(work, i.target) for i in items if i.record["variant"] == 0}
 
-        synthesized = [by_mask(work) for work, _ in SYNTHESES.values()]
+        works = [work for work, _ in SYNTHESES.values()] + ([FEW_STEP[1]] if self.s.few_step else [])
+        synthesized = [by_mask(work) for work in works]
         size = self.s.scene_size
         rows = []
         for source in list(real)[: self.s.figure_rows]:
             mask = colourise_mask(load_label(root / source), PALETTE)
             samples = [Image.open(images[source]).convert("RGB") for images in synthesized]
             rows.append([Image.fromarray(mask), *samples, Image.open(root / real[source]).convert("RGB")])
-        image_grid(rows, list(FIGURE_TITLES), cell=size, resample=Image.Resampling.NEAREST).save(
+        image_grid(rows, figure_titles(self.s), cell=size, resample=Image.Resampling.NEAREST).save(
             self.path("samples.png")
         )
+
+
+def figure_titles(settings: DemoSettings) -> list[str]:
+    titles = list(FIGURE_TITLES)
+    if settings.few_step:
+        titles.insert(-1, f"{settings.few_step}-step student")
+    return titles
 
 
 ROW_NAMES = {
@@ -415,6 +492,7 @@ ROW_NAMES = {
     "crfm_paper": "CRFM, paper settings (4 steps, eta_max 0.1, clamp 1)",
     "crfm": "CRFM, test.py defaults ({rectified_step} steps x {num_rectified}, eta_max {max_step_size:g}, "
     "L2-normalised {l2_norm}, clamp {velocity_clamp:g})",
+    FEW_STEP[0]: "few-step: {student} student of the CRFM teacher, {few_step} Euler step(s), no segmentor",
 }
 
 
@@ -439,7 +517,10 @@ def summary_markdown(summary: dict) -> str:
     from crfm.sampling.rectify import CRFMConfig
 
     for key, name in ROW_NAMES.items():
-        name = name.format(**dataclasses.asdict(CRFMConfig()))
+        if key not in fid:  # the few-step row, with --few_step 0
+            continue
+        student = "2-RF" if s["reflow_segments"] == 1 else f"{s['reflow_segments']}-SeqRF"
+        name = name.format(**dataclasses.asdict(CRFMConfig()), few_step=s["few_step"], student=student)
         lines.append(f"| {name} | {fid[key]['judge_mIoU']:.2f} | {fid[key]['guide_mIoU']:.2f} |")
     real, mixed = down["real_only"], down["real_plus_synthetic"]
     lines += [
@@ -476,11 +557,14 @@ STAGES: list[tuple[str, str]] = [
     ("fidelity", "mask fidelity: real vs VAE ceiling vs plain vs CRFM"),
     ("synth_train", "synthesize the labelled masks with CRFM defaults, for downstream training"),
     ("downstream", "downstream segmentor on real + synthetic (paper stage c)"),
+    ("few_step", "few-step: CRFM-teacher reflow pairs, a k-SeqRF student, held-out masks in a few steps, no segmentor"),
 ]
 
 
 def check_knobs(settings: DemoSettings) -> None:
     """Refuse impossible knob combinations before anything is written."""
+    if settings.few_step and settings.num_inference_steps % settings.reflow_segments:
+        raise UsageError("--reflow_segments must divide --num_inference_steps (segment ends lie on the teacher's grid)")
     if min(settings.train_scenes, settings.val_scenes, settings.test_scenes) < 1 or settings.judge_scenes < 2:
         raise UsageError("need at least 1 training, validation and held-out scene and 2 judge scenes")
     if settings.base not in BASES:
@@ -504,7 +588,8 @@ def check_settings(out: Path, settings: DemoSettings) -> None:
     path = out / SETTINGS_FILE
     current = dataclasses.asdict(settings)
     if path.is_file():
-        previous = json.loads(path.read_text())
+        # A knob added since the folder was made counts as its default there.
+        previous = {**dataclasses.asdict(DemoSettings()), **json.loads(path.read_text())}
         changed = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
         if changed:
             diff = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
@@ -558,6 +643,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "fidelity": demo.fidelity,
         "synth_train": lambda: demo.synthesize("train_.jsonl", "synth_train", "default", settings.num_per_mask),
         "downstream": demo.downstream,
+        "few_step": demo.few_step,
     }
     for number, (name, title) in enumerate(STAGES, 1):
         try:
@@ -574,7 +660,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\n=== report -> {out} ===")
     summary = demo.report()
     print(summary["markdown"])
-    print(f"figure  : {out / 'samples.png'} ({' | '.join(FIGURE_TITLES)})")
+    print(f"figure  : {out / 'samples.png'} ({' | '.join(figure_titles(settings))})")
     print(f"tables  : {out / 'summary.md'}, {out / 'summary.json'}")
     print(f"this run: {time.perf_counter() - start:.0f} s")
     return 0

@@ -47,12 +47,19 @@ def check_items(dataset: PairDataset, progress: bool = True) -> None:
 def build_data(
     args: argparse.Namespace, num_processes: int, progress: bool
 ) -> tuple[PairDataset, torch.utils.data.DataLoader, dict[str, torch.Tensor]]:
-    """The dataset (every item checked unless --skip_data_check), its loader and the empty prompt's vectors."""
+    """The dataset (every item checked unless --skip_data_check), its loader and the empty prompt's vectors.
+    With --reflow_pairs the items are the pairs (their masks and prompts from --data_root / --vectors_path)."""
     from crfm.data.vectors import load_empty_prompt_vectors
+    from crfm.training.reflow import ReflowPairs
 
     data_root, vectors_dir = Path(args.data_root), Path(args.vectors_path)
-    items = read_index(data_root / args.json_file, data_root)
-    dataset = PairDataset(items, data_root, resolution=args.resolution, num_cls=args.num_cls, vectors_dir=vectors_dir)
+    if args.reflow_pairs is not None:
+        dataset = ReflowPairs(
+            args.reflow_pairs, data_root, vectors_dir, args.num_cls, args.resolution, args.seqrf_segments
+        )
+    else:
+        items = read_index(data_root / args.json_file, data_root)
+        dataset = PairDataset(items, data_root, args.resolution, num_cls=args.num_cls, vectors_dir=vectors_dir)
     empty = load_empty_prompt_vectors(vectors_dir)
     if not args.skip_data_check:
         check_items(dataset, progress=progress)
@@ -83,6 +90,8 @@ def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: to
     mask_in_channels = mask_embed_in_channels(args.mask_encoding, args.num_cls)
     model = MaskSD3Transformer2DModel.from_sd3(pretrained, mask_init=args.mask_init, mask_in_channels=mask_in_channels)
     counts = configure_training(model, args.train_mode, args.lora_rank)
+    if args.init_ckpt is not None:
+        init_from_checkpoint(model, args)
     if args.no_mask:
         for branch in (model.mask_embed, model.mask_blocks):
             branch.requires_grad_(False)
@@ -98,6 +107,18 @@ def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: to
     return model, vae, TrainTimesteps.from_scheduler(scheduler), counts
 
 
+def init_from_checkpoint(model, args: argparse.Namespace) -> None:
+    """--init_ckpt: the trained weights (their EMA if saved) of a checkpoint of the same inputs and train mode."""
+    from crfm.models.trained_weights import check_checkpoint_inputs, load_trained_weights, read_checkpoint_meta
+    from crfm.utils.flags import UsageError
+
+    meta = read_checkpoint_meta(args.init_ckpt)
+    check_checkpoint_inputs(meta, args.init_ckpt, args.num_cls, args.mask_encoding)
+    if meta["train_mode"] != args.train_mode:
+        raise UsageError(f"--init_ckpt {args.init_ckpt} was trained with --train_mode {meta['train_mode']}")
+    load_trained_weights(model, args.init_ckpt, target=f"--train_mode {args.train_mode}", use_ema=True)
+
+
 def checkpoint_meta(args: argparse.Namespace) -> dict:
     """What, besides the trained weights, a checkpoint needs to rebuild the model (`crfm_checkpoint.json`)."""
     return {
@@ -107,6 +128,19 @@ def checkpoint_meta(args: argparse.Namespace) -> dict:
         "mask_encoding": args.mask_encoding,
         "base_model": str(Path(args.pretrained_model_name_or_path).resolve()),
         "resolution": args.resolution,
+        **({"ema_decay": args.ema_decay} if args.use_ema else {}),
+        **({"reflow": reflow_record(args)} if args.reflow_pairs is not None else {}),
+    }
+
+
+def reflow_record(args: argparse.Namespace) -> dict:
+    """How a reflow student was trained (its segments follow the uniform grid: sample it with --sigma_grid uniform)."""
+    return {
+        "pairs": str(Path(args.reflow_pairs).resolve()),
+        "init_ckpt": None if args.init_ckpt is None else str(Path(args.init_ckpt).resolve()),
+        "t_schedule": args.t_schedule,
+        "loss": args.reflow_loss,
+        "segments": args.seqrf_segments,
     }
 
 

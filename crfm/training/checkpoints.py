@@ -38,31 +38,37 @@ def resolve_resume(work_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def register_checkpoint_hooks(accelerator, meta: dict, target: str = "this model") -> None:
+def register_checkpoint_hooks(accelerator, meta: dict, target: str = "this model", ema=None) -> None:
     """Make accelerate's `save_state`/`load_state` store and restore only what is trained (diffusers-examples
     hooks). `meta` goes into each checkpoint's `crfm_checkpoint.json`; `target` describes the model in the
     error raised when a checkpoint does not fit it (e.g. another --train_mode). A checkpoint of another mask
-    encoding or num_cls is refused before anything is loaded (`check_checkpoint_inputs`)."""
+    encoding or num_cls is refused before anything is loaded (`check_checkpoint_inputs`). `ema` (an `EMAModel`
+    of the trained weights) is saved and restored with them."""
     from crfm.models.trained_weights import (
         check_checkpoint_inputs,
         checkpoint_mask_encoding,
+        load_ema_state,
         load_trained_weights,
         read_checkpoint_meta,
         save_trained,
+        trained_state_dict,
     )
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for wrapped in models:
-                save_trained(accelerator.unwrap_model(wrapped), output_dir, meta)
+                save_trained(accelerator.unwrap_model(wrapped), output_dir, meta, ema=ema)
         while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
         this_run = {"num_cls": meta.get("num_cls"), "mask_encoding": checkpoint_mask_encoding(meta)}
         check_checkpoint_inputs(read_checkpoint_meta(input_dir), input_dir, **this_run)
+        names = list(trained_state_dict(accelerator.unwrap_model(models[0]))) if models else []
         while models:
             load_trained_weights(accelerator.unwrap_model(models.pop()), input_dir, target=target)
+        if ema is not None:
+            load_ema_state(ema, input_dir, names)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

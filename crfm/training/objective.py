@@ -110,6 +110,25 @@ def predict(model, noisy, embeds, pooled, timesteps, mask_latents: torch.Tensor 
     return model(noisy, embeds, pooled, timesteps, mask_hidden_states=mask_latents, return_dict=False)[0]
 
 
+def prompts_with_dropout(
+    batch: Mapping[str, torch.Tensor],
+    empty_prompt: Mapping[str, torch.Tensor],
+    probability: float,
+    generator: torch.Generator,
+    device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's prompt vectors, each replaced by the empty prompt's with `probability` (one draw per item)."""
+    drop = (torch.rand(batch["prompt_embeds"].shape[0], generator=generator) < probability).to(device)
+    embeds = batch["prompt_embeds"].to(device, dtype)
+    pooled = batch["pooled_prompt_embeds"].to(device, dtype)
+    empty_embeds = empty_prompt["prompt_embeds"].to(device, dtype)
+    empty_pooled = empty_prompt["pooled_prompt_embeds"].to(device, dtype)
+    embeds = torch.where(drop[:, None, None], empty_embeds.expand_as(embeds), embeds)
+    pooled = torch.where(drop[:, None], empty_pooled.expand_as(pooled), pooled)
+    return embeds, pooled
+
+
 def flow_matching_loss(
     model,
     vae,
@@ -152,14 +171,7 @@ def flow_matching_loss(
     timesteps, sigmas = schedule.lookup(u, device, latents.dtype)
     noisy = noisy_latents(latents, noise, sigmas)
 
-    drop = (torch.rand(batch_size, generator=generator) < config.prompt_dropout).to(device)
-    embeds = batch["prompt_embeds"].to(device, dtype)
-    pooled = batch["pooled_prompt_embeds"].to(device, dtype)
-    empty_embeds = empty_prompt["prompt_embeds"].to(device, dtype)
-    empty_pooled = empty_prompt["pooled_prompt_embeds"].to(device, dtype)
-    embeds = torch.where(drop[:, None, None], empty_embeds.expand_as(embeds), embeds)
-    pooled = torch.where(drop[:, None], empty_pooled.expand_as(pooled), pooled)
-
+    embeds, pooled = prompts_with_dropout(batch, empty_prompt, config.prompt_dropout, generator, device, dtype)
     pred = predict(model, noisy, embeds, pooled, timesteps, mask_latents)
     weighting = compute_loss_weighting_for_sd3(config.weighting_scheme, sigmas)
     per_sample = (weighting.float() * (pred.float() - (noise - latents).float()) ** 2).mean(dim=(1, 2, 3))

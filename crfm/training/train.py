@@ -25,6 +25,7 @@ from crfm.models.base_folder import check_base_folder
 from crfm.training.build import build_accelerator, build_data, build_model, build_optimizer, checkpoint_meta
 from crfm.training.checkpoints import register_checkpoint_hooks, resume_state, save_checkpoint
 from crfm.training.objective import WEIGHTING_SCHEMES, FlowMatchingConfig, flow_matching_loss, step_generator
+from crfm.training.reflow import add_reflow_flags, build_reflow_loss, load_lpips
 from crfm.utils.fileio import write_text_atomic
 from crfm.utils.flags import DTYPES, add_data_flags, add_model_flags, add_run_flags, entry_point
 
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     add("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    add("--use_ema", action="store_true", help="keep an EMA of the trained weights (checkpointed; sampling uses it)")
+    add("--ema_decay", type=float, default=0.999, help="EMA decay (diffusers EMAModel: warms up from 0)")
     add(
         "--weighting_scheme",
         choices=WEIGHTING_SCHEMES,
@@ -86,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--skip_data_check", action="store_true", help="skip the pre-flight check of every item")
     add("--record_batches", action="store_true", help="write each rank's item positions and weight digest")
     add_run_flags(parser, seed_help="seed of every random draw (with rank and step)", mixed_precision=True)
+    add_reflow_flags(parser)
     return parser
 
 
@@ -95,6 +99,9 @@ def train(args: argparse.Namespace) -> dict:
 
     # The base and the data are validated before anything is written or any model is loaded.
     check_base_folder(args.pretrained_model_name_or_path, ("transformer", "vae", "scheduler"))
+    perceptual = None
+    if args.reflow_pairs is not None and args.reflow_loss.startswith("lpips"):
+        perceptual = load_lpips(args.lpips_weights, "cuda" if torch.cuda.is_available() else "cpu")
     work_dir = Path(args.work_dir)
     accelerator = build_accelerator(args, work_dir)
     main = accelerator.is_main_process
@@ -111,16 +118,30 @@ def train(args: argparse.Namespace) -> dict:
             f"{len(dataset)} items, {accelerator.num_processes} process(es)"
         )
     meta = checkpoint_meta(args)
-    register_checkpoint_hooks(accelerator, meta, target=f"{meta['base_model']} in mode {args.train_mode}")
     trainable, optimizer, lr_scheduler = build_optimizer(args, model, accelerator.num_processes)
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(trainable, decay=args.ema_decay)
+        ema.to(accelerator.device)
+    target = f"{meta['base_model']} in mode {args.train_mode}"
+    register_checkpoint_hooks(accelerator, meta, target=target, ema=ema)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     global_step = resume_state(accelerator, work_dir, args.resume_from_checkpoint)
     loss_log = work_dir / LOSS_LOG
     if main:
         start_logs(accelerator, args, loss_log, global_step)
 
-    config = FlowMatchingConfig.from_args(args)
     empty = {key: value.to(accelerator.device, weight_dtype) for key, value in empty.items()}
+    if args.reflow_pairs is not None:
+        objective = build_reflow_loss(args, dataset, model, vae, empty, weight_dtype, perceptual)
+    else:
+        config = FlowMatchingConfig.from_args(args)
+
+        def objective(batch: dict, gen: torch.Generator) -> torch.Tensor:
+            return flow_matching_loss(model, vae, batch, gen, config, schedule, empty, weight_dtype).loss
+
     bar = tqdm(
         total=args.max_train_steps, initial=global_step, desc="train", unit="step", disable=not main or args.no_progress
     )
@@ -131,7 +152,7 @@ def train(args: argparse.Namespace) -> dict:
         gen = step_generator(args.seed, accelerator.process_index, micro_step)
         seen_positions.append(batch["position"].tolist())
         with accelerator.accumulate(model):
-            loss = flow_matching_loss(model, vae, batch, gen, config, schedule, empty, weight_dtype).loss
+            loss = objective(batch, gen)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -140,6 +161,8 @@ def train(args: argparse.Namespace) -> dict:
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
+        if ema is not None:
+            ema.step(trainable)
         global_step += 1
         last_loss = log_step(accelerator, loss_log, bar, global_step, loss, lr_scheduler.get_last_lr()[0])
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
@@ -154,7 +177,7 @@ def train(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     summary = {"steps": global_step, "final_loss": last_loss, "seconds_per_step": seconds_per_step}
     if main:
-        write_outputs(args, work_dir, accelerator.unwrap_model(model), meta, summary, counts["trainable"])
+        write_outputs(args, work_dir, accelerator.unwrap_model(model), meta, summary, counts["trainable"], ema)
     accelerator.end_training()
     return summary
 
@@ -201,13 +224,13 @@ def log_step(accelerator, loss_log: Path, bar, step: int, loss: torch.Tensor, lr
     return value
 
 
-def write_outputs(args, work_dir: Path, model, meta: dict, summary: dict, trainable: int) -> None:
-    """Main process, after training: final weights, loss curve, summary.json."""
+def write_outputs(args, work_dir: Path, model, meta: dict, summary: dict, trainable: int, ema=None) -> None:
+    """Main process, after training: final weights (+ their EMA), loss curve, summary.json."""
     from crfm.models.trained_weights import save_trained
     from crfm.utils.viz import plot_loss_curve
 
     final_dir = work_dir / "final"
-    save_trained(model, final_dir, meta)
+    save_trained(model, final_dir, meta, ema=ema)
     records = read_loss_log(work_dir / LOSS_LOG)
     if records:
         plot_loss_curve(records, work_dir / "loss_curve.png", title=f"training loss ({args.train_mode})")

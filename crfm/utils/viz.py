@@ -225,3 +225,31 @@ def distinct_palette(num_colours: int) -> list[tuple[int, int, int]]:
         tuple(round(255 * c) for c in colorsys.hsv_to_rgb(k / max(num_colours, 1), 0.75, 0.9))
         for k in range(num_colours)
     ]
+
+
+def plot_fidelity_vs_nfe(
+    series: dict[str, list[dict]], out_png: str | Path, title: str = "mask fidelity vs sampling cost"
+) -> Path:
+    """Judge mIoU (%) against NFE per model: `series` maps a model's name to its runs (dicts with `nfe`, `mIoU`,
+    optional `mIoU_std` for error bars and `run` labels); log-scaled NFE axis."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for name, runs in series.items():
+        runs = sorted(runs, key=lambda r: r["nfe"])
+        nfe = [r["nfe"] for r in runs]
+        miou = [100 * r["mIoU"] for r in runs]
+        errors = [100 * r.get("mIoU_std", 0.0) for r in runs]
+        ax.errorbar(nfe, miou, yerr=errors, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("function evaluations per image (NFE)")
+    ax.set_ylabel("judge mIoU (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return out_png

@@ -159,7 +159,7 @@ def test_crfm_in_sampling_lowers_the_segmentor_loss_of_the_result(tiny_sd35_dir,
         noise = initial_noise([0, 1], seed=0, shape=(16, 8, 8))
         return sample_latents(
             model, scheduler, noise, embeds, pooled, masks, num_inference_steps=steps, velocity_hook=hook
-        )
+        ).latents
 
     def final_loss(latents):
         with torch.no_grad():

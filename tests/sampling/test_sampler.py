@@ -44,7 +44,7 @@ def test_sampler_reproduces_the_sd3_pipeline(pipe, dynamic_shift, guidance):
     latents = sample_latents(
         model, scheduler, noise.clone(), embeds, pooled, None, negative, negative_pooled,
         num_inference_steps=5, guidance_scale=guidance,
-    )  # fmt: skip
+    ).latents  # fmt: skip
     with torch.no_grad():
         ours = (decode_latents(pipe.vae, latents) + 1) / 2
     assert ours.shape == reference.shape == (2, 3, 64, 96)
@@ -64,7 +64,7 @@ def test_item_does_not_depend_on_its_batch(pipe, tiny_sd35_dir):
         return sample_latents(
             model, scheduler, noise, embeds[rows], pooled[rows], masks[rows], negative[rows], negative_pooled[rows],
             num_inference_steps=4, guidance_scale=2.0,
-        )  # fmt: skip
+        ).latents  # fmt: skip
 
     together = run([0, 1])
     alone = torch.cat([run([0]), run([1])])

@@ -44,6 +44,7 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
     commands = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
     modules = ["crfm.data.vectorize", "crfm.training.train"]  # the base is the shipped one, copied
     modules += ["crfm.segmentation.downstream"] * 2 + ["crfm.sampling.synthesis"] * 4 + ["crfm.segmentation.downstream"]
+    modules += ["crfm.reflow", "crfm.training.train", "crfm.sampling.synthesis"]  # the few-step stage
     assert [line.split()[3] for line in commands] == modules and all(c.startswith("$ python -m ") for c in commands)
     settings = DemoSettings(**PRESETS["ci"])
     n_train, n_test = settings.train_scenes, settings.test_scenes
@@ -57,6 +58,8 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         "synth_crfm_paper/index.jsonl": n_test,
         "synth_crfm/index.jsonl": n_test,
         "synth_train/index.jsonl": n_train * settings.num_per_mask,
+        "reflow_pairs/index.jsonl": n_train * settings.reflow_per_mask,
+        "synth_fewstep/index.jsonl": n_test,
     }
     for name, count in expected_lines.items():
         assert len((out / name).read_text().splitlines()) == count, name
@@ -81,6 +84,9 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         "seg_judge/segmentor.pth",
         "seg_real_synth/segmentor.pth",
         "synth_crfm/crfm_trace.rank0.jsonl",
+        "reflow_pairs/crfm_trace.rank0.jsonl",  # the few-step student's teacher is CRFM-guided
+        "student/final/model.safetensors",
+        "student/final/ema.safetensors",
     ):
         assert (out / name).is_file(), name
     # Plain and CRFM start from the same noise; CRFM changed the images.
@@ -93,7 +99,7 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
 def test_summary_table_is_well_formed(demo_run):
     out, proc = demo_run
     summary = json.loads((out / "summary.json").read_text())
-    for images in ("real", "vae", "plain", "crfm_paper", "crfm"):
+    for images in ("real", "vae", "plain", "crfm_paper", "crfm", "fewstep"):
         row = summary["mask_fidelity"][images]
         assert 0 <= row["judge_mIoU"] <= 100 and 0 <= row["guide_mIoU"] <= 100
     real, mixed = summary["downstream"]["real_only"], summary["downstream"]["real_plus_synthetic"]
@@ -104,22 +110,23 @@ def test_summary_table_is_well_formed(demo_run):
     assert markdown in proc.stdout  # the printed table is the saved one
     tables = [line for line in markdown.splitlines() if line.startswith("|")]
     assert all(line.endswith("|") for line in tables)
-    rows = ("| real images through the VAE", "| plain sampling |", "| CRFM, paper settings", "| CRFM, test.py defaults")
+    rows = ("| real images through the VAE", "| plain sampling |", "| CRFM, paper settings", "| CRFM, test.py defaults",
+            "| few-step: 4-SeqRF student")  # fmt: skip
     for row in (*rows, "| real only (", "| real + CRFM"):
         assert any(line.startswith(row) for line in tables), row
     # Every data row of the two result tables holds numbers where the header says so.
     for line in tables:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0].startswith(("plain", "CRFM", "real")):
+        if cells[0].startswith(("plain", "CRFM", "real", "few-step")):
             assert all(float(c) >= 0 for c in cells[1:]), line
 
 
-def test_figure_has_a_row_per_mask_and_five_columns(demo_run):
+def test_figure_has_a_row_per_mask_and_six_columns(demo_run):
     out, _ = demo_run
     settings = DemoSettings(**PRESETS["ci"])
     image = Image.open(out / "samples.png")
     gap, cell = 4, settings.scene_size
-    assert image.width == 5 * cell + 4 * gap  # mask | plain | CRFM paper | CRFM default | real
+    assert image.width == 6 * cell + 5 * gap  # mask | plain | CRFM paper | CRFM default | few-step | real
     assert image.height > settings.figure_rows * cell + (settings.figure_rows - 1) * gap  # + title strip
 
 
