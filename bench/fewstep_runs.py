@@ -375,7 +375,7 @@ def targets(seeds: list[int], best_model: str, best_run: str) -> list[str]:
     for model in ("2rf_crfm", "seqrf4_crfm"):
         comparisons += [((model, f"euler, {k} steps on the uniform grid"), other) for k in (1, 2, 4)
                         for other in (plain, reference)]  # fmt: skip
-    for a, b in comparisons:
+    for a, b in dict.fromkeys(comparisons):  # each once, in order
         delta, speed = paired(seeds, a, b), paired(seeds, a, b, "images_per_second")
         if delta:
             alone = [alone_speed(*a), alone_speed(*b)]
@@ -396,7 +396,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.speed:
         speed(args.seeds[0])
-    elif not args.report:
+        return 0
+    if not args.report:
         run_queue(tasks(args.seeds), workers=2)  # two workers of one thread each on the 2-core machine
     table = report(args.seeds)
     (REPO / "bench" / "results_fewstep.md").write_text("# Few-step synthesis (bench/fewstep_runs.py)\n\n" + table)

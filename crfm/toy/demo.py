@@ -70,7 +70,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Every knob of the demo (see KNOB_HELP). Defaults fit a 2-core CPU in about 8 minutes after set-up."""
+    """Every knob of the demo (see KNOB_HELP). Defaults fit a 2-core CPU in about 12 minutes after set-up."""
 
     train_scenes: int = 48
     val_scenes: int = 16
