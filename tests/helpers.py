@@ -43,3 +43,15 @@ def perturb_trainable(model: torch.nn.Module, seed: int = 1, scale: float = 0.02
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(scale * torch.randn(param.shape, generator=gen))
+
+
+def vectorized_toy_data(root: Path, pipeline_dir: Path, num: int, size: int = 64, seed: int = 0) -> dict[str, Path]:
+    """`num` toy scenes in `root`/data (index.jsonl, and index_.jsonl with the prompt vectors in `root`/vec, encoded
+    by the pipeline at `pipeline_dir`): the inputs of train.py, test.py and crfm.reflow."""
+    from crfm.data.vectorize import vectorize_index
+    from crfm.toy.toydata import write_dataset
+
+    data, vectors = root / "data", root / "vec"
+    write_dataset(data, num=num, size=size, seed=seed, progress=False)
+    vectorize_index(pipeline_dir, data / "index.jsonl", data / "index_.jsonl", vectors)
+    return {"pipe": pipeline_dir, "data": data, "vectors": vectors}

@@ -87,14 +87,11 @@ def detail(images: torch.Tensor) -> float:
     return float(torch.nn.functional.conv2d(grey, kernel).flatten(1).var(dim=1).mean())
 
 
-def sample_all(pipe, samples: list[dict], args, solver: SolverConfig, steps: int, crfm, observe=None) -> tuple:
-    """Images for every mask (noise id = position), in batches; returns (images, latents, NFE/image, seconds)."""
-    negative = {}
-    if args.guidance_scale > 1.0:
-        from crfm.data.vectors import load_empty_prompt_vectors
-
-        empty = load_empty_prompt_vectors(args.vectors_path)
-        negative = {f"negative_{k}": empty[k][None] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+def sample_all(
+    pipe, samples: list[dict], args, solver: SolverConfig, steps: int, crfm, negative: dict, observe=None
+) -> tuple:
+    """Images for every mask (noise id = position), in batches; returns (images, latents, NFE/image, seconds).
+    `negative`: `negative_prompt_kwargs` (CFG)."""
     images, latents, evaluations = [], [], 0
     start = time.perf_counter()
     for begin in range(0, len(samples), args.batch_size):
@@ -120,7 +117,7 @@ def sample_all(pipe, samples: list[dict], args, solver: SolverConfig, steps: int
 
 
 def evaluate_sampling(args: argparse.Namespace) -> dict:
-    from crfm.sampling.pipeline import MaskToImagePipeline
+    from crfm.sampling.pipeline import MaskToImagePipeline, negative_prompt_kwargs
     from crfm.sampling.straightness import VelocityRecorder, straightness
     from crfm.segmentation.adapter import load_segmentor
     from crfm.segmentation.evaluate import mask_fidelity
@@ -139,11 +136,12 @@ def evaluate_sampling(args: argparse.Namespace) -> dict:
         pipe.segmentor = load_segmentor(args.mmseg_config, args.mmseg_ckpt, device=device, num_cls=args.num_cls)
         crfm = CRFMConfig.from_args(args)
     judge = load_segmentor(args.judge_config, args.judge_ckpt, device=device, num_cls=args.num_cls)
-    sample_all(pipe, samples[:1], args, SolverConfig(), 1, None)  # warm-up, so the first run's speed is fair
+    negative = negative_prompt_kwargs(args.vectors_path, args.guidance_scale)
+    sample_all(pipe, samples[:1], args, SolverConfig(), 1, None, negative)  # warm-up, so the first run's speed is fair
     real_detail = detail(torch.stack([s["image"] for s in samples]))
     results = []
     for solver, steps in runs:
-        images, _, nfe, seconds = sample_all(pipe, samples, args, solver, steps, crfm)
+        images, _, nfe, seconds = sample_all(pipe, samples, args, solver, steps, crfm, negative)
         scored = [{"image": image, "label": s["label"]} for image, s in zip(images, samples, strict=True)]
         fidelity = mask_fidelity(judge, scored, args.num_cls, progress=False)
         row = {
@@ -168,7 +166,7 @@ def evaluate_sampling(args: argparse.Namespace) -> dict:
     if args.straightness_segments:
         recorder = VelocityRecorder()
         path = SolverConfig(solver="euler", sigma_grid="uniform")
-        _, final, _, _ = sample_all(pipe, samples, args, path, args.straightness_steps, crfm, observe=recorder)
+        _, final, _, _ = sample_all(pipe, samples, args, path, args.straightness_steps, crfm, negative, recorder)
         recorder = merge_batches(recorder, args.straightness_steps)
         paths = [straightness(recorder, final, k) for k in args.straightness_segments]
     for entry in paths:

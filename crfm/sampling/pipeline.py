@@ -36,6 +36,17 @@ from crfm.sampling.rectify import ControlRectifier, CRFMConfig
 from crfm.sampling.sampler import SolverConfig, VelocityHook, decode_latents, initial_noise, sample_latents
 
 
+def negative_prompt_kwargs(vectors_path: str | Path, guidance_scale: float) -> dict[str, torch.Tensor]:
+    """`MaskToImagePipeline.__call__`'s `negative_*` arguments: the empty prompt's stored vectors when
+    classifier-free guidance is on (`guidance_scale > 1`), none otherwise."""
+    if guidance_scale <= 1.0:
+        return {}
+    from crfm.data.vectors import load_empty_prompt_vectors
+
+    empty = load_empty_prompt_vectors(vectors_path)
+    return {f"negative_{key}": empty[key][None] for key in ("prompt_embeds", "pooled_prompt_embeds")}
+
+
 def observed(hook: VelocityHook | None, observe: VelocityHook) -> VelocityHook:
     """`hook` (or none), then `observe` shown the velocity the solver will use."""
 

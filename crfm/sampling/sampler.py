@@ -224,7 +224,7 @@ def _solve_rk45(
         v = velocity_at(x, (sigma_t * train_steps).to(device), grid_index(sigma, grid), sigma_t)
         return v.double().cpu().numpy().ravel()
 
-    wanted = sorted({i for i in save_at if i > 0}, reverse=False)
+    wanted = sorted({i for i in save_at if i > 0})  # increasing index: decreasing σ, solve_ivp's direction
     t_eval = [float(grid[i]) for i in wanted] + ([0.0] if not wanted or wanted[-1] != len(grid) - 1 else [])
     start = latents.double().cpu().numpy().ravel()
     result = solve_ivp(rhs, (1.0, 0.0), start, method="RK45", rtol=config.rtol, atol=config.atol, t_eval=t_eval)

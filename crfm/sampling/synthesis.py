@@ -23,8 +23,8 @@ from PIL import Image
 
 from crfm.data.dataset import load_image, load_label, resize_center_crop
 from crfm.data.index import CLASSES_FILE, DatasetError, IndexItem, read_classes_json, read_index
-from crfm.data.vectors import load_empty_prompt_vectors, load_item_vectors
-from crfm.sampling.pipeline import MaskToImageOutput, MaskToImagePipeline
+from crfm.data.vectors import load_item_vectors
+from crfm.sampling.pipeline import MaskToImageOutput, MaskToImagePipeline, negative_prompt_kwargs
 from crfm.sampling.rectify import CRFMConfig
 from crfm.sampling.sampler import SolverConfig, to_uint8
 from crfm.utils.fileio import atomic_path, write_jsonl_atomic, write_text_atomic
@@ -209,10 +209,7 @@ def run_units(args: argparse.Namespace, writer: UnitWriter) -> dict:
         pipe.segmentor = load_segmentor(args.mmseg_config, args.mmseg_ckpt, device=state.device, num_cls=args.num_cls)
         crfm = CRFMConfig.from_args(args)
     solver = SolverConfig.from_args(args)
-    negative = {}
-    if args.guidance_scale > 1.0:
-        empty = load_empty_prompt_vectors(args.vectors_path)
-        negative = {f"negative_{key}": empty[key][None] for key in ("prompt_embeds", "pooled_prompt_embeds")}
+    negative = negative_prompt_kwargs(args.vectors_path, args.guidance_scale)
     for sub in writer.folders:
         (work_dir / sub).mkdir(parents=True, exist_ok=True)
     shard = work_dir / SHARD_PATTERN.format(rank=rank)

@@ -64,7 +64,8 @@ def register_checkpoint_hooks(accelerator, meta: dict, target: str = "this model
     def load_hook(models, input_dir):
         this_run = {"num_cls": meta.get("num_cls"), "mask_encoding": checkpoint_mask_encoding(meta)}
         check_checkpoint_inputs(read_checkpoint_meta(input_dir), input_dir, **this_run)
-        names = list(trained_state_dict(accelerator.unwrap_model(models[0]))) if models else []
+        # The EMA holds the trained parameters in their order; its file keys them by name.
+        names = list(trained_state_dict(accelerator.unwrap_model(models[0]))) if ema is not None and models else []
         while models:
             load_trained_weights(accelerator.unwrap_model(models.pop()), input_dir, target=target)
         if ema is not None:

@@ -92,17 +92,24 @@ def read_pairs_meta(pairs_dir: str | Path) -> dict:
     return meta
 
 
-def segment_boundaries(scheduler, meta: Mapping, segments: int, latent_hw: tuple[int, int], patch: int) -> tuple:
-    """σ at the boundaries of `segments` equal segments of the pairs' uniform grid (they must be stored ones)."""
-    from crfm.sampling.sampler import set_timesteps
+def trained_grid_indices(meta: Mapping, segments: int) -> tuple[int, ...]:
+    """Grid indices 0, …, N of the boundaries of `segments` equal segments of the pairs' N-step uniform grid; the
+    inner ones must be stored, so `segments` must divide the pairs' own --segments."""
+    from crfm.sampling.reflow_pairs import segment_indices
 
     stored = int(meta["segments"])
     if segments < 1 or stored % segments:
         raise UsageError(f"--seqrf_segments {segments} must divide the pairs' --segments {stored}")
     steps = int(meta["num_inference_steps"])
-    set_timesteps(scheduler, steps, latent_hw, patch, "cpu", "uniform")
-    stride = steps // segments
-    return tuple(float(scheduler.sigmas[i]) for i in range(0, steps + 1, stride))
+    return (0, *segment_indices(steps, segments), steps)
+
+
+def segment_boundaries(scheduler, meta: Mapping, segments: int, latent_hw: tuple[int, int], patch: int) -> tuple:
+    """σ at the boundaries of `segments` equal segments of the pairs' uniform grid (`trained_grid_indices`)."""
+    from crfm.sampling.sampler import set_timesteps
+
+    set_timesteps(scheduler, int(meta["num_inference_steps"]), latent_hw, patch, "cpu", "uniform")
+    return tuple(float(scheduler.sigmas[i]) for i in trained_grid_indices(meta, segments))
 
 
 class ReflowPairs(torch.utils.data.Dataset):
@@ -114,18 +121,12 @@ class ReflowPairs(torch.utils.data.Dataset):
         self, pairs_dir: str | Path, data_root: str | Path, vectors_dir: str | Path, num_cls: int, resolution: int,
         segments: int = 1,
     ) -> None:  # fmt: skip
-        from crfm.sampling.reflow_pairs import segment_indices
-
         self.pairs_dir = Path(pairs_dir)
         self.meta = read_pairs_meta(pairs_dir)
         for key, value in (("num_cls", num_cls), ("resolution", resolution)):
             if self.meta[key] != value:
                 raise UsageError(f"the pairs in {pairs_dir} were made with {key} {self.meta[key]}, not {value}")
-        stored = int(self.meta["segments"])
-        if segments < 1 or stored % segments:
-            raise UsageError(f"--seqrf_segments {segments} must divide the pairs' --segments {stored}")
-        inner = segment_indices(int(self.meta["num_inference_steps"]), stored)
-        self.keys = [f"state_{i}" for i in inner[stored // segments - 1 :: stored // segments]]
+        self.keys = [f"state_{i}" for i in trained_grid_indices(self.meta, segments)[1:-1]]
         self.items = read_index(self.pairs_dir / "index.jsonl", data_root)
         self.base = PairDataset(self.items, data_root, resolution=resolution, num_cls=num_cls, vectors_dir=vectors_dir)
 

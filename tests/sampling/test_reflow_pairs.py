@@ -9,19 +9,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from crfm.data.vectorize import vectorize_index
 from crfm.sampling import reflow_pairs
 from crfm.sampling.reflow_pairs import build_parser, load_pair_latents, make_pairs, segment_indices
+from tests.helpers import vectorized_toy_data
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd35_dir, trained_checkpoint, tmp_path_factory) -> dict:
-    from crfm.toy.toydata import write_dataset
-
-    root = tmp_path_factory.mktemp("pairs")
-    write_dataset(root / "data", num=3, size=64, seed=11)
-    vectorize_index(tiny_sd35_dir, root / "data" / "index.jsonl", root / "data" / "index_.jsonl", root / "vec")
-    return {"pipe": tiny_sd35_dir, "data": root / "data", "vectors": root / "vec", "ckpt": trained_checkpoint}
+    toy = vectorized_toy_data(tmp_path_factory.mktemp("pairs"), tiny_sd35_dir, num=3, seed=11)
+    return {**toy, "ckpt": trained_checkpoint}
 
 
 def args_for(setup: dict, work: Path, *extra: str):

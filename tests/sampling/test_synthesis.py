@@ -13,20 +13,15 @@ import pytest
 from PIL import Image
 
 from crfm.data.index import read_index
-from crfm.data.vectorize import vectorize_index
 from crfm.sampling.synthesis import build_parser, main, synthesize
-from tests.helpers import REPO, ColourSegmentor
+from tests.helpers import REPO, ColourSegmentor, vectorized_toy_data
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd35_dir, trained_checkpoint, tmp_path_factory) -> dict:
     """5 toy masks at 64 px, their vectors, and a 'trained' checkpoint (perturbed weights, full mode)."""
-    from crfm.toy.toydata import write_dataset
-
-    root = tmp_path_factory.mktemp("synth")
-    write_dataset(root / "data", num=5, size=64, seed=9)
-    vectorize_index(tiny_sd35_dir, root / "data" / "index.jsonl", root / "data" / "index_.jsonl", root / "vec")
-    return {"pipe": tiny_sd35_dir, "data": root / "data", "vectors": root / "vec", "ckpt": trained_checkpoint}
+    toy = vectorized_toy_data(tmp_path_factory.mktemp("synth"), tiny_sd35_dir, num=5, seed=9)
+    return {**toy, "ckpt": trained_checkpoint}
 
 
 def cli(setup: dict, work: Path, *extra: str) -> list[str]:

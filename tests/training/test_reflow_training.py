@@ -18,10 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 import crfm.training.train as train_module
-from crfm.data.vectorize import vectorize_index
 from crfm.training.reflow import ReflowConfig, ReflowPairs, draw_sigmas, parse_t_schedule, pseudo_huber, reflow_loss
 from crfm.training.train import build_parser, main, train
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, subprocess_env, vectorized_toy_data
 
 RESOLUTION = 64  # the tiny VAE's factor is 8: 8x8 latents, 16 tokens of patch 2
 NUM_MASKS, PER_MASK = 8, 2
@@ -34,12 +33,9 @@ def setup(tiny_sd35_dir, trained_checkpoint, tmp_path_factory) -> dict:
     `k2`: 4 Euler steps, 2 segments (state_2 kept); `k1`: 8 Euler steps, 1 segment."""
     from crfm.sampling.reflow_pairs import build_parser as pairs_parser
     from crfm.sampling.reflow_pairs import make_pairs
-    from crfm.toy.toydata import write_dataset
 
     root = tmp_path_factory.mktemp("reflow")
-    write_dataset(root / "data", num=NUM_MASKS, size=RESOLUTION, seed=5, progress=False)
-    vectorize_index(tiny_sd35_dir, root / "data" / "index.jsonl", root / "data" / "index_.jsonl", root / "vec")
-    found = {"pipe": tiny_sd35_dir, "data": root / "data", "vectors": root / "vec", "ckpt": trained_checkpoint}
+    found = {**vectorized_toy_data(root, tiny_sd35_dir, NUM_MASKS, RESOLUTION, seed=5), "ckpt": trained_checkpoint}
     for name, steps, segments in (("k2", 4, 2), ("k1", 8, 1)):
         argv = [
             "--pretrained_model_name_or_path", str(tiny_sd35_dir), "--data_root", str(root / "data"),

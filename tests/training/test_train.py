@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 
 from crfm.data.dataset import PairDataset
 from crfm.data.index import DatasetError, read_index
-from crfm.data.vectorize import vectorize_index
 from crfm.training.build import check_items
 from crfm.training.checkpoints import list_checkpoints, resolve_resume
-from tests.helpers import REPO
+from tests.helpers import REPO, vectorized_toy_data
 
 TRAIN = [sys.executable, str(REPO / "train.py")]
 
@@ -29,12 +28,7 @@ TRAIN = [sys.executable, str(REPO / "train.py")]
 @pytest.fixture(scope="module")
 def toy(tiny_sd35_dir, tmp_path_factory) -> dict:
     """12 toy scenes at 64 px, vectorized with the tiny pipeline."""
-    from crfm.toy.toydata import write_dataset
-
-    root = tmp_path_factory.mktemp("toy")
-    write_dataset(root / "data", num=12, size=64, seed=5)
-    vectorize_index(tiny_sd35_dir, root / "data" / "index.jsonl", root / "data" / "index_.jsonl", root / "vec")
-    return {"pipe": tiny_sd35_dir, "data": root / "data", "vectors": root / "vec"}
+    return vectorized_toy_data(tmp_path_factory.mktemp("toy"), tiny_sd35_dir, num=12, seed=5)
 
 
 def train_args(toy: dict, work_dir: Path, steps: int, *extra: str) -> list[str]:
