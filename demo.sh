@@ -9,4 +9,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 bash scripts/setup.sh
 source "${CRFM_VENV:-.venv}/bin/activate"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec python -m crfm.demo "$@"
+exec python -m crfm.toy.demo "$@"

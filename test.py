@@ -2,7 +2,7 @@
 
     python test.py --pretrained_model_name_or_path sd3.5_medium --data_root demo --json_file index_.jsonl \
         --lora_ckpt work_dirs/demo/final --vectors_path vectors/demo --num_cls 6 --work_dir work_dirs/synth
-See `crfm.synthesis` (and crfm_test.sh for the paper's CRFM setting).
+See `crfm.sampling.synthesis` (and crfm_test.sh for the paper's CRFM setting).
 """
 
 import sys

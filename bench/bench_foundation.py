@@ -100,7 +100,7 @@ def main() -> int:
         tmp = Path(tmp)
         start = time.perf_counter()
         pipe_dir = save_tiny_pipeline(tmp / "tiny", TinyConfig())
-        rows = [("build tiny SD3.5 pipeline (python -m crfm.tiny)", f"{time.perf_counter() - start:.1f} s")]
+        rows = [("build tiny SD3.5 pipeline (python -m crfm.toy.tiny)", f"{time.perf_counter() - start:.1f} s")]
         rows += bench_vectorize(pipe_dir, tmp / "vec_bench", args.prompts)
         rows += bench_train_step(pipe_dir)
         rows += bench_toydata()

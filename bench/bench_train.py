@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                       # tiny SD3.5 config on this CPU
     python bench/bench_train.py --sd35-medium --device cuda --dtype bf16 --resolution 512   # on a GPU
+    (bash bench/gpu_check.sh measures more on a GPU: train.py's step, FLOPs, MFU, sampling)
 
 `--sd35-medium` builds a randomly initialised transformer with SD3.5-medium's config (24 layers, width 1536,
 dual attention in layers 0-12, qk RMS-norm, 2.2 B parameters + mask branch); no weights are downloaded.
@@ -25,24 +26,9 @@ import torch  # noqa: E402
 from diffusers import SD3Transformer2DModel  # noqa: E402
 
 from crfm.models.mmdit import MaskSD3Transformer2DModel  # noqa: E402
+from crfm.models.sd35 import SD35_MEDIUM_TRANSFORMER as SD35_MEDIUM  # noqa: E402
 from crfm.models.trained_weights import configure_training  # noqa: E402
 from crfm.utils.flags import DTYPES  # noqa: E402
-
-SD35_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=384,
-    dual_attention_layers=tuple(range(13)),
-    qk_norm="rms_norm",
-)
 
 
 def build_base(args) -> SD3Transformer2DModel:

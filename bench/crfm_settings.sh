@@ -13,7 +13,7 @@ RES=$(python -c "import json; print(json.load(open('$O/demo_settings.json'))['re
 STEPS=$(python -c "import json; print(json.load(open('$O/demo_settings.json'))['num_inference_steps'])")
 score() {  # $1 data root, $2 index -> "guide judge" mIoU (%)
   for seg in seg_real seg_judge; do
-    python -m crfm.evaluate --data_root "$1" --json_file "$2" --mmseg_config "$O/$seg/config.py" \
+    python -m crfm.segmentation.evaluate --data_root "$1" --json_file "$2" --mmseg_config "$O/$seg/config.py" \
       --mmseg_ckpt "$O/$seg/segmentor.pth" --num_cls 6 --resolution "$RES" --no_progress --out "$1/fidelity_$seg.json" \
       2> /dev/null | sed -n 's/.*\*\*mIoU\*\* | \*\*\([0-9.]*\)\*\*.*/\1/p'
   done | paste -sd' '

@@ -4,11 +4,13 @@
     python bench/demo_runs.py --seeds 0 1 2 --variant grey="--mask_encoding grey" \
         --variant scratch="--base scratch" --until fidelity                 # ablations: where fidelity is lost
 
-Each (variant, seed) is one `python -m crfm.demo --seed S --out OUT/VARIANT/seedS KNOBS` run; finished runs are
+Each (variant, seed) is one `python -m crfm.toy.demo --seed S --out OUT/VARIANT/seedS KNOBS` run; finished runs are
 reused, so the job is resumable (run it under nohup, re-run after an interruption). A seed changes everything the
 demo draws: scenes, splits, fine-tuning, segmentors and sampling noise; the shipped base stays the same. The table
-(markdown, also printed) gives mean ± std over seeds of judge mIoU per image set, the paired differences
-CRFM − plain and real + synthetic − real only, and the demo's seconds.
+(markdown, also printed) gives mean ± std over seeds of judge mIoU per image set and of every downstream row, the
+paired differences that decide issue #17's targets (filtered synthetic − real only, filtered − unfiltered, CRFM −
+plain synthetic downstream, TSTR / TRTR), a per-seed table, and the demo's seconds. `--jobs 2` runs two demos at
+once, each on one thread.
 """
 
 from __future__ import annotations
@@ -20,19 +22,36 @@ import shlex
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_SETS = ("real", "vae", "plain", "crfm_paper", "crfm")
+IMAGE_SETS = ("real", "vae", "plain", "crfm_paper", "crfm", "fewstep")
+DOWNSTREAM = ("real_only", "real_synth_plain", "real_synth", "real_synth_filtered", "real_synth_filtered_resampled",
+              "real_extra", "tstr")  # fmt: skip
+# Paired differences over seeds: name -> (minuend, subtrahend); "ratio" columns divide instead.
+DIFFERENCES = {
+    "CRFM − plain (judge)": ("crfm", "plain"),
+    "filtered − real only": ("real_synth_filtered", "real_only"),
+    "filtered+resampled − real only": ("real_synth_filtered_resampled", "real_only"),
+    "unfiltered − real only": ("real_synth", "real_only"),
+    "filtered − unfiltered": ("real_synth_filtered", "real_synth"),
+    "CRFM − plain synthetic (downstream)": ("real_synth", "real_synth_plain"),
+    "extra real − real only": ("real_extra", "real_only"),
+}
+RATIOS = {"plain / real (judge)": ("plain", "real"), "TSTR / TRTR": ("tstr", "real_only")}
 
 
 def run_demo(out: Path, seed: int, knobs: list[str], until: str | None) -> None:
-    cmd = [sys.executable, "-m", "crfm.demo", "--out", str(out), "--seed", str(seed), "--no_progress", *knobs]
+    cmd = [sys.executable, "-m", "crfm.toy.demo", "--out", str(out), "--seed", str(seed), "--no_progress", *knobs]
     if until:
         cmd += ["--until", until]
     print("$", shlex.join(cmd[1:]), flush=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    log = out.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def read_run(out: Path) -> dict[str, float]:
@@ -42,30 +61,21 @@ def read_run(out: Path) -> dict[str, float]:
         path = out / "fidelity" / f"{images}_seg_judge.json"
         if path.is_file():
             values[images] = 100 * json.loads(path.read_text())["mIoU"]
-    for key, work in (("real_only", "seg_real"), ("real_synth", "seg_real_synth")):
-        path = out / work / "metrics.json"
-        if path.is_file() and (key == "real_synth" or (out / "stages" / "downstream.json").is_file()):
-            values[key] = json.loads(path.read_text())["mIoU"]
-    if "plain" in values and "crfm" in values:
-        values["crfm_gain"] = values["crfm"] - values["plain"]
-    if "real_only" in values and "real_synth" in values:
-        values["synth_gain"] = values["real_synth"] - values["real_only"]
+    summary = out / "summary.json"
+    if summary.is_file():
+        down = json.loads(summary.read_text())["downstream"]
+        values.update({key: down[key]["mIoU"] for key in DOWNSTREAM if key in down})
+    for name, (a, b) in DIFFERENCES.items():
+        if a in values and b in values:
+            values[name] = values[a] - values[b]
+    for name, (a, b) in RATIOS.items():
+        if a in values and b in values:
+            values[name] = values[a] / values[b]
     values["seconds"] = sum(json.loads(p.read_text())["seconds"] for p in (out / "stages").glob("*.json"))
     return values
 
 
-COLUMNS = {
-    "real": "real",
-    "vae": "VAE ceiling",
-    "plain": "plain",
-    "crfm_paper": "CRFM paper",
-    "crfm": "CRFM default",
-    "crfm_gain": "CRFM − plain",
-    "real_only": "downstream real only",
-    "real_synth": "real + synth",
-    "synth_gain": "synth gain",
-    "seconds": "demo s",
-}
+COLUMNS = (*IMAGE_SETS, *DOWNSTREAM, *DIFFERENCES, *RATIOS, "seconds")
 
 
 def mean_std(values: list[float]) -> str:
@@ -76,14 +86,24 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(results: dict[str, list[dict[str, float]]]) -> str:
+def table(results: dict[str, list[dict[str, float]]], seeds: list[int]) -> str:
+    """One row per quantity (mean ± std over seeds per variant), then every seed's value."""
+    names = list(results)
     lines = [
-        "| variant | seeds | " + " | ".join(COLUMNS.values()) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
+        "| quantity | " + " | ".join(f"{n} ({len(results[n])} seeds)" for n in names) + " |",
+        "|---|" + "---|" * len(names),
     ]
-    for variant, runs in results.items():
-        cells = [mean_std([r[key] for r in runs if key in r]) for key in COLUMNS]
-        lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
+    for key in COLUMNS:
+        cells = [mean_std([r[key] for r in results[n] if key in r]) for n in names]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    for name in names:
+        lines += ["", f"Per seed ({name}):", "", "| quantity | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
+        lines.append("|---|" + "---|" * len(seeds))
+        for key in COLUMNS:
+            cells = [f"{r[key]:.2f}" if key in r else "–" for r in results[name]]
+            if any(c != "–" for c in cells):
+                lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -94,17 +114,25 @@ def main() -> int:
     parser.add_argument("--until", help="stop each demo after this stage (e.g. fidelity)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_demo")
     parser.add_argument("--table", type=Path, help="also write the markdown table here")
+    parser.add_argument("--jobs", type=int, default=1, help="demos run at once (each on one thread)")
     args = parser.parse_args()
     variants = dict(v.split("=", 1) for v in args.variant) if args.variant else {"default": ""}
-    results: dict[str, list[dict[str, float]]] = {}
-    for name, knobs in variants.items():
-        results[name] = []
-        for seed in args.seeds:
-            out = args.out / name / f"seed{seed}"
-            run_demo(out, seed, shlex.split(knobs), args.until)
-            results[name].append(read_run(out))
-            print(json.dumps({"variant": name, "seed": seed, **results[name][-1]}), flush=True)
-    text = table(results)
+    runs = [(name, seed) for name in variants for seed in args.seeds]
+
+    def one(run: tuple[str, int]) -> dict[str, float]:
+        name, seed = run
+        out = args.out / name / f"seed{seed}"
+        run_demo(out, seed, shlex.split(variants[name]), args.until)
+        values = read_run(out)
+        print(json.dumps({"variant": name, "seed": seed, **values}), flush=True)
+        return values
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        measured = list(pool.map(one, runs))
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for (name, _), values in zip(runs, measured, strict=True):
+        results[name].append(values)
+    text = table(results, args.seeds)
     command = "python bench/demo_runs.py " + shlex.join(sys.argv[1:])
     print(text)
     if args.table:

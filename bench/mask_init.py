@@ -3,7 +3,7 @@
     python bench/mask_init.py [--out outputs/bench_mask_init] [--base-steps 600] [--steps 1000]
 
 1. toy data (64 train / 16 held-out scenes, 64 px) and the tiny SD3.5 pipeline, its VAE fitted to the toy
-   images (`crfm.tiny.fit_vae`) so that decoded samples can be looked at; prompts vectorized;
+   images (`crfm.toy.pretrain.fit_vae`) so that decoded samples can be looked at; prompts vectorized;
 2. the base MM-DiT is first fine-tuned on the toy images *without* masks (`train.py --no_mask`), so that, like
    SD3.5 for aerial imagery, it knows the domain before the mask branch is added;
 3. from that base, `train.py` trains the mask model twice, `--mask_init copy` and `--mask_init fresh`, with the
@@ -125,8 +125,10 @@ def main() -> int:
     from crfm.data.dataset import PairDataset
     from crfm.data.index import read_index
     from crfm.data.vectorize import vectorize_index
-    from crfm.models.trained_weights import checkpoint_mask_encoding, load_trained
-    from crfm.toy.tiny import TinyConfig, fit_vae, save_tiny_pipeline
+    from crfm.models.conditioning import recorded_mask_encoding
+    from crfm.models.trained_weights import load_trained
+    from crfm.toy.pretrain import fit_vae
+    from crfm.toy.tiny import TinyConfig, save_tiny_pipeline
     from crfm.toy.toydata import write_dataset
     from crfm.training.objective import mask_following_losses
     from crfm.training.train import read_loss_log
@@ -159,7 +161,7 @@ def main() -> int:
     results = {}
     for init, work in runs.items():
         model, meta = load_trained(work / "final", pretrained=base)
-        val_losses = mask_following_losses(model, vae, val, 6, checkpoint_mask_encoding(meta))
+        val_losses = mask_following_losses(model, vae, val, 6, recorded_mask_encoding(meta))
         records = read_loss_log(work / "loss.jsonl")
         tail = [r["loss"] for r in records[-100:]]
         first = [r["loss"] for r in records[:100]]

@@ -15,13 +15,17 @@
    Two precisions: fp32, and train.py's bf16 setting (frozen weights bf16, trained weights fp32, autocast bf16),
    both in full and in LoRA mode, for a block in the middle of the network (its inputs require grad).
    Measured with the CPU's kernels and the CPU autocast policy; see docs/memory.md for what differs on CUDA.
-3. Prints the Markdown tables of docs/memory.md.
+3. Prints the Markdown tables of docs/memory.md: parameters, the layout change of issue #19 (one position table,
+   no query projection in the last mask block) before/after, training state, activations, rough peaks, and which
+   mode x optimizer x ZeRO x gradient checkpointing fits a 24, 48 or 80 GB card at 512 and 1024 px (the largest
+   batch, from the same arithmetic; `--skip-activations` prints the parameter tables only).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 from fractions import Fraction
@@ -57,6 +61,10 @@ QK = 2 * SD35_MEDIUM["attention_head_dim"]  # RMSNorm weights of q and k
 FF = linear(D, 4 * D) + linear(4 * D, D)  # 8d^2 + 5d
 STREAM = linear(D, 6 * D) + 4 * linear(D, D) + QK + FF  # AdaLN-Zero (6 chunks), q/k/v/out, qk-norm, MLP
 PRE_ONLY = linear(D, 2 * D) + 3 * linear(D, D) + QK  # AdaLN-continuous (2 chunks), q/k/v, qk-norm
+# The last block's mask tokens only give keys/values: no query projection, no q-norm (before issue #19 they had
+# both, as PRE_ONLY: trained parameters that never got a gradient).
+PRE_ONLY_MASK = linear(D, 2 * D) + 2 * linear(D, D) + QK // 2
+DEAD_QUERY = PRE_ONLY - PRE_ONLY_MASK  # 2,360,896
 DUAL_ATTN2 = 4 * linear(D, D) + QK  # attn2: q/k/v/out, qk-norm
 DUAL_NORM = linear(D, 3 * D)  # the 3 extra AdaLN chunks (shift/scale/gate of attn2) in the dual block's norm1
 LORA_BLOCK = LORA_RANK * (4 * 2 * D + 5 * D + 5 * D)  # r*(in+out): q, k, v, out; ff.net.0.proj; ff.net.2
@@ -66,7 +74,7 @@ FORMULA = {
     # (image stream incl. AdaLN, attn2, text stream, mask block) per block kind
     "dual": (STREAM + DUAL_NORM, DUAL_ATTN2, STREAM, STREAM),
     "plain": (STREAM, 0, STREAM, STREAM),
-    "last": (STREAM, 0, PRE_ONLY, PRE_ONLY),
+    "last": (STREAM, 0, PRE_ONLY, PRE_ONLY_MASK),
 }
 EMBED_FORMULA = {
     "image patch embed (pos_embed.proj)": PATCH,
@@ -141,6 +149,7 @@ def parameter_report(small: MaskSD3Transformer2DModel) -> dict:
     total = sum(p.numel() for p in named.values())
     assert total == sum(totals.values()) + sum(embed_counts.values())
     buffers = {name: b.numel() for name, b in model.named_buffers()}
+    assert list(buffers) == ["transformer.pos_embed.pos_embed"], buffers  # one position table, shared
 
     full, lora = copy.deepcopy(model), copy.deepcopy(model)
     full_counts = configure_training(full, "full")
@@ -156,6 +165,7 @@ def parameter_report(small: MaskSD3Transformer2DModel) -> dict:
     # Trained Linear/Conv weights are what autocast casts to bf16 (and caches) in the forward pass.
     cast_full = sum(p.numel() for n, p in full.named_parameters() if p.requires_grad and p.dim() >= 2)
     cast_lora = sum(p.numel() for n, p in lora.named_parameters() if p.requires_grad and p.dim() >= 2)
+    trained = {mode: [p for p in m.parameters() if p.requires_grad] for mode, m in (("full", full), ("lora", lora))}
     return {
         "kinds": kinds,
         "per_block": {kind: FORMULA[kind] for kind in ("dual", "plain", "last")},
@@ -170,7 +180,29 @@ def parameter_report(small: MaskSD3Transformer2DModel) -> dict:
         "lora": lora_counts,
         "lora_params": lora_params,
         "cast": {"full": cast_full, "lora": cast_lora},
+        "adafactor_state": {mode: adafactor_state(ps) for mode, ps in trained.items()},
+        "adamw8bit_state": {mode: adamw8bit_state(ps) for mode, ps in trained.items()},
+        "largest_trained": {mode: max(p.numel() for p in ps) for mode, ps in trained.items()},
     }
+
+
+def adafactor_state(params: list[torch.Tensor]) -> int:
+    """Bytes of transformers' Adafactor state (beta1=None, its default: no first moment): per matrix a row and a
+    column second moment (shapes [:-1] and [:-2] + [-1:]), per vector a full one; fp32."""
+    elements = 0
+    for p in params:
+        shape = tuple(p.shape)
+        elements += math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:]) if len(shape) >= 2 else p.numel()
+    return 4 * elements
+
+
+BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256  # bitsandbytes: smaller tensors keep 32-bit state; absmax per block
+
+
+def adamw8bit_state(params: list[torch.Tensor]) -> float:
+    """Bytes of bitsandbytes' AdamW8bit state: two uint8 moments and a float32 absmax per block of each (tensors
+    under 4096 elements: two float32 moments)."""
+    return sum((2 + 8 / BNB_BLOCK if p.numel() >= BNB_MIN_8BIT_SIZE else 8) * p.numel() for p in params)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,7 +350,8 @@ def print_parameter_tables(params: dict) -> None:
     print(f"| LoRA r=16 matrices (LoRA mode only) | {lora:,} | {gbytes(4 * lora)} | {gbytes(2 * lora)} | | |")
     table = params["buffers"]["transformer.pos_embed.pos_embed"]
     cells = f"{table:,} | {gbytes(4 * table)} | {gbytes(2 * table)}"
-    print(f"| position table buffer, each of 2 (not trained) | {cells} | | |")
+    print(f"| position table buffer, one, read by image and mask tokens (not trained) | {cells} | | |")
+    print_layout_change(params, table)
 
     print("\n### Training state (train.py: trained fp32, frozen bf16, AdamW fp32 moments)\n")
     print("| | full | LoRA r=16 |")
@@ -331,7 +364,7 @@ def print_parameter_tables(params: dict) -> None:
         ("frozen weights, bf16 (2 B)", gbytes(2 * full["frozen"]), gbytes(2 * lora_c["frozen"])),
         ("gradients, fp32 (4 B)", gbytes(4 * full["trainable"]), gbytes(4 * lora_c["trainable"])),
         ("AdamW exp_avg + exp_avg_sq, fp32 (8 B)", gbytes(8 * full["trainable"]), gbytes(8 * lora_c["trainable"])),
-        ("2 position tables, fp32 (train.py casts parameters only)", gbytes(8 * table), gbytes(8 * table)),
+        ("position table, fp32 (train.py casts parameters only)", gbytes(4 * table), gbytes(4 * table)),
         (
             "autocast bf16 copies of trained weights (forward)",
             gbytes(2 * params["cast"]["full"]),
@@ -344,13 +377,43 @@ def print_parameter_tables(params: dict) -> None:
         ),
     ]
     static = {
-        "full": 16 * full["trainable"] + 2 * full["frozen"] + 8 * table,
-        "lora": 16 * lora_c["trainable"] + 2 * lora_c["frozen"] + 8 * table,
+        "full": 16 * full["trainable"] + 2 * full["frozen"] + 4 * table,
+        "lora": 16 * lora_c["trainable"] + 2 * lora_c["frozen"] + 4 * table,
     }
     for row in rows:
         print(f"| {row[0]} | {row[1]} | {row[2]} |")
-    print(f"| **weights + grads + AdamW + tables** | **{gbytes(static['full'])}** | **{gbytes(static['lora'])}** |")
+    print(f"| **weights + grads + AdamW + table** | **{gbytes(static['full'])}** | **{gbytes(static['lora'])}** |")
     params["static"] = static
+
+
+def print_layout_change(params: dict, table: int) -> None:
+    """Issue #19: the mask embedder's copy of the position table and the last mask block's query projection
+    (trained, never reached by a gradient) are gone. 'Before' is this layout plus both."""
+    full, lora = params["full"], params["lora"]
+    print("\n### Layout change of issue #19, before -> after (SD3.5-medium + mask branch)\n")
+    print("| | before | after | difference |")
+    print("|---|---:|---:|---:|")
+    rows = [
+        ("parameters, mask model total", params["total"] + DEAD_QUERY, params["total"]),
+        ("trainable, full", full["trainable"] + DEAD_QUERY, full["trainable"]),
+        ("trainable, LoRA r=16", lora["trainable"] + DEAD_QUERY, lora["trainable"]),
+        ("frozen, full", full["frozen"], full["frozen"]),
+        ("frozen, LoRA r=16", lora["frozen"], lora["frozen"]),
+        ("position-table elements (buffers)", 2 * table, table),
+    ]
+    for name, before, after in rows:
+        print(f"| {name} | {before:,} | {after:,} | {after - before:+,} |")
+    print(f"| position tables, fp32 bytes | {gbytes(8 * table)} | {gbytes(4 * table)} | {gbytes(-4 * table)} |")
+    dead = f"{gbytes(16 * DEAD_QUERY)} | 0.00 GB | {gbytes(-16 * DEAD_QUERY)}"
+    print(f"| the dead query's weights + grads + AdamW, fp32 (16 B/param) | {dead} |")
+    for mode, counts in (("full", full), ("LoRA r=16", lora)):
+        # train.py: trained fp32 + grad + AdamW (16 B), frozen bf16 (2 B), tables fp32 (buffers are not cast).
+        after = 16 * counts["trainable"] + 2 * counts["frozen"] + 4 * table
+        before = after + 16 * DEAD_QUERY + 4 * table
+        print(
+            f"| training state, {mode} (16 B/trained, 2 B/frozen, 4 B/table element) | "
+            f"{gbytes(before)} | {gbytes(after)} | {gbytes(after - before)} |"
+        )
 
 
 def print_activation_tables(params: dict, acts: dict) -> None:
@@ -408,17 +471,121 @@ def print_activation_tables(params: dict, acts: dict) -> None:
         static, cast = params["static"][mode], 2 * params["cast"][mode]
         step = static + 4 * params[mode]["trainable"]
         for px in RESOLUTIONS:
-            n_img = (px // 16) ** 2
-            tokens = {"img": n_img, "mask": n_img, "txt": TEXT_TOKENS}
-            per_block = {
-                kind: float(sum(acts[("bf16-autocast", mode, kind)][k] * n for k, n in tokens.items()))
-                for kind in counts
-            }
-            plain = sum(counts[kind] * per_block[kind] for kind in counts)
-            ckpt = 24 * (2 * n_img + TEXT_TOKENS) * D * 2 + max(per_block.values())
-            for label, act in (("no", plain), ("yes", ckpt)):
-                fwd = static + cast + act
+            for label, checkpointing in (("no", False), ("yes", True)):
+                fwd = static + cast + activation_bytes(params, acts, mode, px, checkpointing)
                 print(f"| {mode} | {px} | {label} | {gbytes(fwd)} | {gbytes(step)} | **{gbytes(max(fwd, step))}** |")
+
+
+def activation_bytes(params: dict, acts: dict, mode: str, px: int, checkpointing: bool, batch: int = 1) -> float:
+    """Saved activations of a bf16 training step (measured coefficients, per-block constants excluded: they are
+    the autocast weight copies, counted on their own)."""
+    kinds = params["kinds"]
+    n_img = (px // 16) ** 2
+    tokens = {"img": n_img, "mask": n_img, "txt": TEXT_TOKENS}
+    per_block = {
+        kind: float(sum(acts[("bf16-autocast", mode, kind)][k] * n for k, n in tokens.items())) for kind in set(kinds)
+    }
+    if checkpointing:  # 24 block inputs (image, mask, text states in bf16) + one block recomputed
+        return batch * (len(kinds) * (2 * n_img + TEXT_TOKENS) * D * 2 + max(per_block.values()))
+    return batch * sum(per_block[kind] for kind in kinds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. which set-up fits which card
+
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+CARDS_GIB = (24, 48, 80)
+ZERO_GPUS = 8
+# DeepSpeed ZeRO-2's reduce and all-gather buckets (its defaults, 5e8 elements each), bf16.
+ZERO_BUCKETS = 2 * 5e8 * 2
+# Left of a card for the training step: CUDA context and cuBLAS workspaces (~1.5 GiB), allocator fragmentation
+# (~8 %). A guess, not a measurement (no GPU here): bench/gpu_check.py measures the real peaks.
+CONTEXT_GIB, USABLE = 1.5, 0.92
+MAX_BATCH = 64
+
+
+def optimizer_bytes(params: dict, mode: str, optimizer: str, zero: bool) -> tuple[float, float]:
+    """(state, step transient) of `optimizer` over `mode`'s trained parameters, on one GPU. Under ZeRO the
+    optimizer sees flat fp32 partitions: Adafactor's second moment cannot be factored there (4 B/param)."""
+    trained = params[mode]["trainable"]
+    if optimizer == "adamw":  # two fp32 moments; foreach AdamW's sqrt(exp_avg_sq) copy during the step
+        state, transient = 8 * trained, 4 * trained
+    elif optimizer == "adamw8bit":  # fused per-tensor kernel: no full-size temporary
+        state, transient = params["adamw8bit_state"][mode], 0.0
+    elif zero:
+        state, transient = 4 * trained, 2 * 4 * trained  # grad^2 and the update, over the flat partition
+    else:  # per tensor: grad^2 and the factored update of the largest one
+        state, transient = params["adafactor_state"][mode], 2 * 4 * params["largest_trained"][mode]
+    shards = ZERO_GPUS if zero else 1
+    return state / shards, transient / shards
+
+
+def peak_bytes(
+    params: dict, acts: dict, mode: str, optimizer: str, zero: bool, checkpointing: bool, px: int, batch: int
+) -> float:
+    """Estimated peak of one GPU for a training step with cached latents (no VAE on the GPU), the larger of the
+    forward/backward phase and the optimizer step.
+
+    ZeRO off (train.py, one GPU): trained weights fp32 + fp32 gradients + optimizer state, frozen weights bf16,
+    the position table fp32, autocast's bf16 copies of the trained weights. ZeRO-2 over 8 GPUs (DeepSpeed, bf16):
+    every weight and the table in bf16 on each GPU, fp32 master weights, fp32 gradients and optimizer state
+    sharded 8 ways, the bucket buffers; no autocast copies (the weights already are bf16)."""
+    trained, frozen = params[mode]["trainable"], params[mode]["frozen"]
+    table = params["buffers"]["transformer.pos_embed.pos_embed"]
+    state, transient = optimizer_bytes(params, mode, optimizer, zero)
+    if zero:
+        static = 2 * (trained + frozen) + 2 * table + (4 + 4) * trained / ZERO_GPUS + state + ZERO_BUCKETS
+        copies = 0.0
+    else:
+        static = (4 + 4) * trained + 2 * frozen + 4 * table + state
+        copies = 2 * params["cast"][mode]
+    forward = static + copies + activation_bytes(params, acts, mode, px, checkpointing, batch)
+    return max(forward, static + transient)
+
+
+def largest_batch(params: dict, acts: dict, card_gib: int, **setup) -> int:
+    budget = card_gib * 2**30 * USABLE - CONTEXT_GIB * 2**30
+    fitting = [b for b in range(1, MAX_BATCH + 1) if peak_bytes(params, acts, batch=b, **setup) <= budget]
+    return fitting[-1] if fitting else 0
+
+
+def print_fit_table(params: dict, acts: dict) -> None:
+    print(
+        f"\n### Largest batch per GPU that fits (estimate; cached latents; ZeRO-2 over {ZERO_GPUS} GPUs; "
+        f"usable = {USABLE:.0%} of the card - {CONTEXT_GIB} GiB)\n"
+    )
+    cards = [f"{px} px, {gib} GB" for px in RESOLUTIONS for gib in CARDS_GIB]
+    print(f"| mode | optimizer | ZeRO | grad. ckpt | {' | '.join(cards)} |")
+    print("|---|---|---|---|" + "---:|" * len(cards))
+    for mode in ("full", "lora"):
+        for optimizer in OPTIMIZERS:
+            for zero in (False, True):
+                for checkpointing in (False, True):
+                    setup = {"mode": mode, "optimizer": optimizer, "zero": zero, "checkpointing": checkpointing}
+                    cells = []
+                    for px in RESOLUTIONS:
+                        for gib in CARDS_GIB:
+                            batch = largest_batch(params, acts, gib, px=px, **setup)
+                            cells.append("-" if batch == 0 else f"{batch}+" if batch == MAX_BATCH else str(batch))
+                    zero_cell = f"2 ({ZERO_GPUS} GPUs)" if zero else "off"
+                    print(
+                        f"| {mode} | {optimizer} | {zero_cell} | {'on' if checkpointing else 'off'} | "
+                        f"{' | '.join(cells)} |"
+                    )
+    print("\nBatch-1 peaks behind the table (GB):\n")
+    print("| mode | optimizer | ZeRO | grad. ckpt | 512 px | 1024 px |")
+    print("|---|---|---|---|---:|---:|")
+    for mode in ("full", "lora"):
+        for optimizer in OPTIMIZERS:
+            for zero in (False, True):
+                for checkpointing in (False, True):
+                    setup = {"mode": mode, "optimizer": optimizer, "zero": zero, "checkpointing": checkpointing}
+                    peaks = [gbytes(peak_bytes(params, acts, px=px, batch=1, **setup)) for px in RESOLUTIONS]
+                    zero_cell = f"2 ({ZERO_GPUS} GPUs)" if zero else "off"
+                    print(
+                        f"| {mode} | {optimizer} | {zero_cell} | {'on' if checkpointing else 'off'} | "
+                        f"{' | '.join(peaks)} |"
+                    )
 
 
 def build_small() -> MaskSD3Transformer2DModel:
@@ -436,12 +603,12 @@ def main() -> None:
     small = build_small()
     params = parameter_report(small)
     print("parameter formulas: checked (24-layer model on meta; dual, plain and last block at real width on CPU)")
-    for embed in (small.transformer.pos_embed, small.mask_embed):
-        embed.pos_embed = torch.empty(0)  # the position tables (0.9 GB each) play no part in a block
+    small.transformer.pos_embed.pos_embed = torch.empty(0)  # the position table (0.9 GB) plays no part in a block
     acts = None if args.skip_activations else activation_report(small)
     print_parameter_tables(params)
     if acts is not None:
         print_activation_tables(params, acts)
+        print_fit_table(params, acts)
 
 
 if __name__ == "__main__":

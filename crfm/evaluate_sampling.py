@@ -1,6 +1,6 @@
-"""`python -m crfm.evaluate_sampling`: the documented command; the code lives in `crfm.sampling.evaluate_sampling`."""
+"""`python -m crfm.evaluate_sampling`: the documented command; the code lives in `crfm.fewstep.evaluate`."""
 
-from crfm.sampling.evaluate_sampling import main
+from crfm.fewstep.evaluate import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

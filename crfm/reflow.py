@@ -1,6 +1,6 @@
-"""`python -m crfm.reflow`: the documented command; the code lives in `crfm.sampling.reflow_pairs`."""
+"""`python -m crfm.reflow`: the documented command; the code lives in `crfm.fewstep.pairs`."""
 
-from crfm.sampling.reflow_pairs import main
+from crfm.fewstep.pairs import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -30,15 +30,22 @@ class Command(NamedTuple):
 
 COMMANDS = (
     Command(
-        "python -m crfm.demo",
+        "python -m crfm.toy.demo",
         "crfm.toy.demo",
         "`bash demo.sh` (set-up first), `python -m crfm.toy.demo`, `crfm-demo`",
     ),
-    Command("python -m crfm.make_index", "crfm.data.make_index", "`python -m crfm.data.make_index`, `crfm-make-index`"),
+    Command(
+        "python -m crfm.data.make_index", "crfm.data.make_index", "`python -m crfm.data.make_index`, `crfm-make-index`"
+    ),
     Command(
         "preprocess/vectorize.py",
         "crfm.data.vectorize",
         "`python -m crfm.data.vectorize`, `crfm-vectorize`",
+    ),
+    Command(
+        "python -m crfm.training.cache_latents",
+        "crfm.training.cache_latents",
+        "`crfm-cache-latents` (under `accelerate launch` for several processes)",
     ),
     Command(
         "train.py",
@@ -56,22 +63,32 @@ COMMANDS = (
         "`downstream.sh`, `python -m crfm.segmentation.downstream`, `crfm-train-segmentor`",
     ),
     Command(
-        "python -m crfm.evaluate",
+        "python -m crfm.segmentation.evaluate",
         "crfm.segmentation.evaluate",
         "`python -m crfm.segmentation.evaluate`, `crfm-evaluate`",
     ),
     Command(
+        "python -m crfm.segmentation.filter",
+        "crfm.segmentation.filter",
+        "`crfm-filter`",
+    ),
+    Command(
+        "python -m crfm.segmentation.hardness",
+        "crfm.segmentation.hardness",
+        "`crfm-hardness`",
+    ),
+    Command(
         "python -m crfm.reflow",
-        "crfm.sampling.reflow_pairs",
-        "`python -m crfm.sampling.reflow_pairs`, `crfm-reflow`",
+        "crfm.fewstep.pairs",
+        "`python -m crfm.fewstep.pairs`, `crfm-reflow`",
     ),
     Command(
         "python -m crfm.evaluate_sampling",
-        "crfm.sampling.evaluate_sampling",
-        "`python -m crfm.sampling.evaluate_sampling`, `crfm-evaluate-sampling`",
+        "crfm.fewstep.evaluate",
+        "`python -m crfm.fewstep.evaluate`, `crfm-evaluate-sampling`",
     ),
-    Command("python -m crfm.tiny", "crfm.toy.tiny", "`python -m crfm.toy.tiny`, `crfm-tiny`"),
-    Command("python -m crfm.toydata", "crfm.toy.toydata", "`python -m crfm.toy.toydata`, `crfm-toydata`"),
+    Command("python -m crfm.toy.tiny", "crfm.toy.tiny", "`python -m crfm.toy.tiny`, `crfm-tiny`"),
+    Command("python -m crfm.toy.toydata", "crfm.toy.toydata", "`python -m crfm.toy.toydata`, `crfm-toydata`"),
 )
 
 

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source "${CRFM_VENV:-.venv}/bin/activate"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m crfm.demo --out "${DEFAULT_OUT:-outputs/demo}" --until vectors
+python -m crfm.toy.demo --out "${DEFAULT_OUT:-outputs/demo}" --until vectors

@@ -13,6 +13,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any hub access must fail fast, n
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and spinning OpenMP workers slow a test module ~7x on a
+    2-core machine as soon as another job holds a core; restored afterwards so other test modules keep theirs.
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd35_dir(tmp_path_factory) -> Path:
     from crfm.toy.tiny import TinyConfig, save_tiny_pipeline

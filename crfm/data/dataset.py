@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from crfm.data.index import IGNORE_INDEX, DatasetError, IndexItem
+from crfm.utils.errors import unreadable
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -18,7 +19,7 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, SyntaxError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        raise unreadable(path, "image", exc) from exc
 
 
 def load_label(path: str | Path, num_cls: int | None = None) -> np.ndarray:
@@ -32,7 +33,7 @@ def load_label(path: str | Path, num_cls: int | None = None) -> np.ndarray:
                 )
             label = np.array(img)
     except (OSError, SyntaxError) as exc:
-        raise DatasetError(f"cannot read label {path}: {exc}") from exc
+        raise unreadable(path, "label", exc) from exc
     if label.max(initial=0) > IGNORE_INDEX:
         raise DatasetError(f"label {path} has values above 255; class ids must fit in uint8")
     label = label.astype(np.uint8)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-IGNORE_INDEX = 255
-
+from crfm.utils.constants import IGNORE_INDEX
+from crfm.utils.errors import DatasetError, unreadable
 
 REQUIRED_KEYS = ("source", "target", "prompt")
 
@@ -24,10 +24,6 @@ PROMPT_PREFIX = "a satellite image of "
 
 
 CLASSES_FILE = "classes.json"  # beside an index: {"classes", "palette", "ignore_index"}
-
-
-class DatasetError(ValueError):
-    """Bad dataset input; the message names the file and line or item at fault."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +99,7 @@ def read_classes_json(path: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
+        raise unreadable(path, "the class list", exc) from exc
     if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
         raise ValueError(f"{path}: expected an object with a 'classes' list")
     ignore = meta.get("ignore_index", IGNORE_INDEX)

@@ -1,7 +1,7 @@
 """Turn a folder of images and class-index labels into our layout: `index.jsonl` (or a train/val split) with the
 paper's prompts, optionally remapping label ids first (e.g. LoveDA's 0 = no-data, 1..7 = classes).
 
-    python -m crfm.make_index data/loveda --images img --labels label --classes data/loveda/classes.json \
+    python -m crfm.data.make_index data/loveda --images img --labels label --classes data/loveda/classes.json \
         --remap 0:255,1:0,2:1,3:2,4:3,5:4,6:5,7:6 --val_fraction 0.1
 
 Images and labels are paired by file stem (`img/0001.jpg` ↔ `label/0001.png`); unpaired files are counted and
@@ -95,7 +95,7 @@ def build_index(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m crfm.make_index", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m crfm.data.make_index", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="dataset folder; the index paths are relative to it")
     parser.add_argument("--images", default="img", help="image sub-folder of root")
     parser.add_argument("--labels", default="label", help="label sub-folder of root (class-index PNGs)")

@@ -28,8 +28,21 @@ from crfm.data.index import (
     read_index,
 )
 from crfm.data.vectors import EMPTY_PROMPT_FILE, SETTINGS_FILE, item_vector_path, save_vectors, stored_prompt
-from crfm.utils.fileio import remove_stale_temporaries, write_jsonl_atomic, write_text_atomic
-from crfm.utils.flags import add_data_flags, add_model_flags, add_run_flags, entry_point, resolve_device, resolve_dtype
+from crfm.utils.fileio import (
+    refuse_changed_settings,
+    remove_stale_temporaries,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
+from crfm.utils.flags import (
+    add_data_flags,
+    add_model_flags,
+    add_run_flags,
+    entry_point,
+    positive_int,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def load_text_encoders(pretrained: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -37,10 +50,10 @@ def load_text_encoders(pretrained: str | Path, dtype: torch.dtype = torch.float3
 
     Returns a `StableDiffusion3Pipeline` so that `encode_prompt` is diffusers' own code.
     """
-    from diffusers import StableDiffusion3Pipeline
+    from crfm.utils.base_folder import check_base_folder
+    from crfm.utils.quiet import sd3_pipeline_module
 
-    from crfm.models.base_folder import check_base_folder
-
+    StableDiffusion3Pipeline = sd3_pipeline_module().StableDiffusion3Pipeline
     text_parts = [f"{kind}{suffix}" for suffix in ("", "_2", "_3") for kind in ("text_encoder", "tokenizer")]
     pretrained = check_base_folder(pretrained, text_parts)
     components = json.loads((pretrained / "model_index.json").read_text())
@@ -70,6 +83,9 @@ def encode_prompts(
     return prompt_embeds, pooled
 
 
+OVERWRITE_HINT = "use another --work_dir, or --overwrite to re-encode everything"
+
+
 @dataclass
 class VectorizeReport:
     items: int
@@ -84,20 +100,6 @@ class VectorizeReport:
     @property
     def prompts_per_second(self) -> float:
         return self.encoded_prompts / self.encode_seconds if self.encode_seconds > 0 else float("nan")
-
-
-def _check_settings(vectors_dir: Path, settings: dict, overwrite: bool) -> None:
-    path = vectors_dir / SETTINGS_FILE
-    if overwrite or not path.is_file():
-        return
-    previous = json.loads(path.read_text())
-    changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-    if changed:
-        detail = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise DatasetError(
-            f"{vectors_dir} holds vectors made with other settings ({detail}). "
-            "Use another --work_dir, or --overwrite to re-encode everything."
-        )
 
 
 def vectorize_index(
@@ -128,7 +130,8 @@ def vectorize_index(
         "max_sequence_length": max_sequence_length,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    _check_settings(vectors_dir, settings, overwrite)
+    if not overwrite:
+        refuse_changed_settings(vectors_dir / SETTINGS_FILE, settings, "vectors", OVERWRITE_HINT, error=DatasetError)
     remove_stale_temporaries(vectors_dir)
     # Recorded before any vector is written, so files in this folder always match these settings.
     write_text_atomic(vectors_dir / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
@@ -184,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work_dir", default="vectors", help="folder for the vector files")
     parser.add_argument("--dataset", default="", help="optional sub-folder of --work_dir (original scripts)")
     parser.add_argument("--subset", default="", help="optional sub-folder below --dataset")
-    parser.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (SD3 default 256)")
-    parser.add_argument("--batch_size", type=int, default=16, help="prompts per encoder call")
+    parser.add_argument("--max_sequence_length", type=positive_int, default=256, help="T5 tokens (SD3 default 256)")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="prompts per encoder call")
     parser.add_argument("--overwrite", action="store_true", help="re-encode everything")
     add_run_flags(parser, seed_help=None, device=True, mixed_precision=True)
     return parser

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from crfm.data.index import DatasetError, IndexItem
+from crfm.utils.errors import reading
 from crfm.utils.fileio import atomic_path
 
 VECTOR_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
@@ -48,9 +49,10 @@ def stored_prompt(path: str | Path) -> str | None:
 
 
 def load_vectors(path: str | Path) -> dict[str, torch.Tensor]:
-    tensors = load_file(str(path))
-    # Copies, not views of the memory-mapped file: a file damaged or rewritten later can't fault them.
-    return {key: tensors[key].clone() for key in VECTOR_KEYS}
+    with reading(path, "prompt vectors (re-run preprocess/vectorize.py: it re-encodes damaged files)"):
+        tensors = load_file(str(path))
+        # Copies, not views of the memory-mapped file: a file damaged or rewritten later can't fault them.
+        return {key: tensors[key].clone() for key in VECTOR_KEYS}
 
 
 def load_item_vectors(vectors_dir: str | Path, item: IndexItem) -> dict[str, torch.Tensor]:

@@ -3,8 +3,9 @@
 A label mask (class-index map [B, H, W], 255 = ignore) reaches the model in one of `MASK_ENCODINGS`:
 
 - `grey`: the paper's encoding. Class id × 255/num_cls as a grey RGB image (ignore → white), VAE-encoded.
-- `palette`: each class in its own colour (`crfm.utils.viz.distinct_palette(num_cls)`, ignore → black, as
-  `colourise_mask` draws it), VAE-encoded like `grey`. Classes differ in hue, not in faint grey steps.
+- `palette`: each class in its own colour (`class_palette(num_cls)`, ignore → black), VAE-encoded like `grey`.
+  Classes differ in hue, not in faint grey steps. The colours are this encoding's, so plots of masks without a
+  dataset palette (`crfm.utils.viz.colourise_mask`) are given them, not the other way round.
 - `onehot`: no VAE. The per-pixel one-hot map (ignore = all-zero vector), area-averaged onto the latent grid:
   [B, num_cls, h, w] class fractions in [0, 1]. Each class has its own channel, so no two classes can be
   confused, and a latent cell on a class border says how much of each class it holds.
@@ -15,19 +16,21 @@ patch embedding is built for that (`mask_condition_channels`, `MaskSD3Transforme
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from crfm.data.index import IGNORE_INDEX
+# The encodings' names are defined on the ground floor, where the command-line flags read them.
+from crfm.utils.constants import DEFAULT_MASK_ENCODING as DEFAULT_MASK_ENCODING
+from crfm.utils.constants import IGNORE_INDEX, MASK_ENCODINGS
+from crfm.utils.constants import LEGACY_MASK_ENCODING as LEGACY_MASK_ENCODING
+from crfm.utils.errors import DatasetError, UsageError
 
-MASK_ENCODINGS = ("grey", "palette", "onehot")
-# train.py's --mask_encoding default, chosen on the demo's validation split (bench/results_fidelity.md).
-DEFAULT_MASK_ENCODING = "onehot"
-# Checkpoints written before the encoding was recorded used the paper's grey rendering.
-LEGACY_MASK_ENCODING = "grey"
 # Encodings whose condition lives in the image latents' space (and so has their channel count).
 VAE_MASK_ENCODINGS = ("grey", "palette")
-PALETTE_IGNORE_RGB = (0, 0, 0)  # black: no colour of distinct_palette (value 0.9) comes near it
+PALETTE_IGNORE_RGB = (0, 0, 0)  # black: no colour of class_palette (HSV value 0.9) comes near it
 
 
 def check_mask_encoding(encoding: str) -> str:
@@ -35,6 +38,25 @@ def check_mask_encoding(encoding: str) -> str:
     if encoding not in MASK_ENCODINGS:
         raise ValueError(f"mask encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
     return encoding
+
+
+def recorded_mask_encoding(record: Mapping) -> str:
+    """The mask encoding a record holds (a mask transformer's config, a checkpoint's meta); records from before the
+    encoding was kept are the paper's grey."""
+    return check_mask_encoding(record.get("mask_encoding") or LEGACY_MASK_ENCODING)
+
+
+def check_mask_inputs(
+    record: Mapping, source: str | Path, num_cls: int | None = None, mask_encoding: str | None = None
+) -> None:
+    """The one check of what a mask branch was trained on, for training (--init_ckpt), resume and sampling: refuse
+    a `record` (a model's config, a checkpoint's meta) of another `num_cls` or `mask_encoding` (None: not
+    constrained). Grey and palette branches have the same shapes, so only the record tells them apart."""
+    if num_cls is not None and record.get("num_cls") not in (None, num_cls):
+        raise DatasetError(f"{source}: trained with num_cls={record['num_cls']}, not --num_cls {num_cls}")
+    trained = recorded_mask_encoding(record)
+    if mask_encoding is not None and check_mask_encoding(mask_encoding) != trained:
+        raise UsageError(f"{source}: trained with --mask_encoding {trained}, not --mask_encoding {mask_encoding}")
 
 
 def mask_embed_in_channels(encoding: str, num_cls: int | None) -> int | None:
@@ -65,11 +87,16 @@ def mask_to_pixels(label: torch.Tensor, num_cls: int) -> torch.Tensor:
     return (grey / 127.5 - 1.0).unsqueeze(1).expand(-1, 3, -1, -1)
 
 
-def mask_palette(num_cls: int) -> torch.Tensor:
-    """[num_cls + 1, 3] RGB in 0..255: `distinct_palette(num_cls)`, then the ignore colour (last row)."""
-    from crfm.utils.viz import distinct_palette
+def class_palette(num_cls: int) -> list[tuple[int, int, int]]:
+    """The `palette` encoding's colour of each class, RGB in 0..255: evenly spaced saturated hues."""
+    import colorsys
 
-    return torch.tensor([*distinct_palette(num_cls), PALETTE_IGNORE_RGB], dtype=torch.float32)
+    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(k / max(num_cls, 1), 0.75, 0.9)) for k in range(num_cls)]
+
+
+def mask_palette(num_cls: int) -> torch.Tensor:
+    """[num_cls + 1, 3] RGB in 0..255: `class_palette(num_cls)`, then the ignore colour (last row)."""
+    return torch.tensor([*class_palette(num_cls), PALETTE_IGNORE_RGB], dtype=torch.float32)
 
 
 def mask_to_palette_pixels(label: torch.Tensor, num_cls: int) -> torch.Tensor:
@@ -120,6 +147,11 @@ def encode_mask_condition(vae, label: torch.Tensor, num_cls: int, encoding: str)
 
 def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """VAE-encode images in [-1, 1] into SD3's scaled latent space (sampled from the posterior)."""
-    posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+    return scaled_posterior_sample(vae.encode(pixels.to(vae.dtype)).latent_dist, generator, vae.config)
+
+
+def scaled_posterior_sample(posterior, generator: torch.Generator | None, vae_config) -> torch.Tensor:
+    """A sample of a VAE posterior (`DiagonalGaussianDistribution`) in SD3's scaled latent space. From a fresh
+    encode or from cached posterior parameters (`crfm.data.latents`), the same draw gives the same latents."""
     latents = posterior.sample(generator=generator)
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return (latents - vae_config.shift_factor) * vae_config.scaling_factor

@@ -1,15 +1,22 @@
 """SD3's MM-DiT with a mask branch: text, image and mask tokens in one joint attention per block.
 
 The mask (a class-index map) is encoded by `crfm.models.conditioning` (VAE latents, or one-hot class fractions
-with `mask_in_channels` = num_cls channels), patch-embedded by the branch's own `PatchEmbed`, and carried through
-every block with the branch's own AdaLN-Zero modulation, q/k/v/out projections (with the block's qk-norm) and
-feed-forward. Only image tokens reach the output head.
-Without a mask the forward pass *is* diffusers' `SD3Transformer2DModel`.
+with `mask_in_channels` = num_cls channels), patch-embedded by the branch's own projection plus the image's
+position table (one table, shared, never copied: 0.9 GB in fp32 at SD3.5 size), and carried through every block
+with the branch's own AdaLN-Zero modulation, q/k/v/out projections (with the block's qk-norm) and feed-forward.
+Only image tokens reach the output head. Without a mask the forward pass *is* diffusers' `SD3Transformer2DModel`.
+
+Weights saved before two layout changes still load: the mask embedder once held its own copy of the position table
+(`mask_embed.pos_embed`), and the last block's mask stream once had a query projection whose output was dropped
+(`mask_blocks.<last>.to_q.*`, `.norm_q.*`). `LEGACY_KEYS` names them; `from_pretrained` and `drop_legacy_keys`
+leave them out.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,7 +30,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
 from torch import nn
 
-MASK_INITS = ("copy", "fresh")
+from crfm.models.conditioning import mask_embed_in_channels
+from crfm.utils.constants import MASK_INITS
+
+# Keys of weights saved by earlier layouts that this one has no parameter or buffer for (see the module docstring).
+LEGACY_KEYS = (r"^mask_embed\.pos_embed$", r"^mask_blocks\.\d+\.(to_q|norm_q)\.")
 
 
 class MaskBlock(nn.Module):
@@ -33,16 +44,18 @@ class MaskBlock(nn.Module):
         super().__init__()
         dim = block.norm2.normalized_shape[0]
         self.heads = block.attn.heads
-        # In the last block the mask tokens only feed keys/values to the image tokens (like the text stream).
+        # In the last block the mask tokens only feed keys/values to the image tokens (like the text stream), so
+        # it has no query projection (it would be a trained weight that no gradient ever reaches).
         self.pre_only = block.context_pre_only
         if self.pre_only:
             self.norm1 = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6, bias=True)
         else:
             self.norm1 = AdaLayerNormZero(dim)
-        self.to_q = nn.Linear(dim, dim)
+        self.to_q = _unused_query(dim) if self.pre_only else nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
-        self.norm_q = copy.deepcopy(block.attn.norm_q)  # the block's qk-norm (RMSNorm for SD3.5, None for SD3)
+        # The block's qk-norm (RMSNorm for SD3.5, None for SD3).
+        self.norm_q = None if self.pre_only else copy.deepcopy(block.attn.norm_q)
         self.norm_k = copy.deepcopy(block.attn.norm_k)
         if not self.pre_only:
             self.to_out = nn.Linear(dim, dim)
@@ -52,7 +65,7 @@ class MaskBlock(nn.Module):
     def copy_from_image_stream(self, block: JointTransformerBlock) -> None:
         """Start from the pretrained image stream, which already maps VAE latents to useful tokens."""
         with torch.no_grad():
-            dim = self.to_q.in_features
+            dim = self.to_k.in_features
             source = block.norm1.linear  # 6*dim rows (AdaLayerNormZero) or 9*dim (SD3.5 dual attention)
             if self.pre_only:
                 # AdaLayerNormContinuous chunks (scale, shift); AdaLayerNormZero starts (shift, scale, ...).
@@ -61,11 +74,9 @@ class MaskBlock(nn.Module):
                 rows = torch.arange(6 * dim)  # shift/scale/gate for attention and MLP; drops attn2's chunks
             self.norm1.linear.weight.copy_(source.weight[rows])
             self.norm1.linear.bias.copy_(source.bias[rows])
-            for name in ("to_q", "to_k", "to_v"):
-                getattr(self, name).load_state_dict(getattr(block.attn, name).state_dict())
-            if self.norm_q is not None:
-                self.norm_q.load_state_dict(block.attn.norm_q.state_dict())
-                self.norm_k.load_state_dict(block.attn.norm_k.state_dict())
+            for name in ("to_q", "to_k", "to_v", "norm_q", "norm_k"):
+                if getattr(self, name) is not None:
+                    getattr(self, name).load_state_dict(getattr(block.attn, name).state_dict())
             if not self.pre_only:
                 self.to_out.load_state_dict(block.attn.to_out[0].state_dict())
                 self.ff.load_state_dict(block.ff.state_dict())
@@ -75,6 +86,8 @@ class MaskBlock(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
+            if module is self.norm1.linear and self.pre_only:
+                _unused_query(module.in_features)
         nn.init.zeros_(self.norm1.linear.weight)
         nn.init.zeros_(self.norm1.linear.bias)
         for norm in (self.norm_q, self.norm_k):
@@ -85,17 +98,31 @@ class MaskBlock(nn.Module):
         return _project_heads(hidden, self.heads, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
 
 
+def _unused_query(dim: int) -> None:
+    """Where a pre-only mask block once built its query projection: draw (and drop) that layer's initial values,
+    so that a seed still initialises everything built after it (later blocks, LoRA, a fresh branch) as before."""
+    nn.Linear(dim, dim)
+
+
+def _heads(proj: nn.Module, hidden: torch.Tensor, heads: int) -> torch.Tensor:
+    return proj(hidden).view(hidden.shape[0], -1, heads, proj.out_features // heads).transpose(1, 2)
+
+
 def _project_heads(
-    hidden: torch.Tensor, heads: int, to_q: nn.Module, to_k: nn.Module, to_v: nn.Module, norm_q, norm_k
+    hidden: torch.Tensor, heads: int, to_q: nn.Module | None, to_k: nn.Module, to_v: nn.Module, norm_q, norm_k
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token states [B, N, D] -> per-head query, key, value [B, heads, N, D/heads], with the optional qk-norm."""
-    batch = hidden.shape[0]
-    query, key, value = (
-        proj(hidden).view(batch, -1, heads, proj.out_features // heads).transpose(1, 2) for proj in (to_q, to_k, to_v)
-    )
-    if norm_q is not None:
-        query, key = norm_q(query), norm_k(key)
-    return query, key, value
+    """Token states [B, N, D] -> per-head query, key, value [B, heads, N, D/heads], with the optional qk-norm.
+
+    Without `to_q` (tokens that only give keys and values) the query rows are zeros: their attention output is
+    dropped, and placeholder rows keep the joint attention's shape, so every other row is computed exactly as
+    with a real query (a fused kernel treats query rows independently)."""
+    key, value = _heads(to_k, hidden, heads), _heads(to_v, hidden, heads)
+    if norm_k is not None:
+        key = norm_k(key)
+    if to_q is None:
+        return torch.zeros_like(key), key, value
+    query = _heads(to_q, hidden, heads)
+    return (query if norm_q is None else norm_q(query)), key, value
 
 
 def _image_qkv(block: JointTransformerBlock, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -129,6 +156,7 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _keys_to_ignore_on_load_unexpected = list(LEGACY_KEYS)
     ignore_for_config = ["transformer"]
 
     @register_to_config
@@ -138,13 +166,26 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
         mask_init: str = "copy",
         transformer: SD3Transformer2DModel | None = None,
         mask_in_channels: int | None = None,
+        mask_encoding: str | None = None,
+        num_cls: int | None = None,
     ) -> None:
-        """`mask_in_channels`: channels of a mask condition that is *not* in the image latents' space (one-hot
-        class fractions: num_cls); None (the default, and what configs from before the option mean) for VAE-encoded
-        masks with the latents' channels."""
+        """`mask_encoding`, `num_cls`: what the mask branch is trained on, kept in the config (and so in every
+        checkpoint: `save_trained` records them) and checked by `crfm.models.conditioning.check_mask_inputs`; the
+        encoding gives `mask_in_channels`. Without them (configs from before they were kept) `mask_in_channels`
+        says it alone: channels of a mask condition that is *not* in the image latents' space (one-hot class
+        fractions: num_cls); None (the default) for VAE-encoded masks with the latents' channels."""
         super().__init__()
         if mask_init not in MASK_INITS:
             raise ValueError(f"mask_init must be one of {MASK_INITS}, got {mask_init!r}")
+        if mask_encoding is not None:
+            channels = mask_embed_in_channels(mask_encoding, num_cls)
+            if mask_in_channels not in (None, channels):
+                raise ValueError(
+                    f"mask_in_channels={mask_in_channels} does not fit mask_encoding {mask_encoding!r} "
+                    f"(num_cls {num_cls}): it takes {channels}"
+                )
+            mask_in_channels = channels
+            self.register_to_config(mask_in_channels=channels)
         if mask_in_channels is not None and mask_in_channels < 1:
             raise ValueError(f"mask_in_channels must be positive or None, got {mask_in_channels}")
         if transformer is None:
@@ -152,12 +193,16 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
             transformer = SD3Transformer2DModel(**init_args)
         self.transformer = transformer
         cfg = transformer.config
+        if cfg.pos_embed_max_size is None:
+            raise ValueError("the mask branch reads the image's cropped position table: pos_embed_max_size is needed")
+        # The projection only: mask tokens take their positions from the image's table (`_mask_tokens`).
         self.mask_embed = PatchEmbed(
             height=cfg.sample_size,
             width=cfg.sample_size,
             patch_size=cfg.patch_size,
             in_channels=cfg.in_channels if mask_in_channels is None else mask_in_channels,
             embed_dim=transformer.inner_dim,
+            pos_embed_type=None,
             pos_embed_max_size=cfg.pos_embed_max_size,
         )
         self.mask_blocks = nn.ModuleList(MaskBlock(block) for block in transformer.transformer_blocks)
@@ -171,12 +216,14 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
         transformer: SD3Transformer2DModel | str | Path,
         mask_init: str = "copy",
         mask_in_channels: int | None = None,
+        mask_encoding: str | None = None,
+        num_cls: int | None = None,
         **load_kwargs,
     ) -> MaskSD3Transformer2DModel:
         """Wrap a pretrained transformer (or load one from `<pipeline>/transformer`) and add the mask branch.
 
-        `mask_in_channels`: see `__init__` (`crfm.models.conditioning.mask_embed_in_channels` gives it for an
-        encoding)."""
+        `mask_encoding` and `num_cls`: what the branch is trained on (see `__init__`); `mask_in_channels` alone: the
+        branch's input channels, for a model that does not record them."""
         if not isinstance(transformer, SD3Transformer2DModel):
             path = Path(transformer)
             subfolder = "transformer" if (path / "transformer" / "config.json").is_file() else None
@@ -184,8 +231,9 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
         # Private keys ("_name_or_path" may be a Path) are not part of the architecture and not JSON-safe.
         config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
         model = cls(
-            transformer_config=config, mask_init=mask_init, transformer=transformer, mask_in_channels=mask_in_channels
-        )
+            transformer_config=config, mask_init=mask_init, transformer=transformer, mask_in_channels=mask_in_channels,
+            mask_encoding=mask_encoding, num_cls=num_cls,
+        )  # fmt: skip
         # Only the new branch needs moving; the wrapped transformer keeps its own placement and dtype.
         for branch in (model.mask_embed, model.mask_blocks):
             branch.to(device=transformer.device, dtype=transformer.dtype)
@@ -199,19 +247,29 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
 
     def init_mask_branch(self, mask_init: str) -> None:
         if mask_init == "copy":
-            source = self.transformer.pos_embed.state_dict()
-            latent_space = self.config.mask_in_channels is None
-            if not latent_space:
-                # One-hot fractions are not VAE latents: the image's projection reads another input space (with
-                # another channel count), so the mask's keeps its default init; the position table is shared.
-                source = {key: value for key, value in source.items() if not key.startswith("proj.")}
-            self.mask_embed.load_state_dict(source, strict=latent_space)
+            # One-hot fractions are not VAE latents: the image's projection reads another input space (with
+            # another channel count), so the mask's then keeps its default init.
+            if self.config.mask_in_channels is None:
+                self.mask_embed.proj.load_state_dict(self.transformer.pos_embed.proj.state_dict())
             for mask_block, block in zip(self.mask_blocks, self.transformer.transformer_blocks, strict=True):
                 mask_block.copy_from_image_stream(block)
         else:
             self.mask_embed.proj.reset_parameters()
             for mask_block in self.mask_blocks:
                 mask_block.reset_fresh()
+
+    def drop_legacy_keys(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`weights` without the keys of earlier layouts that this model has nothing for (`LEGACY_KEYS`): neither
+        ever changed an output, so old checkpoints load to the same model."""
+        own = self.state_dict().keys()
+        legacy = re.compile("|".join(LEGACY_KEYS))
+        return {key: value for key, value in weights.items() if key in own or not legacy.search(key)}
+
+    def _mask_tokens(self, mask_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The mask's patch projection plus the image's position table: `PatchEmbed.forward`'s arithmetic."""
+        tokens = self.mask_embed(mask_hidden_states)
+        positions = self.transformer.pos_embed.cropped_pos_embed(*mask_hidden_states.shape[-2:])
+        return (tokens + positions).to(tokens.dtype)
 
     def enable_xformers(self, enabled: bool = True) -> None:
         if enabled:
@@ -301,7 +359,7 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
             )
         height, width = hidden_states.shape[-2:]
         hidden = base.pos_embed(hidden_states).contiguous()
-        mask = self.mask_embed(mask_hidden_states).contiguous()
+        mask = self._mask_tokens(mask_hidden_states).contiguous()
         temb = base.time_text_embed(timestep, pooled_projections)
         context = base.context_embedder(encoder_hidden_states)
         for block, mask_block in zip(base.transformer_blocks, self.mask_blocks, strict=True):

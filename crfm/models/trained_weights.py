@@ -4,20 +4,19 @@ only the trained weights plus what is needed to rebuild the model around them.""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from crfm.data.index import DatasetError
-from crfm.models.conditioning import LEGACY_MASK_ENCODING, check_mask_encoding, mask_embed_in_channels
+from crfm.models.conditioning import mask_embed_in_channels, recorded_mask_encoding
 from crfm.models.mmdit import MaskSD3Transformer2DModel
-from crfm.utils.fileio import atomic_path, write_text_atomic
-from crfm.utils.flags import UsageError
-
-TRAIN_MODES = ("full", "lora")
-
+from crfm.utils.constants import TRAIN_MODES
+from crfm.utils.errors import reading
+from crfm.utils.fileio import atomic_path, read_json, write_text_atomic
+from crfm.utils.quiet import NO_FP32_MODULES, quiet
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
 
@@ -92,8 +91,15 @@ def save_trained(
     its step count in the metadata)."""
     out_dir = Path(out_dir)
     info = {"format": "crfm-mask-mmdit/1", "mask_init": model.config.mask_init, **meta}
+    # What the mask branch is trained on comes from the model's own config, where it records it.
+    for key in ("mask_encoding", "num_cls"):
+        recorded = model.config.get(key)
+        if recorded is not None and info.get(key) not in (None, recorded):
+            raise ValueError(f"meta says {key} {info[key]!r}, but the model was built for {recorded!r}")
+        if recorded is not None:
+            info[key] = recorded
     # load_trained rebuilds the mask patch embedding from the recorded encoding: it must be this model's.
-    encoding = checkpoint_mask_encoding(info)
+    encoding = recorded_mask_encoding(info)
     if mask_embed_in_channels(encoding, info.get("num_cls")) != model.config.mask_in_channels:
         raise ValueError(
             f"meta says mask_encoding {encoding!r} (num_cls {info.get('num_cls')}), but the model's mask branch "
@@ -116,41 +122,25 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / CHECKPOINT_META
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a crfm checkpoint (written by train.py)")
-    return json.loads(path.read_text())
-
-
-def checkpoint_mask_encoding(meta: Mapping) -> str:
-    """The mask encoding a checkpoint was trained with; checkpoints from before it was recorded used grey."""
-    return check_mask_encoding(meta.get("mask_encoding", LEGACY_MASK_ENCODING))
-
-
-def check_checkpoint_inputs(
-    meta: Mapping, checkpoint: str | Path, num_cls: int | None = None, mask_encoding: str | None = None
-) -> None:
-    """Refuse a checkpoint trained on other inputs than asked for: another `num_cls` or `mask_encoding` (None: not
-    constrained). Grey and palette mask branches have the same shapes, so only the record tells them apart."""
-    if num_cls is not None and meta.get("num_cls") not in (None, num_cls):
-        raise DatasetError(
-            f"checkpoint {checkpoint} was trained with num_cls={meta['num_cls']}, not --num_cls {num_cls}"
-        )
-    trained = checkpoint_mask_encoding(meta)
-    if mask_encoding is not None and check_mask_encoding(mask_encoding) != trained:
-        raise UsageError(
-            f"checkpoint {checkpoint} was trained with --mask_encoding {trained}, not --mask_encoding {mask_encoding}"
-        )
+    return read_json(path, "the checkpoint's record")
 
 
 def load_ema_state(ema: torch.nn.Module, ckpt_dir: str | Path, names: list[str]) -> None:
     """Restore an `EMAModel` (averages and step count) saved by `save_trained` into `ckpt_dir`; `names` are the
-    trained parameters' names in the order the EMA holds them (safetensors keeps names, not order)."""
+    trained parameters' names in the order the EMA holds them (safetensors keeps names, not order). Keys of an
+    earlier layout (`crfm.models.mmdit.LEGACY_KEYS`) are left out."""
     from safetensors import safe_open
+
+    from crfm.models.mmdit import LEGACY_KEYS
 
     path = Path(ckpt_dir) / EMA_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the checkpoint was saved without --use_ema")
-    with safe_open(str(path), framework="pt") as handle:
-        if set(handle.keys()) != set(names) or len(names) != len(ema.shadow_params):
-            raise ValueError(f"{path} does not average this run's {len(ema.shadow_params)} trained parameters")
+    legacy = re.compile("|".join(LEGACY_KEYS))
+    with reading(path, "EMA weights"), safe_open(str(path), framework="pt") as handle:
+        stored = {key for key in handle.keys() if key in names or not legacy.search(key)}
+        if stored != set(names) or len(names) != len(ema.shadow_params):
+            raise ValueError(f"{path}: does not average this run's {len(ema.shadow_params)} trained parameters")
         averaged = [handle.get_tensor(name) for name in names]
         step = int(handle.metadata()["optimization_step"])
     for shadow, saved in zip(ema.shadow_params, averaged, strict=True):
@@ -169,8 +159,9 @@ def load_trained_weights(
 
     `model` must already be configured for training (`configure_training`), so that its trainable parameters
     are exactly the checkpoint's tensors: any missing, unexpected or reshaped key raises a ValueError naming
-    them (`target` describes the model in that message, e.g. its base and training mode). Frozen weights are
-    left as they are. Returns `model`.
+    them (`target` describes the model in that message, e.g. its base and training mode). Keys of an earlier
+    layout that never changed an output are left out (`MaskSD3Transformer2DModel.drop_legacy_keys`). Frozen
+    weights are left as they are. Returns `model`.
     """
     if isinstance(weights_or_dir, Mapping):
         weights, source = dict(weights_or_dir), "weights"
@@ -181,7 +172,10 @@ def load_trained_weights(
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a crfm checkpoint (written by train.py)")
         averaged = " (its EMA weights)" if path.name == EMA_WEIGHTS else ""
-        weights, source = load_file(str(path)), f"checkpoint {weights_or_dir}{averaged}"
+        with reading(path, "EMA weights" if path.name == EMA_WEIGHTS else "trained weights"):
+            weights = load_file(str(path))
+        source = f"checkpoint {weights_or_dir}{averaged}"
+    weights = model.drop_legacy_keys(weights)
     expected = trained_state_dict(model)
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     resized = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
@@ -204,9 +198,13 @@ def load_trained(
     load the trained weights (their EMA when the checkpoint has one); returns (model, checkpoint meta)."""
     meta = read_checkpoint_meta(ckpt_dir)
     base = pretrained if pretrained is not None else meta["base_model"]
-    channels = mask_embed_in_channels(checkpoint_mask_encoding(meta), meta.get("num_cls"))
-    model = MaskSD3Transformer2DModel.from_sd3(base, mask_init=meta.get("mask_init", "copy"), mask_in_channels=channels)
+    # The checkpoint's record (num_cls, mask encoding; grey before it was kept) goes into the model's config.
+    model = MaskSD3Transformer2DModel.from_sd3(
+        base, mask_init=meta.get("mask_init", "copy"), mask_encoding=recorded_mask_encoding(meta),
+        num_cls=meta.get("num_cls"),
+    )  # fmt: skip
     configure_training(model, meta["train_mode"], meta.get("lora_rank", 16))
     load_trained_weights(model, ckpt_dir, target=f"{base} in mode {meta['train_mode']}", use_ema=True)
     model.requires_grad_(False).eval()
-    return (model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)), meta
+    with quiet(*NO_FP32_MODULES):  # diffusers lists the modules to keep in fp32 on every cast; ours are none
+        return (model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)), meta

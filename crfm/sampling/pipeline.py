@@ -20,18 +20,14 @@ from pathlib import Path
 import torch
 
 from crfm.models.conditioning import (
-    LEGACY_MASK_ENCODING,
+    check_mask_inputs,
     encode_mask_condition,
     mask_condition_channels,
+    recorded_mask_encoding,
     vae_scale_factor,
 )
 from crfm.models.mmdit import MaskSD3Transformer2DModel
-from crfm.models.trained_weights import (
-    check_checkpoint_inputs,
-    checkpoint_mask_encoding,
-    load_trained,
-    read_checkpoint_meta,
-)
+from crfm.models.trained_weights import load_trained, read_checkpoint_meta
 from crfm.sampling.rectify import ControlRectifier, CRFMConfig
 from crfm.sampling.sampler import SolverConfig, VelocityHook, decode_latents, initial_noise, sample_latents
 
@@ -77,9 +73,13 @@ class MaskToImagePipeline:
         scheduler,
         num_cls: int,
         segmentor: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        mask_encoding: str = LEGACY_MASK_ENCODING,
+        mask_encoding: str | None = None,
     ) -> None:
-        """`mask_encoding`: the one `transformer` was trained with (`from_checkpoint` reads it from the checkpoint)."""
+        """`mask_encoding`: the one `transformer` was trained with; by default what its config records (grey for a
+        transformer that records none), and if given it must be that."""
+        if transformer.config.get("mask_encoding") is not None:  # a config from before it was kept: channels only
+            check_mask_inputs(transformer.config, "the transformer", num_cls, mask_encoding)
+        mask_encoding = mask_encoding or recorded_mask_encoding(transformer.config)
         channels = mask_condition_channels(mask_encoding, num_cls, vae.config.latent_channels)
         if channels != transformer.mask_channels:
             raise ValueError(
@@ -112,10 +112,10 @@ class MaskToImagePipeline:
         """
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-        from crfm.models.base_folder import check_base_folder
+        from crfm.utils.base_folder import check_base_folder
 
         meta = read_checkpoint_meta(checkpoint)
-        check_checkpoint_inputs(meta, checkpoint, num_cls, mask_encoding)
+        check_mask_inputs(meta, checkpoint, num_cls, mask_encoding)
         base = pretrained_model_name_or_path if pretrained_model_name_or_path is not None else meta["base_model"]
         check_base_folder(base, ("transformer", "vae", "scheduler"))
         transformer, meta = load_trained(checkpoint, pretrained=base, dtype=dtype, device=device)
@@ -125,7 +125,7 @@ class MaskToImagePipeline:
             vae.enable_tiling()
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
         num_cls = num_cls if num_cls is not None else meta["num_cls"]
-        return cls(transformer, vae, scheduler, num_cls, mask_encoding=checkpoint_mask_encoding(meta))
+        return cls(transformer, vae, scheduler, num_cls)  # the encoding: the transformer's config, from the checkpoint
 
     @property
     def device(self) -> torch.device:

@@ -3,7 +3,7 @@
 At step i < `rectified_step` the sampler's velocity v is rectified: the clean latent is predicted as
 x̂₀ = x_t − σ_t·v, decoded by the VAE, and a frozen segmentor's cross-entropy against the conditioning mask —
 counted only on pixels that are valid (not 255) and currently misclassified, averaged per image — is
-differentiated with respect to v. Then v ← (1−η)·v − η·g (the (1−η) shrink only with `is_synth`), optionally
+differentiated with respect to v. Then v ← (1−η)·v − η·g (the (1−η) shrink only with `shrink_velocity`), optionally
 with g L2-normalised per sample, and v is clamped to [−c, c] (c = `velocity_clamp`, 1 in the paper's scripts; 0
 turns the clamp off); this repeats `num_rectified` times. η follows
 `step_scheme`: LD η_max·(1−(i+1)/N), LI η_max·(i+1)/N, C η_max, with N the number of sampling steps.
@@ -16,20 +16,28 @@ the image's resolution (e.g. `crfm.segmentation.adapter.SegmentorAdapter`); no g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from crfm.data.index import IGNORE_INDEX
+from crfm.utils.constants import IGNORE_INDEX
+from crfm.utils.flags import (
+    UsageError,
+    add_settings_flags,
+    bounded,
+    option,
+    positive_int,
+    settings_flags,
+    settings_from_args,
+)
 
 STEP_SCHEMES = ("LD", "LI", "C")
-
-
-def _option(default: object, help: str, flag: str | None = None, **argparse_kwargs: object):
-    """A CRFMConfig field together with its command-line flag (`--<flag or field name>`)."""
-    return field(default=default, metadata={"help": help, "flag": flag, **argparse_kwargs})
+# reflow_pairs.json records a CRFM teacher's settings; the shrink was recorded under its first name, so pair folders
+# made before the rename still resume.
+RECORDED_NAMES = {"shrink_velocity": "is_synth"}
 
 
 @dataclass
@@ -38,17 +46,24 @@ class CRFMConfig:
 
     # Defaults chosen on the demo's validation split (bench/results_crfm_settings.md); the paper's scripts'
     # setting is `CRFMConfig.paper()`.
-    rectified_step: int = _option(12, "CRFM corrects the first N sampling steps (the paper's scripts: 4 of 23)")
-    max_step_size: float = _option(30.0, "eta_max of the CRFM step-size scheme (the paper's scripts: 0.1)")
-    step_scheme: str = _option("LD", "eta schedule: linear decreasing, increasing, constant", choices=STEP_SCHEMES)
-    num_rectified: int = _option(3, "CRFM passes per rectified step (the paper's scripts: 1)")
-    l2_norm: bool = _option(True, "L2-normalise the CRFM gradient per image (the paper's scripts: no)")
-    is_synth: bool = _option(False, "also shrink the velocity by (1 - eta)")
-    chunk_size: int = _option(1, "images per CRFM backward pass (bounds memory)", flag="crfm_chunk_size")
-    checkpoint_decode: bool = _option(False, "recompute the VAE decoder in CRFM's backward pass (less memory)")
+    rectified_step: int = option(
+        12, "CRFM corrects the first N sampling steps (the paper's scripts: 4 of 23)", kind=bounded(int, 0)
+    )
+    max_step_size: float = option(30.0, "eta_max of the CRFM step-size scheme (the paper's scripts: 0.1)")
+    step_scheme: str = option("LD", "eta schedule: linear decreasing, increasing, constant", choices=STEP_SCHEMES)
+    num_rectified: int = option(3, "CRFM passes per rectified step (the paper's scripts: 1)", kind=positive_int)
+    l2_norm: bool = option(True, "L2-normalise the CRFM gradient per image (the paper's scripts: no)")
+    # The original scripts' name for it (`is_synth`) stays as the flag's alias.
+    shrink_velocity: bool = option(False, "also shrink the velocity by (1 - eta)", aliases=("is_synth",))
+    chunk_size: int = option(
+        1, "images per CRFM backward pass (bounds memory)", flag="crfm_chunk_size", kind=positive_int
+    )
+    checkpoint_decode: bool = option(False, "recompute the VAE decoder in CRFM's backward pass (less memory)")
     # SD3-scaled velocities (noise - x0) have a std of ~1.4, so the paper scripts' clamp to [-1, 1] also clips many
     # components CRFM never touched.
-    velocity_clamp: float = _option(0.0, "clamp rectified velocities to [-c, c] (the paper's scripts: 1; 0: off)")
+    velocity_clamp: float = option(
+        0.0, "clamp rectified velocities to [-c, c] (the paper's scripts: 1; 0: off)", kind=bounded(float, 0.0)
+    )
 
     def __post_init__(self) -> None:
         if self.step_scheme not in STEP_SCHEMES:
@@ -66,45 +81,37 @@ class CRFMConfig:
 
     def flags(self) -> list[str]:
         """test.py's flags that select this setting: those of the fields that differ from the defaults."""
-        defaults = type(self)()
-        out: list[str] = []
-        for config_field in fields(self):
-            value, name = getattr(self, config_field.name), self.flag_name(config_field)
-            if value == getattr(defaults, config_field.name):
-                continue
-            if isinstance(value, bool):
-                out.append(f"--{name}" if value else f"--no-{name}")
-            else:
-                out += [f"--{name}", str(value)]
-        return out
+        return settings_flags(self)
 
-    @staticmethod
-    def flag_name(config_field: Field) -> str:
-        return config_field.metadata.get("flag") or config_field.name
+    def record(self) -> dict:
+        """The settings as reflow_pairs.json keeps them (`RECORDED_NAMES`)."""
+        return {RECORDED_NAMES.get(key, key): value for key, value in dataclasses.asdict(self).items()}
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("CRFM (on when a segmentor is given)")
-        for config_field in fields(cls):
-            extra = {k: v for k, v in config_field.metadata.items() if k not in ("help", "flag")}
-            name = cls.flag_name(config_field)
-            if config_field.type in (bool, "bool"):
-                # --name / --no-name, so a default of True can still be turned off.
-                group.add_argument(
-                    f"--{name}",
-                    action=argparse.BooleanOptionalAction,
-                    default=config_field.default,
-                    help=config_field.metadata["help"],
-                )
-            else:
-                kind = {"int": int, "float": float, "str": str}[str(config_field.type)]
-                group.add_argument(
-                    f"--{name}", type=kind, default=config_field.default, help=config_field.metadata["help"], **extra
-                )
+        add_settings_flags(cls, parser.add_argument_group("CRFM (on when a segmentor is given)"))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CRFMConfig:
-        return cls(**{f.name: getattr(args, cls.flag_name(f)) for f in fields(cls)})
+        return settings_from_args(cls, args)
+
+
+def check_guide_flags(args: argparse.Namespace) -> None:
+    """The guide segmentor's two flags come together (before anything is read or loaded)."""
+    if (args.mmseg_config is None) != (args.mmseg_ckpt is None):
+        raise UsageError("CRFM needs both --mmseg_config and --mmseg_ckpt")
+
+
+def attach_guide(pipe, args: argparse.Namespace, device: str | torch.device) -> CRFMConfig | None:
+    """The one loader of the CRFM guide: with --mmseg_config/--mmseg_ckpt, the frozen segmentor goes on `pipe`
+    (`MaskToImagePipeline.segmentor`) and CRFM's settings come from the flags; without them, None (no CRFM)."""
+    check_guide_flags(args)
+    if args.mmseg_config is None:
+        return None
+    from crfm.segmentation.adapter import load_segmentor
+
+    pipe.segmentor = load_segmentor(args.mmseg_config, args.mmseg_ckpt, device=device, num_cls=args.num_cls)
+    return CRFMConfig.from_args(args)
 
 
 def step_size(config: CRFMConfig, index: int, num_inference_steps: int) -> float:
@@ -126,7 +133,7 @@ def misclassified_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> t
 
 @dataclass
 class ControlRectifier:
-    """A `crfm.sampling.VelocityHook` that applies CRFM; `trace` collects the loss of every rectify pass."""
+    """A `crfm.sampling.sampler.VelocityHook` that applies CRFM; `trace` collects the loss of every rectify pass."""
 
     config: CRFMConfig
     segmentor: Callable[[torch.Tensor], torch.Tensor]
@@ -170,7 +177,7 @@ class ControlRectifier:
             if self.config.l2_norm:
                 norms = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)
                 gradient = gradient / norms.view(-1, *([1] * (gradient.dim() - 1)))
-            if self.config.is_synth:
+            if self.config.shrink_velocity:
                 velocity = (1.0 - eta) * velocity
             velocity = velocity - eta * gradient
             if self.config.velocity_clamp > 0:

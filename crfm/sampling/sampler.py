@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from crfm.utils.flags import add_settings_flags, option, positive_float, settings_from_args
+from crfm.utils.quiet import sd3_pipeline_module
 
 # Called on each velocity the model gives: (grid index, sigma, latents, velocity) -> velocity. The grid index of σ is
 # the Euler step of the N-step grid whose interval (σ_{i+1}, σ_i] holds σ (see `grid_index`).
@@ -36,13 +39,14 @@ SIGMA_GRIDS = ("diffusers", "uniform")
 class SolverConfig:
     """How the flow is integrated; `add_flags` makes the fields command-line flags, `from_args` reads them back."""
 
-    solver: str = field(default="euler", metadata={"help": "ODE solver (heun: 2N-1 calls; rk45: adaptive)"})
-    sigma_grid: str = field(
-        default="diffusers",
-        metadata={"help": "sigma grid of N steps: the scheduler's (diffusers) or evenly split (uniform, few steps)"},
+    solver: str = option("euler", "ODE solver (heun: 2N-1 calls; rk45: adaptive)", choices=SOLVERS)
+    sigma_grid: str = option(
+        "diffusers",
+        "sigma grid of N steps: the scheduler's (diffusers) or evenly split (uniform, few steps)",
+        choices=SIGMA_GRIDS,
     )
-    rtol: float = field(default=1e-3, metadata={"help": "rk45 relative tolerance"})
-    atol: float = field(default=1e-3, metadata={"help": "rk45 absolute tolerance (latents have std ~1)"})
+    rtol: float = option(1e-3, "rk45 relative tolerance", kind=positive_float)
+    atol: float = option(1e-3, "rk45 absolute tolerance (latents have std ~1)", kind=positive_float)
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -54,21 +58,11 @@ class SolverConfig:
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("solver")
-        choices = {"solver": SOLVERS, "sigma_grid": SIGMA_GRIDS}
-        for config_field in fields(cls):
-            kind = {"str": str, "float": float}[str(config_field.type)]
-            group.add_argument(
-                f"--{config_field.name}",
-                type=kind,
-                default=config_field.default,
-                choices=choices.get(config_field.name),
-                help=config_field.metadata["help"],
-            )
+        add_settings_flags(cls, parser.add_argument_group("solver"))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SolverConfig:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        return settings_from_args(cls, args)
 
     def describe(self, num_inference_steps: int) -> str:
         if self.solver == "rk45":
@@ -104,8 +98,8 @@ def set_timesteps(
 ) -> torch.Tensor:
     """Set `scheduler`'s grid of `num_inference_steps` steps (diffusers': as `StableDiffusion3Pipeline` would for
     latents of this size); returns its timesteps. `scheduler.sigmas` then holds the N + 1 grid points."""
-    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
-
+    sd3 = sd3_pipeline_module()
+    calculate_shift, retrieve_timesteps = sd3.calculate_shift, sd3.retrieve_timesteps
     if sigma_grid not in SIGMA_GRIDS:
         raise ValueError(f"sigma_grid must be one of {SIGMA_GRIDS}, got {sigma_grid!r}")
     kwargs = {}

@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -25,7 +26,7 @@ from crfm.data.dataset import load_image, load_label, resize_center_crop
 from crfm.data.index import CLASSES_FILE, DatasetError, IndexItem, read_classes_json, read_index
 from crfm.data.vectors import load_item_vectors
 from crfm.sampling.pipeline import MaskToImageOutput, MaskToImagePipeline, negative_prompt_kwargs
-from crfm.sampling.rectify import CRFMConfig
+from crfm.sampling.rectify import CRFMConfig, attach_guide, check_guide_flags
 from crfm.sampling.sampler import SolverConfig, to_uint8
 from crfm.utils.fileio import atomic_path, write_jsonl_atomic, write_text_atomic
 from crfm.utils.flags import (
@@ -35,6 +36,8 @@ from crfm.utils.flags import (
     add_run_flags,
     add_segmentor_flags,
     entry_point,
+    non_negative,
+    positive_int,
     report_error,
     resolve_dtype,
 )
@@ -53,11 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add = parser.add_argument
     add("--work_dir", default="work_dirs/synth", help="output dataset folder")
-    add("--num_inference_steps", type=int, default=28, help="sampling steps (the paper: 23; rk45: CRFM's grid)")
-    add("--guidance_scale", type=float, default=1.0, help="classifier-free guidance (1.0: off)")
-    add("--resolution", type=int, default=512, help="output side, px (masks resized + centre-cropped)")
-    add("--batch_size", type=int, default=1, help="images per sampler call")
-    add("--num_per_mask", type=int, default=1, help="variants per mask (different seeds)")
+    add(
+        "--num_inference_steps", type=positive_int, default=28, help="sampling steps (the paper: 23; rk45: CRFM's grid)"
+    )
+    add("--guidance_scale", type=non_negative, default=1.0, help="classifier-free guidance (1.0: off)")
+    add("--resolution", type=positive_int, default=512, help="output side, px (masks resized + centre-cropped)")
+    add("--batch_size", type=positive_int, default=1, help="images per sampler call")
+    add("--num_per_mask", type=positive_int, default=1, help="variants per mask (different seeds)")
+    add(
+        "--num_per_mask_file",
+        default=None,
+        help='JSON {"counts": {mask path as in the index: variants}} (crfm.segmentation.hardness\'s --out): '
+        "variants per mask, instead of --num_per_mask",
+    )
     add("--debug", action="store_true", help="also write synthesized | mask | real panels")
     add("--vae_tiling", action="store_true", help="tiled VAE decoding (large images)")
     add_run_flags(
@@ -130,12 +141,15 @@ def merge_shards(
 
 
 class UnitWriter(Protocol):
-    """What a run over (mask, variant) units keeps of each batch: `write` stores a batch's files atomically and
-    returns one index record per unit (with its "unit" name); `outputs` lists a record's files."""
+    """What a run over (mask, variant) units keeps of each batch: `start` writes what precedes the first file (once
+    everything is loaded, so a run that fails to load writes nothing), `write` stores a batch's files atomically
+    and returns one index record per unit (with its "unit" name); `outputs` lists a record's files."""
 
     name: str
     save_at: tuple[int, ...]
     folders: tuple[str, ...]
+
+    def start(self, work_dir: Path) -> None: ...
 
     def write(self, work_dir: Path, batch: list, out: MaskToImageOutput) -> list[dict]: ...
 
@@ -151,6 +165,9 @@ class ImageWriter:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.folders = ("img", "label", *(("debug",) if args.debug else ()))
+
+    def start(self, work_dir: Path) -> None:
+        pass  # the images' index lines say how they were made
 
     def outputs(self, record: dict) -> list[str]:
         return image_outputs(record)
@@ -182,107 +199,202 @@ def synthesize(args: argparse.Namespace) -> dict:
     return run_units(args, ImageWriter(args))
 
 
-def run_units(args: argparse.Namespace, writer: UnitWriter) -> dict:
-    """Sample every (mask, variant) unit of the index not finished yet (this process's share) and keep what
-    `writer` keeps; returns a summary. The one sampling loop of test.py and crfm.reflow."""
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
+Unit = tuple[int, IndexItem, int]  # (position in the index, item, variant)
 
-    state = PartialState(cpu=not torch.cuda.is_available())
-    rank, world = state.process_index, state.num_processes
+
+@dataclass
+class UnitPlan:
+    """Which units a run makes: all of them in order, their noise-id stride, those finished before, this process's
+    share of the rest."""
+
+    units: list[Unit]
+    stride: int
+    done: dict[str, dict]
+    mine: list[Unit]
+
+
+@dataclass
+class Sampler:
+    """What samples a batch: the pipeline (with the CRFM guide attached when one is given) and the settings of the
+    call."""
+
+    pipe: MaskToImagePipeline
+    crfm: CRFMConfig | None
+    solver: SolverConfig
+    negative: dict[str, torch.Tensor]
+
+
+@dataclass
+class LoopReport:
+    finished: int = 0
+    evaluations: int = 0  # velocity evaluations, summed over images
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    traces: list[dict] = field(default_factory=list)  # CRFM's passes, per batch
+
+
+def plan_run(args: argparse.Namespace, writer: UnitWriter, rank: int, world: int) -> UnitPlan:
+    """Plan: every unit of the index, and this process's share (unit j on process j mod world) not finished yet."""
     data_root, work_dir = Path(args.data_root), Path(args.work_dir)
-    if (args.mmseg_config is None) != (args.mmseg_ckpt is None):
-        raise UsageError("CRFM needs both --mmseg_config and --mmseg_ckpt")
     items = read_index(data_root / args.json_file, data_root)
-    units = [(pos, item, k) for pos, item in enumerate(items) for k in range(args.num_per_mask)]
+    units, stride = plan_units(args, items)
     done = read_done(work_dir, writer.outputs) if work_dir.is_dir() else {}
     mine = [u for j, u in enumerate(units) if j % world == rank and unit_name(*u) not in done]
+    return UnitPlan(units, stride, done, mine)
 
+
+def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
+    """Load: the trained MM-DiT on its base, the CRFM guide, the solver and the guidance's empty prompt."""
     pipe = MaskToImagePipeline.from_checkpoint(
-        args.lora_ckpt, args.pretrained_model_name_or_path, num_cls=args.num_cls, device=state.device,
+        args.lora_ckpt, args.pretrained_model_name_or_path, num_cls=args.num_cls, device=device,
         dtype=resolve_dtype(args.mixed_precision), vae_tiling=args.vae_tiling, mask_encoding=args.mask_encoding,
     )  # fmt: skip
-    crfm = None
-    if args.mmseg_config is not None:
-        from crfm.segmentation.adapter import load_segmentor
-
-        pipe.segmentor = load_segmentor(args.mmseg_config, args.mmseg_ckpt, device=state.device, num_cls=args.num_cls)
-        crfm = CRFMConfig.from_args(args)
-    solver = SolverConfig.from_args(args)
+    crfm = attach_guide(pipe, args, device)
     negative = negative_prompt_kwargs(args.vectors_path, args.guidance_scale)
-    for sub in writer.folders:
-        (work_dir / sub).mkdir(parents=True, exist_ok=True)
-    shard = work_dir / SHARD_PATTERN.format(rank=rank)
+    return Sampler(pipe, crfm, SolverConfig.from_args(args), negative)
 
-    failures: list[str] = []
-    traces: list[dict] = []
-    start, finished, evaluations = time.perf_counter(), 0, 0
+
+def write_batch(work_dir: Path, shard: Path, writer: UnitWriter, batch: list, out: MaskToImageOutput) -> list[dict]:
+    """Write: the batch's files (atomically, by `writer`), then their index lines: a line never lacks its files."""
+    records = writer.write(work_dir, batch, out)
+    with shard.open("a") as handle:
+        handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records
+
+
+def sample_units(
+    args: argparse.Namespace, writer: UnitWriter, plan: UnitPlan, sampler: Sampler, rank: int
+) -> LoopReport:
+    """Loop: this process's units batch by batch; a bad item is reported and left out, the rest go on."""
+    from tqdm.auto import tqdm
+
+    work_dir = Path(args.work_dir)
+    shard = work_dir / SHARD_PATTERN.format(rank=rank)
+    report, start = LoopReport(), time.perf_counter()
+    mine = plan.mine
     bar = tqdm(total=len(mine), desc=f"{writer.name}[{rank}]", unit="img", disable=args.no_progress or not mine)
     for begin in range(0, len(mine), args.batch_size):
         chunk = mine[begin : begin + args.batch_size]
-        batch = load_batch(chunk, args, failures)
+        batch = load_batch(chunk, args, report.failures)
         bar.update(len(chunk) - len(batch))  # the failed ones
         if not batch:
             continue
-        out = pipe(
+        out = sampler.pipe(
             torch.from_numpy(np.stack([b[3] for b in batch]).astype(np.int64)),
             torch.stack([b[4]["prompt_embeds"] for b in batch]),
             torch.stack([b[4]["pooled_prompt_embeds"] for b in batch]),
-            noise_ids=[noise_id(pos, k, args.num_per_mask) for pos, _, k, _, _ in batch],
+            noise_ids=[noise_id(pos, k, plan.stride) for pos, _, k, _, _ in batch],
             seed=args.seed,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
-            crfm=crfm,
-            solver=solver,
+            crfm=sampler.crfm,
+            solver=sampler.solver,
             save_at=writer.save_at,
-            **negative,
+            **sampler.negative,
         )
-        records = writer.write(work_dir, batch, out)
-        with shard.open("a") as handle:  # after the files: an index line never lacks its files
-            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        traces.extend({"units": [r["unit"] for r in records], **t} for t in out.crfm_trace)
-        finished += len(batch)
-        evaluations += out.nfe * len(batch)
+        records = write_batch(work_dir, shard, writer, batch, out)
+        report.traces.extend({"units": [r["unit"] for r in records], **t} for t in out.crfm_trace)
+        report.finished += len(batch)
+        report.evaluations += out.nfe * len(batch)
         bar.update(len(batch))
     bar.close()
-    seconds = time.perf_counter() - start
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def run_units(args: argparse.Namespace, writer: UnitWriter) -> dict:
+    """Sample every (mask, variant) unit of the index not finished yet (this process's share) and keep what
+    `writer` keeps; returns a summary. The one sampling loop of test.py and crfm.reflow: plan, load, loop (each
+    batch written as it is done), then the main process merges every process's index lines."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank, world = state.process_index, state.num_processes
+    work_dir = Path(args.work_dir)
+    check_guide_flags(args)
+    plan = plan_run(args, writer, rank, world)
+    sampler = load_sampler(args, state.device)
+    if state.is_main_process:
+        writer.start(work_dir)
+    for sub in writer.folders:
+        (work_dir / sub).mkdir(parents=True, exist_ok=True)
+    loop = sample_units(args, writer, plan, sampler, rank)
     state.wait_for_everyone()
 
+    finished = loop.finished
     summary = {
-        "units": len(units),
-        "done_before": len(done),
+        "units": len(plan.units),
+        "done_before": len(plan.done),
         "synthesized": finished,
-        "failures": failures,
-        "seconds_per_image": seconds / finished if finished else math.nan,
-        "nfe_per_image": evaluations / finished if finished else math.nan,
-        "solver": solver.describe(args.num_inference_steps),
-        "crfm": crfm is not None,
+        "failures": loop.failures,
+        "seconds_per_image": loop.seconds / finished if finished else math.nan,
+        "nfe_per_image": loop.evaluations / finished if finished else math.nan,
+        "solver": sampler.solver.describe(args.num_inference_steps),
+        "crfm": sampler.crfm is not None,
     }
-    if traces:
+    if loop.traces:
         with (work_dir / f"crfm_trace.rank{rank}.jsonl").open("a") as handle:
-            handle.write("".join(json.dumps(t) + "\n" for t in traces))
+            handle.write("".join(json.dumps(t) + "\n" for t in loop.traces))
     if state.is_main_process:
-        records = merge_shards(work_dir, units, data_root, writer.outputs)
+        records = merge_shards(work_dir, plan.units, Path(args.data_root), writer.outputs)
         print(
-            f"[{writer.name}] {len(records)}/{len(units)} units in {work_dir} ({finished} now, {len(done)} before, "
-            f"{len(failures)} failed on rank 0); {summary['seconds_per_image']:.2f} s/image, "
-            f"{summary['nfe_per_image']:.1f} NFE/image ({summary['solver']}); CRFM {'on' if crfm else 'off'}"
+            f"[{writer.name}] {len(records)}/{len(plan.units)} units in {work_dir} ({finished} now, "
+            f"{len(plan.done)} before, {len(loop.failures)} failed on rank 0); {summary['seconds_per_image']:.2f} "
+            f"s/image, {summary['nfe_per_image']:.1f} NFE/image ({summary['solver']}); "
+            f"CRFM {'on' if sampler.crfm else 'off'}"
         )
     return summary
 
 
-def noise_id(position: int, variant: int, num_per_mask: int) -> int:
-    """The item id a unit's noise is drawn with (with the seed): `crfm.sampling.sampler.initial_noise`."""
-    return position * num_per_mask + variant
+def read_mask_counts(path: str | Path, items: list[IndexItem]) -> tuple[list[int], int]:
+    """Variants per item from a counts file (`{"counts": {mask path as in the index: count >= 0}}`, as
+    `crfm.segmentation.hardness` writes it), and the largest count in the file (the noise stride)."""
+    where = f"--num_per_mask_file {path}"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+    counts = data.get("counts") if isinstance(data, dict) else None
+    if not isinstance(counts, dict) or not counts:
+        raise UsageError(f"{where}: expected an object with a non-empty 'counts' object (mask path -> count)")
+    bad = [key for key, n in counts.items() if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+    if bad:
+        raise UsageError(f"{where}: counts must be integers >= 0, not {counts[bad[0]]!r} for {bad[0]}")
+    missing = [item for item in items if item.source not in counts]
+    if missing:
+        more = f" (and {len(missing) - 1} more masks)" if len(missing) > 1 else ""
+        raise UsageError(f"{where} has no count for mask {missing[0].source} ({missing[0].where()}){more}")
+    return [counts[item.source] for item in items], max(counts.values())
+
+
+def plan_units(args: argparse.Namespace, items: list[IndexItem]) -> tuple[list[tuple[int, IndexItem, int]], int]:
+    """Every (position, item, variant) unit of the run, and the stride of their noise ids (`noise_id`):
+    `--num_per_mask` variants per mask and stride, or `--num_per_mask_file`'s counts with its largest count."""
+    if args.num_per_mask_file is None:
+        counts, stride = [args.num_per_mask] * len(items), args.num_per_mask
+    else:
+        counts, stride = read_mask_counts(args.num_per_mask_file, items)
+    return [(pos, item, k) for pos, item in enumerate(items) for k in range(counts[pos])], stride
+
+
+def noise_id(position: int, variant: int, stride: int) -> int:
+    """The item id a unit's noise is drawn with (with the seed): `crfm.sampling.sampler.initial_noise`.
+
+    `stride` is --num_per_mask, or with --num_per_mask_file the file's largest count, so ids never collide; and a
+    run with a counts file whose largest count is N gives variant k of a mask exactly the noise (hence, with the
+    same seed and settings, the image) it has in a uniform run with --num_per_mask N.
+    """
+    return position * stride + variant
 
 
 def write_panel(path: Path, image: np.ndarray, label: np.ndarray, real_path: Path, args) -> None:
     """synthesized | colourised mask | real image (resized like the mask), side by side."""
-    from crfm.utils.viz import colourise_mask, distinct_palette, image_grid
+    from crfm.models.conditioning import class_palette
+    from crfm.utils.viz import colourise_mask, image_grid
 
     classes_file = Path(args.data_root) / CLASSES_FILE
     palette = read_classes_json(classes_file).get("palette") if classes_file.is_file() else None
-    palette = palette or distinct_palette(args.num_cls)
+    palette = palette or class_palette(args.num_cls)  # the palette mask encoding's colours
     try:
         real = np.asarray(resize_center_crop(load_image(real_path), args.resolution, Image.Resampling.BICUBIC))
     except DatasetError:

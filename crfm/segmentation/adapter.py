@@ -142,7 +142,8 @@ def load_segmentor(
     device: str | torch.device = "cpu",
     num_cls: int | None = None,
 ) -> SegmentorAdapter:
-    """Build the mmseg model of `config`, load `checkpoint` strictly via `safe_load_checkpoint`, freeze it.
+    """Build the mmseg model of `config`, load `checkpoint` strictly (read weights-only by `load_checkpoint_file`,
+    never running pickled code), freeze it.
 
     `num_cls`, when given, must equal the model's number of classes (and that of the checkpoint's
     dataset_meta, if it names classes); otherwise ValueError naming both numbers.

@@ -3,21 +3,26 @@ evaluate it on a real validation split, with mmseg's own Runner.
 
     python -m crfm.segmentation.downstream --data_root REAL --json_file train.jsonl --val_file val.jsonl \
         --work_dir DIR [--mmseg_config CONFIG] [--max_iters 1500] [--batch_size 8] \
-        [--synth_root SYNTH --synth_file index.jsonl --synth_ratio 0.5]
+        [--synth_root SYNTH --synth_file index.jsonl [--synth_ratio 0.5 | --real_repeat 10]] \
+        [--match_real_exposure]
 
 (also `scripts/train_segmentor.py`, `crfm-train-segmentor`). `--mmseg_config` defaults to the small toy SegFormer
 shipped with the package (`crfm/segmentation/configs/toy_segformer.py`); `--device` is the shared one (auto, cpu,
 cuda, cuda:N or a GPU number), and a CPU device hides every GPU from mmengine.
 
 Both datasets are in our layout (`index.jsonl` + `classes.json`; a synthesis work dir is one). Without
-`--synth_ratio` the two are simply concatenated, so each sample is drawn as often as any other; with it,
-`MixedSourceSampler` draws a synthetic sample with probability `synth_ratio` whatever the two sizes are, so
-the real:synthetic mix of the batches is set independently of how many images were synthesized.
+`--synth_ratio` the two are simply concatenated, so each sample is drawn as often as any other; `--real_repeat k`
+lists the real set k times in that concatenation (TISynth's real x10 + synthetic), so each real image is drawn k
+times as often as a synthetic one. With `--synth_ratio`, `MixedSourceSampler` draws a synthetic sample with
+probability `synth_ratio` whatever the two sizes are, so the real:synthetic mix of the batches is set independently
+of how many images were synthesized. Synthetic draws take the place of real ones: `--match_real_exposure` lengthens
+the run so that each real image is drawn as often (in expectation) as in a real-only run of `--max_iters` iterations.
 
 Writes into the work dir: mmengine's `iter_<N>.pth` (full training state, used to resume), `segmentor.pth`
 (just `{"state_dict", "meta"}`: plain tensors and builtins, loadable with `torch.load(weights_only=True)` and
 no allowlist; this is the file to give `crfm.segmentation.adapter.load_segmentor`), `config.py` (the merged config to
-load it with) and `metrics.json` (validation mIoU/aAcc/mAcc, the data mix and timings).
+load it with) and `metrics.json` (validation mIoU/aAcc/mAcc, the data mix, iterations requested and run, the
+expected draws of each real and each synthetic image, timings).
 
 Resuming: if the work dir holds a checkpoint from an earlier run (mmengine's `last_checkpoint` marker), the
 run resumes from it. mmengine calls `torch.load` without `weights_only`, which torch >= 2.6 treats as True;
@@ -33,11 +38,16 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from crfm.data.index import read_index
 from crfm.utils.fileio import write_text_atomic
 from crfm.utils.flags import UsageError, add_data_flags, add_run_flags, entry_point, resolve_device
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_segformer.py"  # package data
 
@@ -59,7 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--synth_ratio",
         type=float,
-        help="probability that a training sample is synthetic (0 <= r < 1); default: proportional to sizes",
+        help="probability that a training sample is synthetic (0 <= r <= 1; 1: synthetic only, the real set only "
+        "names the classes: train on synthetic, test on real); default: proportional to sizes",
+    )
+    p.add_argument(
+        "--real_repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="list the real set N times in the concatenation with --synth_root (TISynth: 10); not with --synth_ratio",
+    )
+    p.add_argument(
+        "--match_real_exposure",
+        action="store_true",
+        help="scale --max_iters so each real image is drawn as often as in a real-only run of --max_iters "
+        "iterations (needs --synth_root)",
     )
     p.add_argument("--work_dir", required=True, type=Path, help="checkpoints, segmentor.pth, config.py, metrics.json")
     p.add_argument("--max_iters", type=int, help="default: the config's")
@@ -85,8 +109,18 @@ def check_args(args: argparse.Namespace) -> None:
     if args.synth_ratio is not None:
         if args.synth_root is None:
             raise UsageError("--synth_ratio needs --synth_root")
-        if not 0 <= args.synth_ratio < 1:
-            raise UsageError(f"--synth_ratio must be in [0, 1), got {args.synth_ratio}")
+        if not 0 <= args.synth_ratio <= 1:
+            raise UsageError(f"--synth_ratio must be in [0, 1], got {args.synth_ratio}")
+    if args.real_repeat < 1:
+        raise UsageError(f"--real_repeat must be >= 1, got {args.real_repeat}")
+    if args.real_repeat > 1 and args.synth_root is None:
+        raise UsageError("--real_repeat needs --synth_root (it repeats the real set in the concatenation)")
+    if args.real_repeat > 1 and args.synth_ratio is not None:
+        raise UsageError("--real_repeat is for concatenation; with --synth_ratio the sampler sets the real share")
+    if args.match_real_exposure and args.synth_root is None:
+        raise UsageError("--match_real_exposure needs --synth_root (a real-only run is the reference)")
+    if args.match_real_exposure and args.synth_ratio == 1:
+        raise UsageError("--match_real_exposure with --synth_ratio 1: no real image is drawn")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,8 +190,27 @@ def check_sources(args: argparse.Namespace) -> int | None:
     return num_cls
 
 
-def build_config(args: argparse.Namespace):
+def draw_shares(real: int, synthetic: int, synth_ratio: float | None, real_repeat: int) -> tuple[float, float]:
+    """Expected shares of the training draws that are real and synthetic: `synth_ratio` if given, else the sizes in
+    the concatenation (`real_repeat` copies of the real set + the synthetic set, every item drawn equally often)."""
+    if synthetic == 0:
+        return 1.0, 0.0
+    if synth_ratio is not None:
+        return 1.0 - synth_ratio, synth_ratio
+    return real_repeat * real / (real_repeat * real + synthetic), synthetic / (real_repeat * real + synthetic)
+
+
+def _index_length(index_file: Path) -> int:
+    return len(read_index(index_file, check_files=False))  # the datasets check the files when built
+
+
+def build_config(args: argparse.Namespace) -> Config:
     """The config file with the command-line overrides (data, classes, schedule, size, mixing) merged in."""
+    return _build_config(args)[0]
+
+
+def _build_config(args: argparse.Namespace) -> tuple[Config, int]:
+    """`build_config`, and the iterations asked for (--max_iters or the config's) before --match_real_exposure."""
     from mmengine.config import Config
 
     num_cls = check_sources(args)
@@ -184,7 +237,17 @@ def build_config(args: argparse.Namespace):
     cfg.merge_from_dict(updates)
 
     old_iters = int(cfg.train_cfg.max_iters)
-    max_iters = args.max_iters or old_iters
+    requested = args.max_iters or old_iters
+    max_iters = requested
+    if args.match_real_exposure:
+        real = _index_length(Path(args.data_root) / args.json_file)
+        synthetic = _index_length(Path(args.synth_root) / args.synth_file)
+        real_share, _ = draw_shares(real, synthetic, args.synth_ratio, args.real_repeat)
+        max_iters = round(requested / real_share)
+        print(
+            f"--match_real_exposure: {max_iters} iterations instead of {requested} "
+            f"({real_share:.1%} of the draws are real)"
+        )
     cfg.train_cfg.max_iters = max_iters
     # No in-loop validation: the script validates once after training and reports that number.
     cfg.train_cfg.val_interval = max_iters
@@ -199,18 +262,20 @@ def build_config(args: argparse.Namespace):
         if cfg.model.data_preprocessor.get("size") is not None:
             cfg.model.data_preprocessor.size = size
     if args.synth_root is not None:
-        _add_synthetic(cfg, Path(args.synth_root).resolve(), args.synth_file, args.synth_ratio)
+        _add_synthetic(cfg, Path(args.synth_root).resolve(), args.synth_file, args.synth_ratio, args.real_repeat)
     cfg.resume = False
-    return cfg
+    return cfg, requested
 
 
-def _add_synthetic(cfg, synth_root: Path, synth_file: str, ratio: float | None) -> None:
-    """Train on ConcatDataset([real, synthetic]) (same pipeline), drawn with `MixedSourceSampler` for a ratio."""
+def _add_synthetic(cfg: Config, synth_root: Path, synth_file: str, ratio: float | None, real_repeat: int) -> None:
+    """Train on ConcatDataset([real] * real_repeat + [synthetic]) (same pipeline), drawn with `MixedSourceSampler`
+    for a ratio."""
     from crfm.segmentation.mmseg_ext import MMSEG_EXTENSIONS
 
     real = dict(cfg.train_dataloader.dataset)
     synth = {**real, "data_root": str(synth_root), "ann_file": synth_file}
-    cfg.train_dataloader.dataset = dict(type="ConcatDataset", datasets=[real, synth])
+    # mmengine's ConcatDataset takes BaseDatasets only, not a RepeatDataset: the real set is listed k times.
+    cfg.train_dataloader.dataset = dict(type="ConcatDataset", datasets=[*[real] * real_repeat, synth])
     if ratio is not None:
         cfg.train_dataloader.sampler = dict(type="MixedSourceSampler", weights=[1.0 - ratio, ratio])
     imports = list(cfg.get("custom_imports", {}).get("imports", []))
@@ -234,7 +299,7 @@ def train(args: argparse.Namespace) -> int:
     from crfm.segmentation.safe_load import mmengine_safe_globals, weights_only_environment
 
     weights_only_environment()
-    cfg = build_config(args)
+    cfg, requested = _build_config(args)
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     cfg.resume = not args.no_resume and _has_checkpoint(work_dir)
@@ -267,18 +332,26 @@ def train(args: argparse.Namespace) -> int:
     os.replace(tmp, out)  # never leave a half-written checkpoint under the final name
     train_set = runner.train_dataloader.dataset
     parts = [len(d) for d in train_set.datasets] if hasattr(train_set, "datasets") else [len(train_set)]
+    real, synthetic = parts[0], (parts[-1] if args.synth_root is not None else 0)  # [real] * k + [synthetic]
+    real_share, synthetic_share = draw_shares(real, synthetic, args.synth_ratio, args.real_repeat)
+    draws = int(runner.iter) * int(cfg.train_dataloader.batch_size) * runner.world_size
     summary = {
         **meta["metrics"],
         "iters": int(runner.iter),
-        "real_train": parts[0],
-        "synthetic_train": sum(parts[1:]),
+        "max_iters_requested": requested,
+        "real_train": real,
+        "synthetic_train": synthetic,
         "synth_ratio": args.synth_ratio,
+        "real_repeat": args.real_repeat,
+        # expected draws of each image over the run: compare runs at equal real exposure
+        "real_draws_per_image": round(draws * real_share / real, 4) if real else None,
+        "synthetic_draws_per_image": round(draws * synthetic_share / synthetic, 4) if synthetic else None,
         "train_s": round(train_s, 1),
         "total_s": round(total_s, 1),
     }
     write_text_atomic(work_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out} and {work_dir / 'config.py'}")
-    mix = f", {parts[0]} real + {sum(parts[1:])} synthetic" if len(parts) > 1 else f", {parts[0]} real"
+    mix = f", {real} real + {synthetic} synthetic" if synthetic else f", {real} real"
     miou = metrics.get("mIoU", float("nan"))
     print(f"final mIoU: {miou:.2f} after {runner.iter} iters ({train_s:.0f} s training{mix})")
     return 0

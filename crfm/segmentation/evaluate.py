@@ -1,6 +1,6 @@
 """Mask fidelity: how well a segmentor recovers the conditioning masks from a (synthesized) dataset.
 
-    python -m crfm.evaluate --data_root work_dirs/synth --json_file index.jsonl \
+    python -m crfm.segmentation.evaluate --data_root work_dirs/synth --json_file index.jsonl \
         --mmseg_config work_dirs/seg/config.py --mmseg_ckpt work_dirs/seg/segmentor.pth --num_cls 6
 
 Prints per-class IoU, mIoU and pixel accuracy (aAcc) as a table and writes them as JSON (`--out`, default
@@ -20,7 +20,14 @@ import torch
 from crfm.data.dataset import PairDataset
 from crfm.data.index import IGNORE_INDEX, read_index
 from crfm.utils.fileio import write_text_atomic
-from crfm.utils.flags import add_data_flags, add_run_flags, add_segmentor_flags, entry_point, resolve_device
+from crfm.utils.flags import (
+    add_data_flags,
+    add_run_flags,
+    add_segmentor_flags,
+    entry_point,
+    positive_int,
+    resolve_device,
+)
 
 
 @torch.no_grad()
@@ -62,7 +69,7 @@ def format_table(result: dict, class_names: list[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m crfm.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m crfm.segmentation.evaluate", description=__doc__.split("\n\n")[0])
     add_data_flags(
         parser,
         "index.jsonl",
@@ -71,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         data_root_help="dataset (e.g. a test.py work dir) the index is in",
     )
     add_segmentor_flags(parser, required=True, purpose="of the judge (a training work dir's config.py)")
-    parser.add_argument("--resolution", type=int, default=None, help="resize (short side + centre crop) first")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per segmentor call")
+    parser.add_argument("--resolution", type=positive_int, default=None, help="resize (short side + centre crop) first")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="images per segmentor call")
     parser.add_argument("--out", default=None, help="JSON path (default <data_root>/mask_fidelity.json)")
     add_run_flags(parser, seed_help=None, device=True)
     return parser

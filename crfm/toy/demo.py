@@ -1,24 +1,29 @@
 """The whole TODSynth pipeline on the embedded default, offline, on a CPU: README's first command.
 
-    python -m crfm.demo [--out outputs/demo] [--preset default|ci] [--fresh] [--KNOB VALUE ...]
+    python -m crfm.toy.demo [--out outputs/demo] [--preset default|ci] [--fresh] [--KNOB VALUE ...]
 
 Stages (each prints the command it runs, so every step can be repeated by hand at real scale), in the paper's
 low-label regime: a generator pretrained on a large unlabelled corpus is fine-tuned with masks on a few scenes.
- 1. toy remote-sensing scenes: a small labelled split, a validation split (for choices, in `bench/`), a held-out
-    split (only for the tables), and separate scenes for the judge (another seed);
+ 1. toy remote-sensing scenes: a held-out split (only for the tables), a validation split (for choices, in
+    `bench/`), a small labelled split, as many further real scenes as synthetic ones (the `real_extra` upper
+    bound), and separate scenes for the judge (another seed);
  2. the base: a copy of the shipped pretrained tiny SD3.5 (`crfm/toy/tiny_sd35_base`), or `--base scratch`;
  3. prompt vectors (`crfm.data.vectorize`, i.e. `preprocess/vectorize.py`);
- 4. the mask-conditioned MM-DiT fine-tuned on the labelled split (`crfm.training.train`, i.e. `train.py`), stage (a);
- 5. the frozen guide segmentor, trained on the labelled split only (`crfm.segmentation.downstream`, i.e.
-    `scripts/train_segmentor.py`; mmseg); it is also the real-only downstream segmentor;
- 6. an independent judge segmentor trained on its own scenes; it scores mask fidelity and never guides;
- 7. synthesis of the held-out masks from the same noise (`crfm.sampling.synthesis`, i.e. `test.py`), stage (b):
+ 4. segmentors (`crfm.segmentation.downstream`, i.e. `scripts/train_segmentor.py`; mmseg), run side by side: the
+    frozen CRFM guide (the toy SegFormer) and the real-only downstream segmentor (`--seg_config`, which also filters
+    and ranks) on the labelled split only; the judge (`--seg_config`, a full-resolution U-Net) on its own scenes;
+    it scores mask fidelity and never guides;
+ 5. the mask-conditioned MM-DiT fine-tuned on the labelled split (`crfm.training.train`, i.e. `train.py`), stage (a);
+ 6. synthesis of the held-out masks from the same noise (`crfm.sampling.synthesis`, i.e. `test.py`), stage (b):
     plain, CRFM at the paper's settings, and CRFM at test.py's defaults;
- 8. mask fidelity of the real held-out images, of the same images through the VAE (the ceiling), and of the
+ 7. mask fidelity of the real held-out images, of the same images through the VAE (the ceiling), and of the
     three syntheses;
- 9. synthesis of the *labelled* masks (held-out masks would leak held-out labels into training);
-10. downstream, stage (c): a segmentor trained on real + synthetic data vs the real-only one, both scored on the
-    held-out real scenes;
+ 8. synthesis of the *labelled* masks (held-out masks would leak held-out labels into training): plain and CRFM
+    x`num_per_mask`, and CRFM with more images for harder masks (`crfm.segmentation.hardness`);
+ 9. FreeMask-style filtering of the CRFM pairs (`crfm.segmentation.filter`): noisy synthetic pixels -> ignore;
+10. downstream, stage (c): segmentors on real + synthetic (plain, CRFM, filtered, filtered and resampled), on real
+    + as many extra real scenes, and on the synthetic pairs alone, all scored on the held-out real scenes; mixed
+    runs see each real image as often as the real-only run (`--match_real_exposure`);
 11. few-step (docs/fewstep.md): reflow pairs of the labelled masks from the CRFM-guided generator
     (`crfm.reflow`), a k-SeqRF (or 2-RF) student trained on them (`train.py --reflow_pairs`), and the held-out masks
     drawn by the student in `--few_step` Euler steps with no segmentor, scored like the other syntheses;
@@ -48,7 +53,8 @@ from pathlib import Path
 
 import crfm
 from crfm.models.conditioning import MASK_ENCODINGS
-from crfm.utils.fileio import write_text_atomic
+from crfm.toy.toydata import CLASSES
+from crfm.utils.fileio import refuse_changed_settings, write_text_atomic
 from crfm.utils.flags import UsageError, add_run_flags, entry_point
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout, for the default --out only
@@ -65,14 +71,13 @@ SYNTHESES = {
 }
 # "vae": the real held-out images passed through the VAE, the ceiling of what any generator can score.
 IMAGE_SETS = ("real", "vae", *SYNTHESES)
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     """Every knob of the demo (see KNOB_HELP). Defaults fit a 2-core CPU in about 12 minutes after set-up."""
 
-    train_scenes: int = 48
+    train_scenes: int = 16
     val_scenes: int = 16
     test_scenes: int = 32
     judge_scenes: int = 320
@@ -91,17 +96,34 @@ class DemoSettings:
     train_steps: int = 1500
     train_batch_size: int = 8
     learning_rate: float = 5e-4
-    seg_iters: int = 400
+    seg_config: str = "toy_segformer"
+    judge_config: str = "toy_unet"
+    seg_iters: int = 1000
+    judge_iters: int = 1000
     seg_size: int = 64
     num_inference_steps: int = 20
-    num_per_mask: int = 2
+    num_per_mask: int = 3
+    min_per_mask: int = 1
+    max_per_mask: int = 5
+    tolerance_margin: float = 1.25
     synth_ratio: float = 0.5
-    few_step: int = 2
+    few_step: int = 0
     reflow_segments: int = 4
     reflow_per_mask: int = 2
     reflow_train_steps: int = 400
     figure_rows: int = 6
+    parallel: int = 2
     seed: int = 0
+
+    def config_path(self, name: str) -> str:
+        """An mmseg config knob's file: a packaged config's name (crfm/segmentation/configs), or a path."""
+        packaged = SEG_CONFIGS / f"{name}.py"
+        return str(packaged if packaged.is_file() else Path(name))
+
+    @property
+    def extra_scenes(self) -> int:
+        """Further real scenes for the `real_extra` upper bound: as many as synthetic pairs per run."""
+        return self.train_scenes * self.num_per_mask
 
 
 KNOB_HELP = {
@@ -125,20 +147,55 @@ KNOB_HELP = {
     "train_steps": "MM-DiT fine-tuning steps",
     "train_batch_size": "MM-DiT batch",
     "learning_rate": "MM-DiT AdamW learning rate",
-    "seg_iters": "iterations of each segmentor (guide, judge, downstream)",
+    "seg_config": "mmseg config of the CRFM guide and the downstream segmentors (the real-only one is the guide): a "
+    "packaged one (toy_segformer, toy_unet) or a path",
+    "judge_config": "mmseg config of the judge: a packaged one (toy_unet: full resolution, sees every class) or a path",
+    "seg_iters": "iterations of the guide = real-only segmentor and of TSTR (mixed runs: as many real draws)",
+    "judge_iters": "iterations of the judge (more scenes than the others: it must see every class)",
     "seg_size": "px the segmentors train at",
     "num_inference_steps": "Euler sampling steps",
-    "num_per_mask": "synthetic images per training mask for downstream training",
-    "synth_ratio": "share of synthetic draws in the downstream segmentor's batches",
-    "few_step": "Euler steps of the few-step student (docs/fewstep.md; 0: no few-step stage)",
+    "num_per_mask": "synthetic images per labelled mask for downstream training (the paper: 3)",
+    "min_per_mask": "hardness-resampled synthesis: images for the easiest labelled mask",
+    "max_per_mask": "hardness-resampled synthesis: images for the hardest labelled mask",
+    "tolerance_margin": "FreeMask filter: a synthetic pixel is ignored above this times its class's mean real loss",
+    "synth_ratio": "share of synthetic draws in the mixed downstream segmentors' batches",
+    "few_step": "Euler steps of the few-step student (docs/fewstep.md; 0, the default since #17 for time: no "
+    "few-step stage; 2: the student of bench/results_fewstep.md)",
     "reflow_segments": "time segments of the few-step student (1: 2-rectified flow; K > 1: K-SeqRF)",
     "reflow_per_mask": "CRFM-teacher reflow pairs per labelled mask, for the few-step student",
     "reflow_train_steps": "training steps of the few-step student (started from the generator)",
     "figure_rows": "held-out masks shown in samples.png",
+    "parallel": "independent segmentor runs at once, one thread each (1: one after another, all threads)",
     "seed": "seed of data, models, noise (the judge's scenes use seed + 500)",
 }
 
 JUDGE_SEED_OFFSET = 500
+NUM_CLS = len(CLASSES)
+# summary.json's downstream rows -> the segmentor's work dir, and the row names of summary.md.
+DOWNSTREAM_ROWS = {
+    "real_only": "seg_real",
+    "real_synth_plain": "seg_real_synth_plain",
+    "real_synth": "seg_real_synth",
+    "real_synth_filtered": "seg_real_synth_filtered",
+    "real_synth_filtered_resampled": "seg_real_synth_filtered_resampled",
+    "real_extra": "seg_real_extra",
+}
+DOWNSTREAM_NAMES = {
+    "real_only": "real only (the labelled scenes)",
+    "real_synth_plain": "real + plain synthetic",
+    "real_synth": "real + CRFM synthetic",
+    "real_synth_filtered": "real + CRFM synthetic, filtered",
+    "real_synth_filtered_resampled": "real + CRFM synthetic, hardness-resampled and filtered",
+    "real_extra": "real + as many extra real scenes (upper bound)",
+}
+# Mixed downstream runs: work dir -> the synthetic set added to the labelled scenes.
+DOWNSTREAM_MIXES = {
+    "seg_real_synth_plain": "synth_train_plain",
+    "seg_real_synth": "synth_train",
+    "seg_real_synth_filtered": "synth_train_filtered",
+    "seg_real_synth_filtered_resampled": "synth_train_resampled_filtered",
+}
+SEG_CONFIGS = Path(__file__).resolve().parents[1] / "segmentation" / "configs"  # package data
 BASES = ("pretrained", "scratch")
 SHIPPED_RESOLUTION = 64  # the shipped base's position grid covers exactly 64 px images (8 x 8 tokens)
 FIGURE_TITLES = ("mask", "plain", "CRFM paper", "CRFM default", "real")
@@ -147,6 +204,15 @@ FEW_STEP = ("fewstep", "synth_fewstep")  # (image set, work dir) of the few-step
 # the uniform grid, AdamW at this rate, EMA of the weights used for sampling.
 REFLOW_LEARNING_RATE = 1e-4
 REFLOW_EMA_DECAY = 0.995
+
+
+def scene_splits(total: int, test: int, val: int) -> dict[str, range]:
+    """Scene positions of the held-out, validation and labelled splits, in scene order (scene i depends only on the
+    seed and i): held-out first, so every labelled-set size (the demo's, `bench/label_curve.py`'s) is scored on the
+    same held-out scenes, and the first N labelled scenes are the same whatever comes after them."""
+    if total < test + val:
+        raise UsageError(f"{total} scenes cannot hold {test} held-out and {val} validation scenes")
+    return {"test": range(test), "val": range(test, test + val), "train": range(test + val, total)}
 
 
 def judge_val_scenes(judge_scenes: int) -> int:
@@ -188,8 +254,11 @@ PRESETS: dict[str, dict[str, object]] = {
         train_steps=20,
         train_batch_size=4,
         seg_iters=10,
+        judge_iters=10,
         num_inference_steps=4,
         num_per_mask=1,
+        max_per_mask=2,
+        few_step=2,  # the stage is off by default; the smoke run covers it
         reflow_per_mask=1,
         reflow_train_steps=4,
         figure_rows=3,
@@ -214,13 +283,41 @@ class Demo:
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
 
-    def run(self, module: str, *cmd: object) -> None:
-        """`python -m module cmd...` in this process's folder; printed first, paths below it shown relative."""
+    def command(self, module: str, *cmd: object) -> list[str]:
+        """`python -m module cmd...`, printed as a user in this folder would type it (paths below it relative)."""
         args = [str(c) for c in cmd]
-        inside = str(Path.cwd()) + os.sep  # as a user in this folder would type them
+        inside = str(Path.cwd()) + os.sep
         shown = " ".join(a.removeprefix(inside) for a in args)
         print(f"$ python -m {module} {shown}", flush=True)
-        subprocess.run([sys.executable, "-m", module, *args], check=True, env=self.env)
+        return [sys.executable, "-m", module, *args]
+
+    def run(self, module: str, *cmd: object) -> None:
+        """One command in this process's folder, its output shown."""
+        subprocess.run(self.command(module, *cmd), check=True, env=self.env)
+
+    def run_together(self, jobs: list[tuple[Path, str, list[object]]]) -> None:
+        """Independent commands (log file, module, args), `parallel` at a time on one thread each: the small models
+        of the demo use two cores better as two processes than as two threads of one. Each command's output goes to
+        its log file; its last line is shown, and a failure shows the log's end and stops the stage."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        env = {**self.env, "OMP_NUM_THREADS": "1"} if self.s.parallel > 1 else self.env
+        commands = [(log, self.command(module, *args)) for log, module, args in jobs]
+
+        def one(job: tuple[Path, list[str]]) -> None:
+            log, argv = job
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("w") as handle:
+                done = subprocess.run(argv, env=env, stdout=handle, stderr=subprocess.STDOUT)
+            lines = log.read_text(errors="replace").splitlines()
+            if done.returncode:
+                print("\n".join(lines[-20:]), file=sys.stderr, flush=True)
+                raise subprocess.CalledProcessError(done.returncode, argv)
+            print(f"[{log.name}] {lines[-1] if lines else ''}", flush=True)
+
+        with ThreadPoolExecutor(max(1, self.s.parallel)) as pool:
+            for _ in pool.map(one, commands):  # re-raises the first failure
+                pass
 
     def quiet(self) -> list[str]:
         return [] if self.progress else ["--no_progress"]
@@ -239,20 +336,22 @@ class Demo:
         print(f"--- {name}: {self.timings[name]:.0f} s")
 
     def split(self, index: Path, suffix: str = "") -> None:
-        """index -> train / val / test files of the knobs' sizes, in scene order (scene i depends only on seed, i)."""
+        """index -> test / val / train / extra files (`scene_splits`), and train + extra for the upper bound."""
         lines = index.read_text(encoding="utf-8").splitlines(keepends=True)
-        sizes = (self.s.train_scenes, self.s.val_scenes, self.s.test_scenes)
-        begin = 0
-        for name, size in zip(SPLITS, sizes, strict=True):
-            write_text_atomic(index.with_name(f"{name}{suffix}.jsonl"), "".join(lines[begin : begin + size]))
-            begin += size
+        splits = scene_splits(len(lines), self.s.test_scenes, self.s.val_scenes)
+        labelled = splits.pop("train")
+        splits["train"] = labelled[: self.s.train_scenes]
+        splits["extra"] = labelled[self.s.train_scenes : self.s.train_scenes + self.s.extra_scenes]
+        splits["train_extra"] = labelled[: self.s.train_scenes + self.s.extra_scenes]
+        for name, positions in splits.items():
+            write_text_atomic(index.with_name(f"{name}{suffix}.jsonl"), "".join(lines[i] for i in positions))
 
     # ----------------------------------------------------------------------------------------------- stages
     def data(self) -> None:
         from crfm.toy.toydata import write_dataset
 
         root = self.path("toydata")
-        total = self.s.train_scenes + self.s.val_scenes + self.s.test_scenes
+        total = self.s.test_scenes + self.s.val_scenes + self.s.train_scenes + self.s.extra_scenes
         write_dataset(root, total, self.s.scene_size, seed=self.s.seed, workers=2, progress=self.progress)
         self.split(root / "index.jsonl")
         # The judge is an instrument: its own scenes (another seed), never the held-out ones, never synthetic.
@@ -265,8 +364,9 @@ class Demo:
         write_text_atomic(judge_root / "train.jsonl", "".join(lines[cut:]))
         write_text_atomic(judge_root / "val.jsonl", "".join(lines[:cut]))
         print(
-            f"{self.s.train_scenes} labelled + {self.s.val_scenes} validation + {self.s.test_scenes} held-out scenes "
-            f"in {root}; {self.s.judge_scenes} judge scenes (seed {judge_seed}) in {judge_root}"
+            f"{self.s.test_scenes} held-out + {self.s.val_scenes} validation + {self.s.train_scenes} labelled + "
+            f"{self.s.extra_scenes} extra real scenes in {root}; {self.s.judge_scenes} judge scenes (seed "
+            f"{judge_seed}) in {judge_root}"
         )
 
     def pipeline(self) -> None:
@@ -307,20 +407,93 @@ class Demo:
             "crfm.training.train", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
             "--data_root", self.path("toydata"), "--json_file", "train_.jsonl", "--vectors_path", self.path("vectors"),
             "--work_dir", self.path("train"), "--mask_encoding", self.s.mask_encoding,
-            "--num_cls", 6, "--resolution", self.s.resolution, "--train_batch_size", self.s.train_batch_size,
+            "--num_cls", NUM_CLS, "--resolution", self.s.resolution, "--train_batch_size", self.s.train_batch_size,
             "--max_train_steps", self.s.train_steps, "--learning_rate", self.s.learning_rate,
             "--lr_warmup_steps", min(50, self.s.train_steps // 10), "--checkpointing_steps",
             max(1, self.s.train_steps // 4), "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest",
             "--seed", self.s.seed, *self.quiet(),
         )  # fmt: skip
 
-    def segmentor(self, work: str, seed: int, *extra: object, root: str = "toydata", val: str = "test.jsonl") -> None:
-        """The toy SegFormer (the tool's default config), on the CPU like every other stage of the demo."""
+    def segmentor_args(
+        self, work: str, seed: int, *extra: object, root: str = "toydata", train: str = "train.jsonl",
+        val: str = "test.jsonl", config: str | None = None, iters: int | None = None,
+    ) -> list[object]:  # fmt: skip
+        """Flags of an mmseg segmentor (`config`; None: the tool's default, the toy SegFormer) trained on the CPU
+        like every other stage of the demo and scored on `val`."""
+        return [
+            *(["--mmseg_config", config] if config else []),
+            "--data_root", self.path(root), "--json_file", train, "--val_file", val, "--work_dir", self.path(work),
+            "--num_cls", NUM_CLS, "--max_iters", iters or self.s.seg_iters, "--img_size", self.s.seg_size,
+            "--seed", seed, "--device", "cpu", *extra,
+        ]  # fmt: skip
+
+    def segmentors(self) -> None:
+        """Two independent runs side by side: on the labelled scenes, the segmentor (`seg_config`) that guides CRFM
+        and is the real-only downstream row, filters synthetic pixels and ranks masks by hardness, as a user's one
+        segmentor would; on its own scenes, the judge (`judge_config`), scored on its own validation scenes."""
+        runs = {
+            "seg_real": self.segmentor_args("seg_real", self.s.seed, config=self.s.config_path(self.s.seg_config)),
+            "seg_judge": self.segmentor_args(
+                "seg_judge",
+                self.s.seed + 1,
+                root="toydata_judge",
+                val="val.jsonl",
+                config=self.s.config_path(self.s.judge_config),
+                iters=self.s.judge_iters,
+            ),  # fmt: skip
+        }
+        self.run_together([(self.path("logs", f"{w}.log"), "crfm.segmentation.downstream", a) for w, a in runs.items()])
+
+    def filter_flags(self) -> list[object]:
+        seg = self.path("seg_real")
+        return [
+            "--data_root", self.path("toydata"), "--mmseg_config", seg / "config.py", "--mmseg_ckpt",
+            seg / "segmentor.pth", "--num_cls", NUM_CLS, "--resolution", self.s.resolution, "--device", "cpu",
+            *self.quiet(),
+        ]  # fmt: skip
+
+    def synth_train(self) -> None:
+        """The labelled masks x`num_per_mask`, plain and CRFM, then CRFM with hardness-ranked counts per mask."""
+        for work, setting in (("synth_train_plain", None), ("synth_train", "default")):
+            self.synthesize("train_.jsonl", work, setting, self.s.num_per_mask)
         self.run(
-            "crfm.segmentation.downstream", "--data_root", self.path(root), "--json_file", "train.jsonl",
-            "--val_file", val, "--work_dir", self.path(work), "--num_cls", 6,
-            "--max_iters", self.s.seg_iters, "--img_size", self.s.seg_size, "--seed", seed, "--device", "cpu", *extra,
+            "crfm.segmentation.hardness", *self.filter_flags(), "--json_file", "train.jsonl",
+            "--out", self.path("hardness.json"), "--min_per_mask", self.s.min_per_mask,
+            "--max_per_mask", self.s.max_per_mask,
         )  # fmt: skip
+        self.synthesize(
+            "train_.jsonl", "synth_train_resampled", "default", num_per_mask_file=self.path("hardness.json")
+        )
+
+    def filter(self) -> None:
+        """FreeMask: synthetic pixels the real-only segmentor finds implausible for their class -> ignore."""
+        for synth in ("synth_train", "synth_train_resampled"):
+            self.run(
+                "crfm.segmentation.filter", *self.filter_flags(), "--json_file", "train.jsonl",
+                "--synth_root", self.path(synth), "--work_dir", self.path(f"{synth}_filtered"),
+                "--tolerance_margin", self.s.tolerance_margin,
+            )  # fmt: skip
+
+    def mixed_iters(self) -> int:
+        """Iterations of a run with `synth_ratio` synthetic draws that sees each real image as often as the
+        real-only run (what `--match_real_exposure` computes): also the real_extra run's, for equal compute."""
+        return round(self.s.seg_iters / (1 - self.s.synth_ratio))
+
+    def downstream(self) -> None:
+        config, runs = self.s.config_path(self.s.seg_config), []
+        for work, synth in DOWNSTREAM_MIXES.items():
+            runs.append((work, self.segmentor_args(
+                work, self.s.seed, "--synth_root", self.path(synth), "--synth_ratio", self.s.synth_ratio,
+                "--match_real_exposure", config=config,
+            )))  # fmt: skip
+        runs.append(("seg_real_extra", self.segmentor_args(
+            "seg_real_extra", self.s.seed, train="train_extra.jsonl", config=config, iters=self.mixed_iters()
+        )))  # fmt: skip
+        # Train on synthetic, test on real: the CRFM pairs of the labelled masks alone, the real-only run's recipe.
+        runs.append(("seg_tstr", self.segmentor_args(
+            "seg_tstr", self.s.seed, "--synth_root", self.path("synth_train"), "--synth_ratio", 1, config=config
+        )))  # fmt: skip
+        self.run_together([(self.path("logs", f"{work}.log"), "crfm.segmentation.downstream", a) for work, a in runs])
 
     def guide_flags(self, crfm: str | None) -> list[object]:
         """The guide's flags for CRFM off (None), at the paper's settings ("paper") or test.py's defaults."""
@@ -339,16 +512,18 @@ class Demo:
         return [
             "--pretrained_model_name_or_path", self.path("tiny_sd35"), "--data_root", self.path("toydata"),
             "--json_file", json_file, "--vectors_path", self.path("vectors"), "--lora_ckpt", generator,
-            "--work_dir", self.path(work), "--num_cls", 6, "--resolution", self.s.resolution, "--batch_size", 8,
+            "--work_dir", self.path(work), "--num_cls", NUM_CLS, "--resolution", self.s.resolution, "--batch_size", 8,
             "--seed", self.s.seed, *self.quiet(),
         ]  # fmt: skip
 
-    def synthesize(self, json_file: str, work: str, crfm: str | None, num_per_mask: int = 1) -> None:
-        """Synthesis (`test.py`) by the generator, CRFM as in `guide_flags`."""
+    def synthesize(
+        self, json_file: str, work: str, crfm: str | None, num_per_mask: int = 1, num_per_mask_file: Path | None = None
+    ) -> None:
+        """Synthesis (`test.py`) by the generator, CRFM as in `guide_flags`; counts per mask from a file if given."""
+        counts = ["--num_per_mask_file", num_per_mask_file] if num_per_mask_file else ["--num_per_mask", num_per_mask]
         self.run(
-            "crfm.sampling.synthesis", *self.sampling_flags(json_file, work, self.path("train", "final")),
-            "--num_per_mask", num_per_mask, "--num_inference_steps", self.s.num_inference_steps,
-            *self.guide_flags(crfm),
+            "crfm.sampling.synthesis", *self.sampling_flags(json_file, work, self.path("train", "final")), *counts,
+            "--num_inference_steps", self.s.num_inference_steps, *self.guide_flags(crfm),
         )  # fmt: skip
 
     def few_step(self) -> None:
@@ -367,7 +542,7 @@ class Demo:
             "crfm.training.train", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
             "--data_root", self.path("toydata"), "--vectors_path", self.path("vectors"),
             "--work_dir", self.path("student"), "--reflow_pairs", self.path("reflow_pairs"),
-            "--init_ckpt", self.path("train", "final"), "--mask_encoding", self.s.mask_encoding, "--num_cls", 6,
+            "--init_ckpt", self.path("train", "final"), "--mask_encoding", self.s.mask_encoding, "--num_cls", NUM_CLS,
             "--resolution", self.s.resolution, "--train_batch_size", self.s.train_batch_size,
             "--max_train_steps", steps, "--learning_rate", REFLOW_LEARNING_RATE, "--prompt_dropout", 0,
             "--seqrf_segments", self.s.reflow_segments, "--use_ema", "--ema_decay", REFLOW_EMA_DECAY,
@@ -387,7 +562,7 @@ class Demo:
         from crfm.data.index import read_index
 
         index = self.path(work, "index.jsonl")
-        return PairDataset(read_index(index, index.parent), index.parent, self.s.resolution, num_cls=6)
+        return PairDataset(read_index(index, index.parent), index.parent, self.s.resolution, num_cls=NUM_CLS)
 
     def fidelity(self) -> None:
         from crfm.data.dataset import PairDataset
@@ -395,27 +570,22 @@ class Demo:
 
         root = self.path("toydata")
         # Real images are scored at the generator's resolution too, so all rows are comparable.
-        real = PairDataset(read_index(root / "test.jsonl", root), root, resolution=self.s.resolution, num_cls=6)
+        real = PairDataset(read_index(root / "test.jsonl", root), root, resolution=self.s.resolution, num_cls=NUM_CLS)
         sets: dict[str, object] = {"real": real, "vae": VAEReconstructions(real, self.path("tiny_sd35", "vae"))}
         self.score(sets | {images: self.synthesized(work) for images, (work, _) in SYNTHESES.items()})
 
     def score(self, sets: dict[str, object]) -> None:
-        """`python -m crfm.evaluate` for each image set and segmentor, in-process (one model load per judge)."""
+        """`python -m crfm.segmentation.evaluate` for each image set and segmentor, in-process (one load per judge)."""
         from crfm.segmentation.adapter import load_segmentor
         from crfm.segmentation.evaluate import mask_fidelity
 
         for judge in ("seg_judge", "seg_real"):
             seg = self.path(judge)
-            segmentor = load_segmentor(seg / "config.py", seg / "segmentor.pth", device="cpu", num_cls=6)
+            segmentor = load_segmentor(seg / "config.py", seg / "segmentor.pth", device="cpu", num_cls=NUM_CLS)
             for images, dataset in sets.items():
-                result = mask_fidelity(segmentor, dataset, 6, progress=self.progress)
+                result = mask_fidelity(segmentor, dataset, NUM_CLS, progress=self.progress)
                 print(f"{images:>10} images, {judge}: mIoU {100 * result['mIoU']:.2f}")
                 write_text_atomic(self.path("fidelity", f"{images}_{judge}.json"), json.dumps(result, indent=2) + "\n")
-
-    def downstream(self) -> None:
-        self.segmentor(
-            "seg_real_synth", self.s.seed, "--synth_root", self.path("synth_train"), "--synth_ratio", self.s.synth_ratio
-        )
 
     # ----------------------------------------------------------------------------------------------- report
     def report(self) -> dict:
@@ -440,7 +610,16 @@ class Demo:
             "settings": dataclasses.asdict(self.s),
             "generator": train_summary,
             "mask_fidelity": fidelity,
-            "downstream": {"real_only": seg("seg_real"), "real_plus_synthetic": seg("seg_real_synth")},
+            "downstream": {
+                **{key: seg(work) for key, work in DOWNSTREAM_ROWS.items()},
+                # Train on synthetic / on real, test on real: the same masks, the real-only run's recipe.
+                "tstr": seg("seg_tstr"),
+                "trtr": seg("seg_real"),
+            },
+            "filter": {
+                synth: json.loads(self.path(f"{synth}_filtered", "filter_report.json").read_text())
+                for synth in ("synth_train", "synth_train_resampled")
+            },
             "stage_seconds": dict(self.timings),
             "total_seconds": round(sum(self.timings.values()), 1),
         }
@@ -522,17 +701,30 @@ def summary_markdown(summary: dict) -> str:
         student = "2-RF" if s["reflow_segments"] == 1 else f"{s['reflow_segments']}-SeqRF"
         name = name.format(**dataclasses.asdict(CRFMConfig()), few_step=s["few_step"], student=student)
         lines.append(f"| {name} | {fid[key]['judge_mIoU']:.2f} | {fid[key]['guide_mIoU']:.2f} |")
-    real, mixed = down["real_only"], down["real_plus_synthetic"]
+    real = down["real_only"]
     lines += [
         "",
-        f"Downstream: segmentors trained for {s['seg_iters']} iterations, mIoU (%) on the {held_out} held-out "
-        "real scenes.",
+        f"Downstream ({Path(s['seg_config']).stem}): mIoU (%) on the {held_out} held-out real scenes. Mixed runs "
+        f"draw {100 * s['synth_ratio']:.0f}% synthetic samples and run longer, so each real image is seen as often as "
+        "in the real-only run; the extra-real run has the mixed runs' iterations.",
         "",
-        "| training data | mIoU | aAcc |",
-        "|---|---|---|",
-        f"| real only ({real['real_train']} scenes) | {real['mIoU']:.2f} | {real['aAcc']:.2f} |",
-        f"| real + CRFM synthetic ({mixed['real_train']} + {mixed['synthetic_train']}, "
-        f"{100 * s['synth_ratio']:.0f}% synthetic draws) | {mixed['mIoU']:.2f} | {mixed['aAcc']:.2f} |",
+        "| training data | images | iterations | mIoU | aAcc | − real only |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, name in DOWNSTREAM_NAMES.items():
+        row = down[key]
+        images = f"{row['real_train']} + {row['synthetic_train']}" if row["synthetic_train"] else f"{row['real_train']}"
+        delta = "" if key == "real_only" else f"{row['mIoU'] - real['mIoU']:+.2f}"
+        iters = row.get("iters", s["seg_iters"])
+        lines.append(f"| {name} | {images} | {iters} | {row['mIoU']:.2f} | {row['aAcc']:.2f} | {delta} |")
+    tstr, trtr = down["tstr"]["mIoU"], down["trtr"]["mIoU"]
+    filtered = summary["filter"]["synth_train"]
+    lines += [
+        "",
+        f"Train on synthetic, test on real (TSTR, {down['tstr']['synthetic_train']} CRFM pairs of the labelled masks): "
+        f"{tstr:.2f} mIoU; train on the real pairs of the same masks (TRTR): {trtr:.2f}; ratio {tstr / trtr:.2f}. "
+        f"The filter ignored {100 * filtered['overall_filtered_fraction']:.1f}% of the CRFM pixels "
+        f"(tolerance margin {s['tolerance_margin']:g}).",
         "",
         f"Generator: {summary['generator']['steps']} steps, final training loss "
         f"{summary['generator']['final_loss']:.4f}, {summary['generator']['seconds_per_step']:.3f} s/step.",
@@ -547,16 +739,20 @@ def summary_markdown(summary: dict) -> str:
 
 
 STAGES: list[tuple[str, str]] = [
-    ("data", "toy remote-sensing scenes: labelled / validation / held-out splits, and the judge's own scenes"),
+    ("data", "toy remote-sensing scenes: held-out / validation / labelled / extra splits, and the judge's own scenes"),
     ("pipeline", "the base: the shipped pretrained tiny SD3.5 (or a scratch one, --base scratch)"),
     ("vectors", "prompt vectors (SD3 encode_prompt)"),
+    (
+        "segmentors",
+        "segmentors (mmseg): the CRFM guide = real-only downstream segmentor on the labelled split, the judge "
+        "(full-resolution U-Net) on its own scenes",
+    ),
     ("generator", "train the mask-conditioned MM-DiT (paper stage a)"),
-    ("guide", "guide segmentor on the real training split (mmseg)"),
-    ("judge", "judge segmentor on its own scenes (same recipe, another seed)"),
     ("synthesis", "synthesize the held-out masks: plain, CRFM paper settings, CRFM defaults; same seeds (stage b)"),
     ("fidelity", "mask fidelity: real vs VAE ceiling vs plain vs CRFM"),
-    ("synth_train", "synthesize the labelled masks with CRFM defaults, for downstream training"),
-    ("downstream", "downstream segmentor on real + synthetic (paper stage c)"),
+    ("synth_train", "synthesize the labelled masks: plain and CRFM x num_per_mask, CRFM resampled by hardness"),
+    ("filter", "FreeMask filtering of the CRFM pairs: noisy synthetic pixels -> ignore"),
+    ("downstream", "downstream segmentors: real + synthetic variants, real + extra real, synthetic only (stage c)"),
     ("few_step", "few-step: CRFM-teacher reflow pairs, a k-SeqRF student, held-out masks in a few steps, no segmentor"),
 ]
 
@@ -567,6 +763,13 @@ def check_knobs(settings: DemoSettings) -> None:
         raise UsageError("--reflow_segments must divide --num_inference_steps (segment ends lie on the teacher's grid)")
     if min(settings.train_scenes, settings.val_scenes, settings.test_scenes) < 1 or settings.judge_scenes < 2:
         raise UsageError("need at least 1 training, validation and held-out scene and 2 judge scenes")
+    if not 1 <= settings.min_per_mask <= settings.max_per_mask or settings.num_per_mask < 1:
+        raise UsageError("need 1 <= --min_per_mask <= --max_per_mask and --num_per_mask >= 1")
+    if not 0 < settings.synth_ratio < 1 or settings.tolerance_margin <= 0:
+        raise UsageError("need 0 < --synth_ratio < 1 and --tolerance_margin > 0")
+    for knob in ("seg_config", "judge_config"):
+        if not Path(settings.config_path(getattr(settings, knob))).is_file():
+            raise UsageError(f"--{knob} {getattr(settings, knob)}: no such packaged config or file")
     if settings.base not in BASES:
         raise UsageError(f"--base must be one of {BASES}, got {settings.base!r}")
     if settings.mask_encoding not in MASK_ENCODINGS:
@@ -584,24 +787,20 @@ def check_knobs(settings: DemoSettings) -> None:
 
 
 def check_settings(out: Path, settings: DemoSettings) -> None:
-    """Refuse to mix results of different settings in one output folder."""
-    path = out / SETTINGS_FILE
+    """Refuse to mix results of different settings in one output folder (a knob added since the folder was made
+    counts as its default there)."""
     current = dataclasses.asdict(settings)
-    if path.is_file():
-        # A knob added since the folder was made counts as its default there.
-        previous = {**dataclasses.asdict(DemoSettings()), **json.loads(path.read_text())}
-        changed = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
-        if changed:
-            diff = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
-            raise UsageError(f"{out} was made with other settings ({diff}); add --fresh or choose another --out")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(current, indent=2) + "\n")
+    defaults = dataclasses.asdict(DemoSettings())
+    if not refuse_changed_settings(
+        out / SETTINGS_FILE, current, "demo results", "add --fresh or choose another --out", defaults
+    ):
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / SETTINGS_FILE, json.dumps(current, indent=2) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m crfm.demo",
+        prog="python -m crfm.toy.demo",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -637,11 +836,11 @@ def run_demo(args: argparse.Namespace) -> int:
         "pipeline": demo.pipeline,
         "vectors": demo.vectors,
         "generator": demo.generator,
-        "guide": lambda: demo.segmentor("seg_real", settings.seed),
-        "judge": lambda: demo.segmentor("seg_judge", settings.seed + 1, root="toydata_judge", val="val.jsonl"),
+        "segmentors": demo.segmentors,
         "synthesis": lambda: [demo.synthesize("test_.jsonl", work, crfm) for work, crfm in SYNTHESES.values()],
         "fidelity": demo.fidelity,
-        "synth_train": lambda: demo.synthesize("train_.jsonl", "synth_train", "default", settings.num_per_mask),
+        "synth_train": demo.synth_train,
+        "filter": demo.filter,
         "downstream": demo.downstream,
         "few_step": demo.few_step,
     }

@@ -1,7 +1,7 @@
 """Pretrain the tiny SD3.5 pipeline on an unlabelled image–caption corpus: the embedded stand-in for the
 large-corpus pretraining that SD3.5 brings to the paper's setting.
 
-First the VAE is fitted as an autoencoder (`crfm.toy.tiny.fit_vae`), then the whole transformer is trained
+First the VAE is fitted as an autoencoder (`fit_vae`), then the whole transformer is trained
 text-to-image, without masks, with SD3's rectified-flow objective (`crfm.training.objective.flow_matching_loss`,
 `use_mask=False`). The text encoders stay as built (frozen, as SD3's are). The shipped transformer weights are an
 exponential moving average (diffusers' `EMAModel`), which samples better than the last iterate of a small model.
@@ -47,6 +47,54 @@ class PretrainSettings:
     checkpoint_every: int = 500
     vae_steps: int = 3000
     seed: int = 0
+
+
+def fit_vae(
+    pipe_dir: str | Path,
+    index_file: str | Path,
+    steps: int = 1500,
+    size: int = 64,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the tiny VAE as an autoencoder on a dataset's images, in place, so decoded latents look like images.
+
+    A random VAE decodes anything to noise, which hides whether the MM-DiT learned to follow the mask. Afterwards
+    `shift_factor`/`scaling_factor` are set from the latents' statistics (as SD3's were), so scaled latents have
+    zero mean and unit variance, which flow matching's noise assumes.
+    """
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    pipe_dir = Path(pipe_dir)
+    images, _ = load_index_images(index_file, size)
+    vae = AutoencoderKL.from_pretrained(pipe_dir / "vae").train()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="fit tiny VAE", unit="step", disable=not progress)
+    for _ in bar:
+        batch = images[torch.randint(len(images), (batch_size,), generator=gen)]
+        flip = torch.rand(batch_size, generator=gen) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        mse = torch.nn.functional.mse_loss(recon, batch)
+        loss = mse + kl_weight * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 32]).latent_dist.mode() for i in range(0, len(images), 32)])
+        recon_mse = torch.nn.functional.mse_loss(vae.decode(latents[:32]).sample, images[:32]).item()
+    shift, scale = latents.mean().item(), 1.0 / latents.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    vae.save_pretrained(pipe_dir / "vae")
+    return {"reconstruction_mse": recon_mse, "shift_factor": shift, "scaling_factor": scale}
 
 
 @torch.no_grad()
@@ -175,9 +223,11 @@ def sample_grid(
     seed: int = 0,
 ) -> None:
     """Text-to-image samples of the pretrained pipeline with diffusers' own `StableDiffusion3Pipeline`."""
-    from diffusers import StableDiffusion3Pipeline
     from PIL import Image
 
+    from crfm.utils.quiet import sd3_pipeline_module
+
+    StableDiffusion3Pipeline = sd3_pipeline_module().StableDiffusion3Pipeline
     pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir)
     pipe.set_progress_bar_config(disable=True)
     tiles = []
@@ -210,8 +260,6 @@ def run_pretraining(
     progress: bool = True,
 ) -> dict:
     """VAE fit (once), transformer pretraining (resumable), sample grid and model card; returns the report."""
-    from crfm.toy.tiny import fit_vae
-
     pipe_dir, work_dir = Path(pipe_dir), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     marker = work_dir / VAE_MARKER

@@ -4,7 +4,7 @@ The directory has the exact diffusers layout of the real `stabilityai/stable-dif
 (transformer, vae, scheduler, three text encoders and their tokenizers, model_index.json), so
 every code path that loads real weights is exercised by tests and the demo without a model hub.
 
-    python -m crfm.tiny OUT_DIR [--variant sd3.5|sd3] [--sample_size 8] [--layers 4] ... [--fit_vae_on INDEX]
+    python -m crfm.toy.tiny OUT_DIR [--variant sd3.5|sd3] [--sample_size 8] [--layers 4] ... [--fit_vae_on INDEX]
 
 Flags are snake_case like every crfm command; the hyphenated spellings (`--sample-size`) still work.
 """
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from crfm.toy.pretrain import PretrainSettings
-from crfm.utils.flags import UsageError, add_run_flags, entry_point
+from crfm.toy.pretrain import PretrainSettings, fit_vae, run_pretraining
+from crfm.utils.fileio import refuse_changed_settings
+from crfm.utils.flags import UsageError, add_run_flags, bounded, entry_point, positive_float, positive_int
 
 # Words the tiny tokenizers are trained on: remote-sensing prompts plus generic caption words,
 # so prompts of this project tokenize into real sub-words instead of bytes.
@@ -154,13 +155,12 @@ def build_t5_tokenizer(config: TinyConfig):
 
 def build_pipeline(config: TinyConfig):
     """Instantiate every component with random weights and return a `StableDiffusion3Pipeline`."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from crfm.utils.quiet import sd3_pipeline_module
+
+    StableDiffusion3Pipeline = sd3_pipeline_module().StableDiffusion3Pipeline
 
     tokenizer = build_clip_tokenizer(config, pad_token="<|endoftext|>")
     tokenizer_2 = build_clip_tokenizer(config, pad_token="!")
@@ -265,56 +265,6 @@ def save_tiny_pipeline(out_dir: str | Path, config: TinyConfig | None = None) ->
     return out_dir
 
 
-def fit_vae(
-    pipe_dir: str | Path,
-    index_file: str | Path,
-    steps: int = 1500,
-    size: int = 64,
-    batch_size: int = 8,
-    learning_rate: float = 1e-3,
-    kl_weight: float = 1e-6,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Train the tiny VAE as an autoencoder on a dataset's images, in place, so decoded latents look like images.
-
-    A random VAE decodes anything to noise, which hides whether the MM-DiT learned to follow the mask. Afterwards
-    `shift_factor`/`scaling_factor` are set from the latents' statistics (as SD3's were), so scaled latents have
-    zero mean and unit variance, which flow matching's noise assumes.
-    """
-    from diffusers import AutoencoderKL
-    from tqdm.auto import tqdm
-
-    from crfm.data.dataset import load_index_images
-
-    pipe_dir = Path(pipe_dir)
-    images, _ = load_index_images(index_file, size)
-    vae = AutoencoderKL.from_pretrained(pipe_dir / "vae").train()
-    optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
-    gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc="fit tiny VAE", unit="step", disable=not progress)
-    for _ in bar:
-        batch = images[torch.randint(len(images), (batch_size,), generator=gen)]
-        flip = torch.rand(batch_size, generator=gen) < 0.5
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        mse = torch.nn.functional.mse_loss(recon, batch)
-        loss = mse + kl_weight * posterior.kl().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(mse=f"{mse.item():.4f}")
-    vae.eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 32]).latent_dist.mode() for i in range(0, len(images), 32)])
-        recon_mse = torch.nn.functional.mse_loss(vae.decode(latents[:32]).sample, images[:32]).item()
-    shift, scale = latents.mean().item(), 1.0 / latents.std().item()
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    vae.save_pretrained(pipe_dir / "vae")
-    return {"reconstruction_mse": recon_mse, "shift_factor": shift, "scaling_factor": scale}
-
-
 def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part.strip())
 
@@ -323,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags are snake_case; the hyphenated spellings of earlier versions still work."""
     defaults = TinyConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m crfm.tiny", description="Write a tiny random SD3/SD3.5 pipeline directory (offline)."
+        prog="python -m crfm.toy.tiny", description="Write a tiny random SD3/SD3.5 pipeline directory (offline)."
     )
 
     def add(name: str, **kwargs) -> None:
@@ -333,31 +283,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("out_dir", type=Path, help="pipeline folder to write")
     add("variant", choices=["sd3", "sd3.5"], default=defaults.variant, help="sd3.5: qk RMS norm + dual attention")
-    add("sample_size", type=int, default=defaults.sample_size, help="default latent side")
-    add("patch_size", type=int, default=defaults.patch_size, help="transformer patch side")
-    add("layers", type=int, default=defaults.layers, help="MM-DiT blocks")
-    add("heads", type=int, default=defaults.heads, help="attention heads")
-    add("head_dim", type=int, default=defaults.head_dim, help="width per head")
+    add("sample_size", type=positive_int, default=defaults.sample_size, help="default latent side")
+    add("patch_size", type=positive_int, default=defaults.patch_size, help="transformer patch side")
+    add("layers", type=positive_int, default=defaults.layers, help="MM-DiT blocks")
+    add("heads", type=positive_int, default=defaults.heads, help="attention heads")
+    add("head_dim", type=positive_int, default=defaults.head_dim, help="width per head")
     add("dual_attention_layers", type=_int_tuple, default=(), help="e.g. 0,1 (sd3.5; default: the first half)")
     add("vae_channels", type=_int_tuple, default=defaults.vae_channels, help="one per VAE block")
-    add("latent_channels", type=int, default=defaults.latent_channels, help="SD3: 16")
-    add("clip_l_dim", type=int, default=defaults.clip_l_dim, help="CLIP-L width")
-    add("clip_g_dim", type=int, default=defaults.clip_g_dim, help="CLIP-G width")
-    add("t5_dim", type=int, default=defaults.t5_dim, help="T5 width (>= clip_l_dim + clip_g_dim)")
-    add("text_layers", type=int, default=defaults.text_layers, help="layers of each text encoder")
-    add("pos_embed_max_size", type=int, help="position grid side in tokens (max tokens per side)")
+    add("latent_channels", type=positive_int, default=defaults.latent_channels, help="SD3: 16")
+    add("clip_l_dim", type=positive_int, default=defaults.clip_l_dim, help="CLIP-L width")
+    add("clip_g_dim", type=positive_int, default=defaults.clip_g_dim, help="CLIP-G width")
+    add("t5_dim", type=positive_int, default=defaults.t5_dim, help="T5 width (>= clip_l_dim + clip_g_dim)")
+    add("text_layers", type=positive_int, default=defaults.text_layers, help="layers of each text encoder")
+    add("pos_embed_max_size", type=positive_int, help="position grid side in tokens (max tokens per side)")
     add("fit_vae_on", type=Path, help="index.jsonl whose images the tiny VAE is fitted to")
-    add("vae_steps", type=int, default=1500, help="steps fitting the VAE")
-    add("vae_size", type=int, default=64, help="px of the images the VAE is fitted (and the base pretrained) on")
+    add("vae_steps", type=bounded(int, 0), default=1500, help="steps fitting the VAE")
+    add(
+        "vae_size",
+        type=positive_int,
+        default=64,
+        help="px of the images the VAE is fitted (and the base pretrained) on",
+    )
     add(
         "pretrain_on",
         type=Path,
         help="index.jsonl of an unlabelled corpus: fit the VAE, then pretrain the "
         "transformer text-to-image on it (resumable; re-run the same command to continue)",
     )
-    add("pretrain_steps", type=int, default=PretrainSettings.steps, help="transformer pretraining steps")
-    add("pretrain_batch_size", type=int, default=PretrainSettings.batch_size, help="pretraining batch")
-    add("pretrain_lr", type=float, default=PretrainSettings.learning_rate, help="pretraining AdamW learning rate")
+    add("pretrain_steps", type=positive_int, default=PretrainSettings.steps, help="transformer pretraining steps")
+    add("pretrain_batch_size", type=positive_int, default=PretrainSettings.batch_size, help="pretraining batch")
+    add(
+        "pretrain_lr",
+        type=positive_float,
+        default=PretrainSettings.learning_rate,
+        help="pretraining AdamW learning rate",
+    )
     add("pretrain_work_dir", type=Path, help="checkpoints and loss log of pretraining (default: OUT_DIR.work)")
     add_run_flags(parser, seed_help="seed of the random weights and of the VAE fit", seed_default=defaults.seed)
     return parser
@@ -395,15 +355,10 @@ def pretrain(args: argparse.Namespace, config: TinyConfig) -> int:
     import shlex
     import sys
 
-    from crfm.toy.pretrain import run_pretraining
-
     out = Path(args.out_dir)
-    recorded = out / CONFIG_FILE
-    if recorded.is_file():
-        # Rebuilding would retrain the tokenizers (not bit-reproducible), so an existing folder is resumed as is.
-        if json.loads(recorded.read_text()) != json.loads(json.dumps(asdict(config))):
-            raise UsageError(f"{out} holds a tiny pipeline of another configuration; resume with the same flags")
-    else:
+    # Rebuilding would retrain the tokenizers (not bit-reproducible), so an existing folder is resumed as is.
+    recorded = json.loads(json.dumps(asdict(config)))  # as the record holds it: tuples are JSON lists
+    if not refuse_changed_settings(out / CONFIG_FILE, recorded, "a tiny pipeline", "resume with the same flags"):
         save_tiny_pipeline(out, config)
     settings = PretrainSettings(
         steps=args.pretrain_steps,

@@ -1,13 +1,17 @@
 """Seedable procedural toy remote-sensing segmentation dataset.
 
 Scenes mimic agricultural / peri-urban land seen from a satellite: tilted field parcels, forest, a river
-or lake, roads and small settlements of buildings with shadows, plus an optional no-data swath edge.
-Only numpy and PIL are used so the generator runs anywhere the package is installed.
+or lake, roads and settlements of buildings with shadows, plus an optional no-data swath edge. Each scene is
+seen in one of several appearances (`STYLES`: region and season recolour the land cover, and the sensor adds
+haze, gamma and a colour cast), as scenes from different regions, dates and sensors are in real archives: a
+few labelled scenes cover a few appearances, an unlabelled corpus all of them. Within a scene the classes stay
+apart by texture and context (crop rows, canopy, smooth water, straight roads, roofs with shadows), not by a
+fixed colour. The appearance is drawn from its own random stream, so the layout of scene i does not depend on it.
 
 Usage::
 
-    python -m crfm.toydata OUT --num 100 --size 256 [--seed 0] [--ignore_prob 0.3] [--workers 4]
-    python -m crfm.toydata --preview assets/toydata_preview.png
+    python -m crfm.toy.toydata OUT --num 100 --size 256 [--seed 0] [--ignore_prob 0.3] [--workers 4]
+    python -m crfm.toy.toydata --preview assets/toydata_preview.png
 """
 
 from __future__ import annotations
@@ -55,6 +59,33 @@ _ROOF_COLOURS = np.array(
     [(156, 78, 58), (176, 94, 70), (198, 198, 196), (222, 220, 214), (238, 238, 232), (128, 72, 60)],
     np.float32,
 )
+
+
+# Region / season appearances: per-class RGB multipliers of the temperate colour tables, in CLASSES order
+# (soil, farmland, forest, water, road, building). Drawn uniformly per scene.
+# fmt: off
+STYLES: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "temperate": ((1.0, 1.0, 1.0),) * 6,
+    "arid": ((1.28, 1.15, 0.98), (1.55, 1.22, 0.82), (1.25, 1.12, 0.85), (1.05, 1.15, 1.05), (1.12, 1.1, 1.05),
+             (1.0, 1.0, 1.0)),
+    "autumn": ((0.95, 0.85, 0.8), (1.45, 1.0, 0.8), (2.5, 1.35, 0.65), (0.9, 0.95, 1.0), (1.0, 1.0, 1.0),
+               (1.0, 1.0, 1.0)),
+    "lush": ((0.72, 0.66, 0.62), (0.72, 1.28, 0.78), (0.8, 1.1, 0.85), (0.85, 1.05, 1.1), (0.95, 0.95, 0.95),
+             (1.0, 1.0, 1.0)),
+}
+# fmt: on
+_HAZE_COLOUR = np.array([172, 182, 196], np.float32)
+
+
+def _appearance(seed: int, index: int) -> tuple[np.ndarray, float, float, np.ndarray]:
+    """A scene's (per-class colour multipliers [6, 3], haze share, gamma, colour cast [3]) from its own stream."""
+    rng = np.random.default_rng([seed, index, 1])
+    names = sorted(STYLES)
+    multipliers = np.array(STYLES[names[int(rng.integers(len(names)))]], np.float32)
+    haze = float(rng.uniform(0.0, 0.35)) if rng.random() < 0.5 else 0.0
+    gamma = float(rng.uniform(0.8, 1.25))
+    cast = rng.uniform(0.92, 1.08, 3).astype(np.float32)
+    return multipliers, haze, gamma, cast
 
 
 def _smooth(rng: np.random.Generator, size: int, cells: float) -> np.ndarray:
@@ -216,7 +247,7 @@ def generate_scene(seed: int, index: int, size: int, ignore_prob: float = 0.3) -
                 line.amp = size * rng.uniform(0.02, 0.07)
                 line.period = size * rng.uniform(1.2, 3.0)
                 line.phase = rng.uniform(0, 2 * np.pi)
-            half_w = max(1.0, size * rng.uniform(0.006, 0.013))
+            half_w = max(1.0, size * rng.uniform(0.011, 0.02))  # 3-5 px at 128 px: visible at 64 px too
             s, t = line.coords(x, y)
             on_road = np.abs(t) < half_w
             # Roads may bridge water but should not follow it.
@@ -243,13 +274,14 @@ def generate_scene(seed: int, index: int, size: int, ignore_prob: float = 0.3) -
             s0 = float(rng.choice(road_s))
             sig_s = size * rng.uniform(0.06, 0.16)
             sig_t = size * rng.uniform(0.02, 0.07)
-            n_target = int(rng.integers(6, 22) * max(scale, 0.35) ** 2) + 3
+            n_target = int(rng.integers(3, 9) * max(scale, 0.35) ** 2) + 2
             placed = 0
             for _ in range(n_target * 4):
                 if placed >= n_target:
                     break
-                a = max(1.2, size * rng.uniform(0.01, 0.024))  # half length
-                b = max(1.2, size * rng.uniform(0.008, 0.016))  # half width
+                # Large enough to span several pixels at the generator's 64 px (barns, warehouses, blocks).
+                a = max(1.2, size * rng.uniform(0.03, 0.06))  # half length
+                b = max(1.2, size * rng.uniform(0.022, 0.04))  # half width
                 side = 1 if rng.random() < 0.5 else -1
                 t_off = side * (road_half + b + 1 + abs(rng.normal(0, sig_t)))
                 bx, by = line.point(s0 + rng.normal(0, sig_s), t_off)
@@ -269,12 +301,19 @@ def generate_scene(seed: int, index: int, size: int, ignore_prob: float = 0.3) -
     # Shadows fall on the ground next to buildings, away from a per-scene sun direction.
     if building.any():
         dy, dx = (int(d) for d in rng.choice([-1, 1], 2))
-        length = max(1, int(round(size * rng.uniform(0.005, 0.011))))
+        length = max(1, int(round(size * rng.uniform(0.01, 0.02))))
         shadow = np.zeros_like(building)
         for k in range(1, length + 1):
             shadow |= _shift(building, k * dy, k * dx)
         shadow &= ~building
         img[shadow] *= np.array([0.45, 0.47, 0.52], np.float32)
+
+    # Region / season recolouring per class, then the sensor: gamma, colour cast, haze.
+    multipliers, haze, gamma, cast = _appearance(seed, index)
+    ground = np.where(label == IGNORE_INDEX, 0, label)  # no-data is painted later
+    img *= multipliers[ground]
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** gamma * cast
+    img = (1 - haze) * img + haze * _HAZE_COLOUR
 
     # Mild scene-level radiometric variation and sensor noise.
     img *= rng.uniform(0.88, 1.12)
@@ -456,9 +495,9 @@ def preview_grid(seed: int = 0, n: int = 4, size: int = 256, ignore_prob: float 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags are snake_case; the hyphenated spelling of earlier versions (`--ignore-prob`) still works."""
-    from crfm.utils.flags import add_run_flags  # imports torch, which the scenes themselves do not need
+    from crfm.utils.flags import add_run_flags, positive_int  # imports torch, which the scenes do not need
 
-    parser = argparse.ArgumentParser(prog="python -m crfm.toydata", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m crfm.toy.toydata", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", nargs="?", type=Path, help="output folder")
     parser.add_argument("--num", type=int, help="number of scenes to write")
     parser.add_argument("--size", type=int, default=256, help="scene side in pixels")
@@ -466,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore_prob", "--ignore-prob", dest="ignore_prob", type=float, default=0.3,
         help="chance of a no-data border wedge",
     )  # fmt: skip
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--workers", type=positive_int, default=1, help="worker processes")
     parser.add_argument("--preview", type=Path, help="also write a 4-scene preview grid PNG here")
     add_run_flags(parser, seed_help="seed of the scenes (scene i depends only on the seed and i)")
     return parser

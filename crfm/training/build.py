@@ -1,7 +1,8 @@
 """What a training run is built from: the accelerator, the data, the models, the optimizer.
 
 The order in which `train` calls these matters for reproducibility: `set_seed`, then data, then models (LoRA's
-and a fresh mask branch's initialisation draw from the global RNG), then the optimizer.
+and a fresh mask branch's initialisation draw from the global RNG), then the optimizer. `check_run` refuses
+flags that cannot work before any of it is built or anything is written.
 """
 
 from __future__ import annotations
@@ -15,6 +16,36 @@ from tqdm.auto import tqdm
 from crfm.data.dataset import PairDataset
 from crfm.data.index import read_index
 from crfm.training.objective import TrainTimesteps
+from crfm.utils.flags import UsageError
+
+# --optimizer: torch's AdamW; bitsandbytes' 8-bit AdamW (CUDA only; 2 bytes of state per trained parameter
+# instead of 8); transformers' Adafactor (factored second moment, no first moment: almost no state).
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+
+
+def check_run(args: argparse.Namespace) -> None:
+    """Refuse, before anything is built or written, a latent cache that does not fit the run and an optimizer
+    this machine cannot run."""
+    if args.latents_path is not None:
+        from crfm.data.latents import check_latent_cache
+
+        if args.reflow_pairs is not None:
+            raise UsageError("--latents_path serves the flow-matching objective; --reflow_pairs brings its own latents")
+        check_latent_cache(
+            args.latents_path,
+            args.pretrained_model_name_or_path,
+            args.resolution,
+            args.mask_encoding,
+            args.num_cls,
+            args.flip_prob,
+        )
+    if args.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise UsageError("--optimizer adamw8bit needs CUDA (bitsandbytes' 8-bit AdamW): use adamw or adafactor")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise UsageError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from exc
 
 
 def build_accelerator(args: argparse.Namespace, work_dir: Path):
@@ -48,15 +79,20 @@ def build_data(
     args: argparse.Namespace, num_processes: int, progress: bool
 ) -> tuple[PairDataset, torch.utils.data.DataLoader, dict[str, torch.Tensor]]:
     """The dataset (every item checked unless --skip_data_check), its loader and the empty prompt's vectors.
-    With --reflow_pairs the items are the pairs (their masks and prompts from --data_root / --vectors_path)."""
+    With --reflow_pairs the items are the pairs (their masks and prompts from --data_root / --vectors_path); with
+    --latents_path the cached latents of the index's items (no image or label is decoded)."""
+    from crfm.data.latents import LatentPairDataset
     from crfm.data.vectors import load_empty_prompt_vectors
-    from crfm.training.reflow import ReflowPairs
+    from crfm.fewstep.objective import ReflowPairs
 
     data_root, vectors_dir = Path(args.data_root), Path(args.vectors_path)
     if args.reflow_pairs is not None:
         dataset = ReflowPairs(
             args.reflow_pairs, data_root, vectors_dir, args.num_cls, args.resolution, args.seqrf_segments
         )
+    elif args.latents_path is not None:
+        items = read_index(data_root / args.json_file, data_root, check_files=False)
+        dataset = LatentPairDataset(items, args.latents_path, vectors_dir, flips=args.flip_prob > 0)
     else:
         items = read_index(data_root / args.json_file, data_root)
         dataset = PairDataset(items, data_root, args.resolution, num_cls=args.num_cls, vectors_dir=vectors_dir)
@@ -74,21 +110,26 @@ def build_data(
 
 
 def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype):
-    """The frozen fp32 VAE, the scheduler's training grid and the MM-DiT with its mask branch, configured for
-    --train_mode; returns (model, vae, timesteps, parameter counts)."""
+    """The frozen fp32 VAE (with --latents_path only its config: no weights), the scheduler's training grid and
+    the MM-DiT with its mask branch, configured for --train_mode; returns (model, vae, timesteps, parameter
+    counts)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-    from crfm.models.conditioning import mask_embed_in_channels
+    from crfm.data.latents import VAEConfig
     from crfm.models.mmdit import MaskSD3Transformer2DModel
     from crfm.models.trained_weights import configure_training
 
     pretrained = args.pretrained_model_name_or_path
-    # fp32: the SD3 VAE is unstable in half precision.
-    vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", dtype=torch.float32).requires_grad_(False)
-    vae.eval().to(device)
+    if args.latents_path is not None:
+        vae = VAEConfig(pretrained)
+    else:
+        # fp32: the SD3 VAE is unstable in half precision.
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", dtype=torch.float32).requires_grad_(False)
+        vae.eval().to(device)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    mask_in_channels = mask_embed_in_channels(args.mask_encoding, args.num_cls)
-    model = MaskSD3Transformer2DModel.from_sd3(pretrained, mask_init=args.mask_init, mask_in_channels=mask_in_channels)
+    model = MaskSD3Transformer2DModel.from_sd3(
+        pretrained, mask_init=args.mask_init, mask_encoding=args.mask_encoding, num_cls=args.num_cls
+    )
     counts = configure_training(model, args.train_mode, args.lora_rank)
     if args.init_ckpt is not None:
         init_from_checkpoint(model, args)
@@ -96,10 +137,7 @@ def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: to
         for branch in (model.mask_embed, model.mask_blocks):
             branch.requires_grad_(False)
         counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # Frozen weights only need the compute dtype (halves the base's memory for LoRA); trained ones stay fp32.
-    for param in model.parameters():
-        if not param.requires_grad:
-            param.data = param.data.to(weight_dtype)
+    cast_frozen(model, weight_dtype)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -107,16 +145,28 @@ def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: to
     return model, vae, TrainTimesteps.from_scheduler(scheduler), counts
 
 
+def cast_frozen(model: torch.nn.Module, weight_dtype: torch.dtype) -> None:
+    """Frozen weights only need the compute dtype (halves the base's memory for LoRA); trained ones stay fp32."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(weight_dtype)
+
+
 def init_from_checkpoint(model, args: argparse.Namespace) -> None:
     """--init_ckpt: the trained weights (their EMA if saved) of a checkpoint of the same inputs and train mode."""
-    from crfm.models.trained_weights import check_checkpoint_inputs, load_trained_weights, read_checkpoint_meta
-    from crfm.utils.flags import UsageError
+    from crfm.models.conditioning import check_mask_inputs
+    from crfm.models.trained_weights import load_trained_weights, read_checkpoint_meta
 
     meta = read_checkpoint_meta(args.init_ckpt)
-    check_checkpoint_inputs(meta, args.init_ckpt, args.num_cls, args.mask_encoding)
+    check_mask_inputs(meta, args.init_ckpt, **mask_inputs(model))
     if meta["train_mode"] != args.train_mode:
         raise UsageError(f"--init_ckpt {args.init_ckpt} was trained with --train_mode {meta['train_mode']}")
     load_trained_weights(model, args.init_ckpt, target=f"--train_mode {args.train_mode}", use_ema=True)
+
+
+def mask_inputs(model) -> dict:
+    """What `model`'s mask branch is trained on, from its config (`check_mask_inputs`' keyword arguments)."""
+    return {"num_cls": model.config.num_cls, "mask_encoding": model.config.mask_encoding}
 
 
 def checkpoint_meta(args: argparse.Namespace) -> dict:
@@ -128,6 +178,7 @@ def checkpoint_meta(args: argparse.Namespace) -> dict:
         "mask_encoding": args.mask_encoding,
         "base_model": str(Path(args.pretrained_model_name_or_path).resolve()),
         "resolution": args.resolution,
+        "optimizer": args.optimizer,
         **({"ema_decay": args.ema_decay} if args.use_ema else {}),
         **({"reflow": reflow_record(args)} if args.reflow_pairs is not None else {}),
     }
@@ -144,18 +195,41 @@ def reflow_record(args: argparse.Namespace) -> dict:
     }
 
 
+def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """--optimizer over `params` (`check_run` has refused what this machine cannot run). The --adam_* flags set
+    AdamW and 8-bit AdamW; Adafactor takes the learning rate and weight decay, with a fixed step size (no
+    relative step or parameter scaling, so --learning_rate and the LR schedule mean what they mean for AdamW)."""
+    if args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params,
+            lr=args.learning_rate,
+            weight_decay=args.adam_weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
+    adam = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "weight_decay": args.adam_weight_decay,
+        "eps": args.adam_epsilon,
+    }
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, **adam)
+    return torch.optim.AdamW(params, **adam)
+
+
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, num_processes: int):
-    """AdamW over the trainable parameters and the LR schedule; returns (trainable, optimizer, lr_scheduler)."""
+    """--optimizer over the trainable parameters and the LR schedule; returns (trainable, optimizer,
+    lr_scheduler)."""
     from diffusers.optimization import get_scheduler
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    optimizer = make_optimizer(args, trainable)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,

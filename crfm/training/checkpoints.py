@@ -40,13 +40,12 @@ def resolve_resume(work_dir: Path, resume: str | None) -> Path | None:
 
 def register_checkpoint_hooks(accelerator, meta: dict, target: str = "this model", ema=None) -> None:
     """Make accelerate's `save_state`/`load_state` store and restore only what is trained (diffusers-examples
-    hooks). `meta` goes into each checkpoint's `crfm_checkpoint.json`; `target` describes the model in the
-    error raised when a checkpoint does not fit it (e.g. another --train_mode). A checkpoint of another mask
-    encoding or num_cls is refused before anything is loaded (`check_checkpoint_inputs`). `ema` (an `EMAModel`
-    of the trained weights) is saved and restored with them."""
+    hooks). `meta` goes into each checkpoint's `crfm_checkpoint.json`; `target` describes the model in the error
+    raised when a checkpoint does not fit it (e.g. another --train_mode). A checkpoint of another mask encoding or
+    num_cls than the model's config records is refused before anything is loaded (`check_mask_inputs`). `ema` (an
+    `EMAModel` of the trained weights) is saved and restored with them."""
+    from crfm.models.conditioning import check_mask_inputs, recorded_mask_encoding
     from crfm.models.trained_weights import (
-        check_checkpoint_inputs,
-        checkpoint_mask_encoding,
         load_ema_state,
         load_trained_weights,
         read_checkpoint_meta,
@@ -62,8 +61,11 @@ def register_checkpoint_hooks(accelerator, meta: dict, target: str = "this model
             weights.pop()
 
     def load_hook(models, input_dir):
-        this_run = {"num_cls": meta.get("num_cls"), "mask_encoding": checkpoint_mask_encoding(meta)}
-        check_checkpoint_inputs(read_checkpoint_meta(input_dir), input_dir, **this_run)
+        # The model's config says what it is trained on; `meta` stands in for a model configured without it.
+        config = accelerator.unwrap_model(models[0]).config if models else {}
+        this_run = {key: config.get(key) or meta.get(key) for key in ("num_cls", "mask_encoding")}
+        this_run["mask_encoding"] = recorded_mask_encoding(this_run)
+        check_mask_inputs(read_checkpoint_meta(input_dir), input_dir, **this_run)
         # The EMA holds the trained parameters in their order; its file keys them by name.
         names = list(trained_state_dict(accelerator.unwrap_model(models[0]))) if ema is not None and models else []
         while models:

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from crfm.models.conditioning import DEFAULT_MASK_ENCODING, check_mask_encoding, encode_latents, encode_mask_condition
+from crfm.data.latents import FLIPPED, LATENT_KEY, MASK_KEY
+from crfm.models.conditioning import (
+    DEFAULT_MASK_ENCODING,
+    check_mask_encoding,
+    encode_latents,
+    encode_mask_condition,
+    scaled_posterior_sample,
+)
+from crfm.utils.flags import add_settings_flags, option, positive_float, probability, settings_from_args
 
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 
@@ -28,14 +36,16 @@ def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
 
 @dataclass(frozen=True)
 class FlowMatchingConfig:
-    """What a training step draws and how it weights the loss (train.py's flags of the same names)."""
+    """What a training step draws and how it weights the loss. `add_flags` makes train.py's flags of the same names;
+    num_cls, flip_prob and mask_encoding are flags of the shared data, pair and model groups."""
 
     num_cls: int
-    weighting_scheme: str = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    prompt_dropout: float = 0.1  # probability of the empty prompt (trains the unconditional branch of CFG)
+    weighting_scheme: str = option("logit_normal", "SD3 timestep density / loss weighting", choices=WEIGHTING_SCHEMES)
+    logit_mean: float = option(0.0, "logit-normal mean (> 0 favours noisier timesteps)")
+    logit_std: float = option(1.0, "logit-normal std", kind=positive_float)
+    mode_scale: float = option(1.29, "scale of the 'mode' weighting scheme")
+    # Probability of the empty prompt (trains the unconditional branch of CFG).
+    prompt_dropout: float = option(0.1, "probability of the empty prompt (for CFG)", kind=probability)
     flip_prob: float = 0.5  # horizontal flip of image and mask together
     use_mask: bool = True  # False: the `--no_mask` ablation, the model sees no mask
     mask_encoding: str = DEFAULT_MASK_ENCODING  # crfm.models.conditioning.MASK_ENCODINGS
@@ -46,10 +56,13 @@ class FlowMatchingConfig:
         check_mask_encoding(self.mask_encoding)
 
     @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        add_settings_flags(cls, parser.add_argument_group("objective"))
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace) -> FlowMatchingConfig:
-        # Every field is the flag of the same name, except use_mask, which is the --no_mask ablation negated.
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "use_mask"}
-        return cls(**values, use_mask=not args.no_mask)
+        # use_mask is the --no_mask ablation negated; every other field is the flag of the same name.
+        return settings_from_args(cls, args, use_mask=not args.no_mask)
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,31 @@ def encode_pair(
     return latents, mask_latents
 
 
+def cached_pair(
+    batch: Mapping[str, torch.Tensor],
+    flip: torch.Tensor,
+    generator: torch.Generator,
+    vae_config,
+    dtype: torch.dtype,
+    use_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`encode_pair`'s result from a latent cache's batch (`crfm.data.latents`): for flipped items the stored
+    flipped pair, latents sampled with `generator` from the stored posterior as from a fresh encode."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    def chosen(key: str) -> torch.Tensor:
+        stored, flipped = batch[key], batch.get(key + FLIPPED)
+        if flipped is None:
+            if flip.any():
+                raise ValueError("a flip was drawn but the latent cache has no flipped pairs (made with --flip_prob 0)")
+            return stored
+        return torch.where(flip.view(-1, *[1] * (stored.dim() - 1)), flipped, stored)
+
+    posterior = DiagonalGaussianDistribution(chosen(LATENT_KEY).float())
+    latents = scaled_posterior_sample(posterior, generator, vae_config).to(dtype)
+    return latents, (chosen(MASK_KEY).to(dtype) if use_mask else None)
+
+
 def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor | float) -> torch.Tensor:
     """The rectified-flow path x_t = (1 - σ) x + σ ε."""
     return (1.0 - sigmas) * latents + sigmas * noise
@@ -139,24 +177,32 @@ def flow_matching_loss(
     empty_prompt: Mapping[str, torch.Tensor],
     dtype: torch.dtype = torch.float32,
 ) -> FlowMatchingLoss:
-    """The weighted rectified-flow loss of one batch (`PairDataset` items: image, label, prompt vectors).
+    """The weighted rectified-flow loss of one batch: `PairDataset` items (image, label, prompt vectors), or
+    `LatentPairDataset` items (cached posterior parameters and mask condition instead of image and label; then
+    `vae` may be a `crfm.data.latents.VAEConfig`, only its config is read).
 
     `generator` (a CPU generator, e.g. `step_generator(...)`) makes every random draw, in this order: flip,
-    VAE posterior sample, noise, timestep density, prompt dropout. `empty_prompt` holds the empty prompt's
-    `prompt_embeds` [L, D] and `pooled_prompt_embeds` [P], swapped in for dropped prompts; `dtype` is the compute
-    dtype of latents and text (the VAE itself runs in its own dtype). The VAE is not differentiated through.
+    VAE posterior sample, noise, timestep density, prompt dropout; cached and fresh latents take the same draws.
+    `empty_prompt` holds the empty prompt's `prompt_embeds` [L, D] and `pooled_prompt_embeds` [P], swapped in for
+    dropped prompts; `dtype` is the compute dtype of latents and text (the VAE itself runs in its own dtype). The
+    VAE is not differentiated through.
     """
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-    image = batch["image"]
-    flip = (torch.rand(image.shape[0], generator=generator) < config.flip_prob).to(image.device)
-    image = torch.where(flip[:, None, None, None], image.flip(-1), image)
-    if config.use_mask:
-        label = torch.where(flip[:, None, None], batch["label"].flip(-1), batch["label"])
-        latents, mask_latents = encode_pair(vae, image, label, config.num_cls, dtype, generator, config.mask_encoding)
-    else:  # text-to-image (pretraining, or the --no_mask ablation): no label is read or encoded
-        with torch.no_grad():
-            latents, mask_latents = encode_latents(vae, image.float(), generator=generator).to(dtype), None
+    first = batch[LATENT_KEY] if LATENT_KEY in batch else batch["image"]
+    flip = (torch.rand(first.shape[0], generator=generator) < config.flip_prob).to(first.device)
+    if LATENT_KEY in batch:
+        latents, mask_latents = cached_pair(batch, flip, generator, vae.config, dtype, config.use_mask)
+    else:
+        image = torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"])
+        if config.use_mask:
+            label = torch.where(flip[:, None, None], batch["label"].flip(-1), batch["label"])
+            latents, mask_latents = encode_pair(
+                vae, image, label, config.num_cls, dtype, generator, config.mask_encoding
+            )
+        else:  # text-to-image (pretraining, or the --no_mask ablation): no label is read or encoded
+            with torch.no_grad():
+                latents, mask_latents = encode_latents(vae, image.float(), generator=generator).to(dtype), None
     batch_size, device = latents.shape[0], latents.device
 
     noise = torch.randn(latents.shape, generator=generator).to(latents)

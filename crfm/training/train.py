@@ -21,13 +21,34 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from crfm.models.base_folder import check_base_folder
-from crfm.training.build import build_accelerator, build_data, build_model, build_optimizer, checkpoint_meta
+from crfm.fewstep.objective import ReflowConfig, build_reflow_loss, load_lpips
+from crfm.training.build import (
+    OPTIMIZERS,
+    build_accelerator,
+    build_data,
+    build_model,
+    build_optimizer,
+    check_run,
+    checkpoint_meta,
+)
 from crfm.training.checkpoints import register_checkpoint_hooks, resume_state, save_checkpoint
-from crfm.training.objective import WEIGHTING_SCHEMES, FlowMatchingConfig, flow_matching_loss, step_generator
-from crfm.training.reflow import add_reflow_flags, build_reflow_loss, load_lpips
+from crfm.training.objective import FlowMatchingConfig, flow_matching_loss, step_generator
+from crfm.utils.base_folder import check_base_folder
+from crfm.utils.constants import MASK_INITS, TRAIN_MODES
 from crfm.utils.fileio import write_text_atomic
-from crfm.utils.flags import DTYPES, add_data_flags, add_model_flags, add_run_flags, entry_point
+from crfm.utils.flags import (
+    DTYPES,
+    add_data_flags,
+    add_model_flags,
+    add_pair_flags,
+    add_run_flags,
+    bounded,
+    entry_point,
+    non_negative,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 LOSS_LOG = "loss.jsonl"
 
@@ -39,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--work_dir", default="work_dirs/crfm", help="checkpoints, logs, final weights")
     # Model and training mode.
-    add("--train_mode", choices=["full", "lora"], default="full", help="full: image+mask branches; lora: LoRA+mask")
-    add("--lora_rank", type=int, default=16, help="LoRA rank (--train_mode lora)")
-    add("--mask_init", choices=["copy", "fresh"], default="copy", help="mask branch from the image branch or new")
+    add("--train_mode", choices=TRAIN_MODES, default="full", help="full: image+mask branches; lora: LoRA+mask")
+    add("--lora_rank", type=positive_int, default=16, help="LoRA rank (--train_mode lora)")
+    add("--mask_init", choices=MASK_INITS, default="copy", help="mask branch from the image branch or new")
     add("--no_mask", action="store_true", help="ablation: train on text only, the mask branch unused")
     add(
         "--gradient_checkpointing",
@@ -49,47 +70,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute block activations in the backward pass (less memory)",
     )
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="CUDA only; SDPA otherwise")
+    add_pair_flags(parser)
+    add(
+        "--latents_path",
+        default=None,
+        help="cached VAE latents of the index (python -m crfm.training.cache_latents): no VAE is loaded",
+    )
     # Optimisation.
+    add("--train_batch_size", type=positive_int, default=1, help="per process")
+    add("--gradient_accumulation_steps", type=positive_int, default=1, help="micro-batches per optimizer step")
     add(
-        "--resolution",
-        type=int,
-        default=512,
-        help="short side resize + centre crop, px (multiple of VAE factor x patch)",
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="adamw (torch); adamw8bit (bitsandbytes, CUDA only: 2 B of state per trained parameter instead of 8); "
+        "adafactor (transformers: factored second moment, no momentum)",
     )
-    add("--train_batch_size", type=int, default=1, help="per process")
-    add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    add("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (constant after warm-up by default)")
+    add("--learning_rate", type=non_negative, default=1e-4, help="learning rate (constant after warm-up by default)")
     add("--lr_scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
-    add("--lr_warmup_steps", type=int, default=0, help="linear warm-up steps")
-    add("--max_train_steps", type=int, default=1000, help="optimizer steps")
-    add("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    add("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    add("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
-    add("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    add("--lr_warmup_steps", type=bounded(int, 0), default=0, help="linear warm-up steps")
+    add("--max_train_steps", type=positive_int, default=1000, help="optimizer steps")
+    add("--adam_beta1", type=probability, default=0.9, help="AdamW (and 8-bit AdamW) beta1")
+    add("--adam_beta2", type=probability, default=0.999, help="AdamW (and 8-bit AdamW) beta2")
+    add("--adam_weight_decay", type=non_negative, default=1e-4, help="weight decay (every --optimizer)")
+    add("--adam_epsilon", type=positive_float, default=1e-8, help="AdamW (and 8-bit AdamW) epsilon")
+    add("--max_grad_norm", type=non_negative, default=1.0, help="gradient clipping norm")
     add("--use_ema", action="store_true", help="keep an EMA of the trained weights (checkpointed; sampling uses it)")
-    add("--ema_decay", type=float, default=0.999, help="EMA decay (diffusers EMAModel: warms up from 0)")
-    add(
-        "--weighting_scheme",
-        choices=WEIGHTING_SCHEMES,
-        default="logit_normal",
-        help="SD3 timestep density / loss weighting",
-    )
-    add("--logit_mean", type=float, default=0.0, help="logit-normal mean (> 0 favours noisier timesteps)")
-    add("--logit_std", type=float, default=1.0, help="logit-normal std")
-    add("--mode_scale", type=float, default=1.29, help="scale of the 'mode' weighting scheme")
-    add("--prompt_dropout", type=float, default=0.1, help="probability of the empty prompt (for CFG)")
-    add("--flip_prob", type=float, default=0.5, help="random horizontal flip of image and mask together")
+    add("--ema_decay", type=probability, default=0.999, help="EMA decay (diffusers EMAModel: warms up from 0)")
     # Checkpoints and logging.
-    add("--checkpointing_steps", type=int, default=500, help="accelerate save_state every N steps")
+    add("--checkpointing_steps", type=positive_int, default=500, help="accelerate save_state every N steps")
     add("--checkpoints_total_limit", type=int, default=3, help="keep the last K checkpoints")
     add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
-    add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
+    add("--dataloader_num_workers", type=bounded(int, 0), default=0, help="DataLoader worker processes")
     add("--report_to", default="tensorboard", help="accelerate tracker, or 'none'")
     add("--skip_data_check", action="store_true", help="skip the pre-flight check of every item")
     add("--record_batches", action="store_true", help="write each rank's item positions and weight digest")
     add_run_flags(parser, seed_help="seed of every random draw (with rank and step)", mixed_precision=True)
-    add_reflow_flags(parser)
+    FlowMatchingConfig.add_flags(parser)
+    ReflowConfig.add_flags(parser)
     return parser
 
 
@@ -99,6 +117,7 @@ def train(args: argparse.Namespace) -> dict:
 
     # The base and the data are validated before anything is written or any model is loaded.
     check_base_folder(args.pretrained_model_name_or_path, ("transformer", "vae", "scheduler"))
+    check_run(args)
     perceptual = None
     if args.reflow_pairs is not None and args.reflow_loss.startswith("lpips"):
         perceptual = load_lpips(args.lpips_weights, "cuda" if torch.cuda.is_available() else "cpu")

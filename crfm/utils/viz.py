@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from crfm.data.index import IGNORE_INDEX
+from crfm.utils.constants import IGNORE_INDEX
 from crfm.utils.fileio import atomic_path
 
 WHITE = (255, 255, 255)
@@ -215,16 +215,6 @@ def colourise_mask(label: np.ndarray, palette: Sequence[tuple[int, int, int]]) -
     lut[: len(colours)] = colours
     lut[IGNORE_INDEX] = 0
     return lut[label.astype(np.intp)]
-
-
-def distinct_palette(num_colours: int) -> list[tuple[int, int, int]]:
-    """Evenly spaced saturated hues, for masks whose dataset names no palette of its own."""
-    import colorsys
-
-    return [
-        tuple(round(255 * c) for c in colorsys.hsv_to_rgb(k / max(num_colours, 1), 0.75, 0.9))
-        for k in range(num_colours)
-    ]
 
 
 def plot_fidelity_vs_nfe(

@@ -1,4 +1,4 @@
-"""crfm.make_index: folders of images and labels -> our index layout, with prompts, remapping and a split."""
+"""crfm.data.make_index: folders of images and labels -> our index layout, with prompts, remapping and a split."""
 
 from __future__ import annotations
 

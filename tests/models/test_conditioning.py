@@ -9,6 +9,7 @@ from crfm.data.index import IGNORE_INDEX
 from crfm.models.conditioning import (
     DEFAULT_MASK_ENCODING,
     MASK_ENCODINGS,
+    class_palette,
     encode_latents,
     encode_mask_condition,
     encode_mask_latents,
@@ -17,16 +18,9 @@ from crfm.models.conditioning import (
     mask_to_class_fractions,
     mask_to_palette_pixels,
 )
-from crfm.utils.viz import distinct_palette
 from tests.helpers import NUM_CLS
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +65,21 @@ def test_palette_gives_each_class_its_own_colour(num_cls):
     pixels = mask_to_palette_pixels(label, num_cls)
     assert pixels.shape == (1, 3, 1, num_cls + 1) and pixels.min() >= -1 and pixels.max() <= 1
     rgb = ((pixels[0, :, 0].T + 1) * 127.5).round().long().tolist()
-    assert [tuple(c) for c in rgb[:num_cls]] == distinct_palette(num_cls)
+    assert [tuple(c) for c in rgb[:num_cls]] == class_palette(num_cls)
     assert rgb[num_cls] == [0, 0, 0]  # ignore is black
     assert len({tuple(c) for c in rgb}) == num_cls + 1  # every class and ignore differ
+
+
+def test_palette_colours_are_pinned():
+    """The palette encoding's colours are part of what a palette checkpoint was trained on: they never change."""
+    assert class_palette(6) == [
+        (230, 57, 57),
+        (230, 230, 57),
+        (57, 230, 57),
+        (57, 230, 230),
+        (57, 57, 230),
+        (230, 57, 230),
+    ]
 
 
 def test_palette_latents_have_the_image_latent_shape(vae):

@@ -6,6 +6,7 @@ widths). Every block kind is covered: dual attention, plain joint attention and 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -13,16 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
+from diffusers.models.embeddings import PatchEmbed
 from safetensors.torch import load_file
 
 from crfm.data.index import IGNORE_INDEX
 from crfm.models.conditioning import (
     MASK_ENCODINGS,
+    check_mask_inputs,
     encode_mask_condition,
     mask_condition_channels,
     mask_embed_in_channels,
     mask_to_class_fractions,
     mask_to_pixels,
+    recorded_mask_encoding,
 )
 from crfm.models.mmdit import MaskSD3Transformer2DModel
 from crfm.models.sd35 import SD35_MEDIUM_TRANSFORMER
@@ -30,7 +34,6 @@ from crfm.models.trained_weights import (
     CHECKPOINT_META,
     CHECKPOINT_WEIGHTS,
     TEXT_BRANCH_KEYS,
-    checkpoint_mask_encoding,
     configure_training,
     load_trained,
     save_trained,
@@ -47,14 +50,7 @@ TEXT_STREAM = re.compile(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and spinning OpenMP workers slow these tests ~7x on a
-    2-core machine as soon as another job holds a core; restored afterwards so other test modules keep theirs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(params=VARIANTS)
@@ -80,6 +76,15 @@ def make_mask(inputs: dict, seed: int) -> torch.Tensor:
 
 def trainable_names(model: torch.nn.Module) -> set[str]:
     return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def params_without_gradient(model: torch.nn.Module) -> list[str]:
+    """Trainable parameters that the last backward left without a gradient or with an all-zero one."""
+    return [
+        name
+        for name, param in model.named_parameters()
+        if param.requires_grad and (param.grad is None or not param.grad.any())
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,17 +175,9 @@ def test_full_mode_trains_image_and_mask_streams_only(pipe_dir):
     mask = make_mask(inputs, 1).requires_grad_(True)
     model(**inputs, mask_hidden_states=mask).sample.square().mean().backward()
     assert mask.grad is not None and mask.grad.abs().max().item() > 0  # the mask reaches the image via attention
-    # The last mask block's queries are computed but their outputs dropped (its tokens only give keys/values),
-    # exactly like the text stream's add_q_proj in diffusers' context_pre_only block: zero gradient by design.
-    last = len(model.mask_blocks) - 1
-    dead = re.compile(rf"mask_blocks\.{last}\.(to_q|norm_q)\.")
     for name, param in named.items():
-        if not param.requires_grad:
-            assert param.grad is None, name
-        else:
-            assert param.grad is not None, name
-            if not dead.match(name):
-                assert param.grad.abs().max().item() > 0, name
+        assert (param.grad is None) != param.requires_grad, name
+    assert not params_without_gradient(model)
 
 
 def test_lora_mode_targets_image_stream_only(pipe_dir):
@@ -230,16 +227,20 @@ def test_mask_init_copy_matches_image_stream(pipe_dir):
     model = MaskSD3Transformer2DModel.from_sd3(pipe_dir, mask_init="copy").eval()
     base = model.transformer
     dim = base.inner_dim
-    for key, value in base.pos_embed.state_dict().items():
-        assert torch.equal(model.mask_embed.state_dict()[key], value), key
+    for key, value in base.pos_embed.proj.state_dict().items():
+        assert torch.equal(model.mask_embed.proj.state_dict()[key], value), key
     temb = torch.randn(2, dim, generator=torch.Generator().manual_seed(3))
     tokens = torch.randn(2, 5, dim, generator=torch.Generator().manual_seed(4))
     for block, mask_block in zip(base.transformer_blocks, model.mask_blocks, strict=True):
-        for name in ("to_q", "to_k", "to_v"):
+        # A pre-only (last) block's mask tokens give keys and values only: no query projection to copy.
+        names = ("to_k", "to_v") if mask_block.pre_only else ("to_q", "to_k", "to_v")
+        assert (mask_block.to_q is None) == mask_block.pre_only == block.context_pre_only
+        for name in names:
             assert torch.equal(getattr(mask_block, name).weight, getattr(block.attn, name).weight)
             assert torch.equal(getattr(mask_block, name).bias, getattr(block.attn, name).bias)
         if block.attn.norm_q is not None:
-            assert torch.equal(mask_block.norm_q.weight, block.attn.norm_q.weight)
+            if not mask_block.pre_only:
+                assert torch.equal(mask_block.norm_q.weight, block.attn.norm_q.weight)
             assert torch.equal(mask_block.norm_k.weight, block.attn.norm_k.weight)
         source_w, source_b = block.norm1.linear.weight, block.norm1.linear.bias
         target_w, target_b = mask_block.norm1.linear.weight, mask_block.norm1.linear.bias
@@ -269,13 +270,12 @@ def test_mask_init_fresh_starts_with_closed_gates(pipe_dir):
     for block, mask_block in zip(base.transformer_blocks, model.mask_blocks, strict=True):
         assert torch.count_nonzero(mask_block.norm1.linear.weight) == 0
         assert torch.count_nonzero(mask_block.norm1.linear.bias) == 0
-        assert not torch.equal(mask_block.to_q.weight, block.attn.to_q.weight)
         assert not torch.equal(mask_block.to_k.weight, block.attn.to_k.weight)
     # Zero gates: a mask-stream residual update is the identity, so the mask tokens pass through unchanged.
     inputs = make_inputs(model)
     with torch.no_grad():
         hidden = base.pos_embed(inputs["hidden_states"]).contiguous()
-        mask = model.mask_embed(make_mask(inputs, 1)).contiguous()
+        mask = model._mask_tokens(make_mask(inputs, 1)).contiguous()
         temb = base.time_text_embed(inputs["timestep"], inputs["pooled_projections"])
         context = base.context_embedder(inputs["encoder_hidden_states"])
         _, _, mask_out = model._block(base.transformer_blocks[0], model.mask_blocks[0], hidden, context, mask, temb)
@@ -491,7 +491,7 @@ def test_onehot_copy_init_copies_positions_and_blocks_not_the_projection(pipe_di
     patch = base.config.patch_size
     assert model.mask_embed.proj.weight.shape == (base.inner_dim, 6, patch, patch)
     assert base.pos_embed.proj.weight.shape[1] == base.config.in_channels != 6
-    assert torch.equal(model.mask_embed.pos_embed, base.pos_embed.pos_embed)
+    assert model.mask_embed.pos_embed is None  # positions come from the image's table
     block, mask_block = base.transformer_blocks[0], model.mask_blocks[0]
     assert torch.equal(mask_block.to_q.weight, block.attn.to_q.weight)
     # An old config (no mask_in_channels) means VAE latents: the whole patch embedding is copied.
@@ -561,7 +561,7 @@ def test_checkpoint_records_the_mask_encoding_and_load_trained_rebuilds_it(tiny_
     ckpt = save_trained(model, tmp_path / "ckpt", meta=meta)
     assert json.loads((ckpt / CHECKPOINT_META).read_text())["mask_encoding"] == encoding
     loaded, loaded_meta = load_trained(ckpt)
-    assert checkpoint_mask_encoding(loaded_meta) == encoding
+    assert recorded_mask_encoding(loaded_meta) == encoding
     assert loaded.config.mask_in_channels == model.config.mask_in_channels == mask_embed_in_channels(encoding, 6)
     inputs = make_inputs(model)
     (mask,) = encoded_masks(tiny_sd35_dir, encoding, seeds=(3,))
@@ -574,8 +574,54 @@ def test_checkpoint_records_the_mask_encoding_and_load_trained_rebuilds_it(tiny_
 def test_checkpoint_without_mask_encoding_loads_as_grey(trained_checkpoint):
     assert "mask_encoding" not in json.loads((trained_checkpoint / CHECKPOINT_META).read_text())
     model, meta = load_trained(trained_checkpoint)
-    assert checkpoint_mask_encoding(meta) == "grey"
+    assert recorded_mask_encoding(meta) == "grey"
     assert model.config.mask_in_channels is None and model.mask_channels == model.transformer.config.in_channels
+
+
+@pytest.mark.parametrize("encoding", MASK_ENCODINGS)
+def test_the_model_config_records_what_the_mask_branch_is_trained_on(tiny_sd35_dir, encoding, tmp_path):
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir, mask_encoding=encoding, num_cls=6)
+    assert (model.config.mask_encoding, model.config.num_cls) == (encoding, 6)
+    assert model.config.mask_in_channels == mask_embed_in_channels(encoding, 6)
+    configure_training(model, "full")
+    # The checkpoint's record comes from the model, whatever the caller's meta leaves out.
+    ckpt = save_trained(model, tmp_path / "ckpt", meta={"train_mode": "full", "base_model": str(tiny_sd35_dir)})
+    recorded = json.loads((ckpt / CHECKPOINT_META).read_text())
+    assert (recorded["mask_encoding"], recorded["num_cls"]) == (encoding, 6)
+    loaded, _ = load_trained(ckpt)
+    assert (loaded.config.mask_encoding, loaded.config.num_cls) == (encoding, 6)
+    # The whole model saved diffusers' way keeps them too.
+    model.save_pretrained(tmp_path / "whole")
+    assert MaskSD3Transformer2DModel.from_pretrained(tmp_path / "whole").config.mask_encoding == encoding
+    with pytest.raises(ValueError, match="meta says num_cls 7"):
+        save_trained(model, tmp_path / "other", meta={"train_mode": "full", "num_cls": 7})
+
+
+@pytest.mark.parametrize("encoding", ["grey", "onehot", None])
+def test_old_checkpoints_whose_meta_holds_the_inputs_still_load(tiny_sd35_dir, encoding, tmp_path):
+    """Checkpoints written before the model's config kept them: mask_in_channels only, the inputs in the meta JSON
+    (or, older still, no encoding at all: grey)."""
+    channels = mask_embed_in_channels(encoding or "grey", 6)
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir, mask_in_channels=channels)
+    assert model.config.mask_encoding is None and model.config.num_cls is None
+    configure_training(model, "full")
+    perturb_trainable(model)
+    meta = {"train_mode": "full", "num_cls": 6, "base_model": str(tiny_sd35_dir)}
+    ckpt = save_trained(model, tmp_path / "ckpt", meta={**meta, **({"mask_encoding": encoding} if encoding else {})})
+    loaded, loaded_meta = load_trained(ckpt)
+    assert (loaded.config.mask_encoding, loaded.config.num_cls) == (encoding or "grey", 6)
+    assert loaded.config.mask_in_channels == channels
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    with pytest.raises(ValueError, match="trained with num_cls=6, not --num_cls 7"):
+        check_mask_inputs(loaded.config, ckpt, num_cls=7)  # one check: a model's config or a checkpoint's meta
+    with pytest.raises(ValueError, match="trained with num_cls=6, not --num_cls 7"):
+        check_mask_inputs(loaded_meta, ckpt, num_cls=7)
+
+
+def test_a_config_encoding_and_channels_must_agree(tiny_sd35_dir):
+    with pytest.raises(ValueError, match="does not fit mask_encoding 'onehot'"):
+        MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir, mask_in_channels=5, mask_encoding="onehot", num_cls=6)
 
 
 def test_save_trained_refuses_a_meta_of_another_encoding(tiny_sd35_dir, tmp_path):
@@ -585,3 +631,147 @@ def test_save_trained_refuses_a_meta_of_another_encoding(tiny_sd35_dir, tmp_path
     with pytest.raises(ValueError, match="mask_encoding 'onehot'"):
         save_trained(model, tmp_path / "ckpt", meta=meta)
     assert not (tmp_path / "ckpt").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 13: memory layout: one position table, no trainable parameter without a gradient, earlier layouts still load
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_every_trainable_parameter_gets_a_gradient(pipe_dir, mode):
+    """The backward that lists the trained parameters no gradient reaches: none (the last mask block once had a
+    query projection whose output was dropped, trained for nothing)."""
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir)
+    configure_training(model, mode, lora_rank=4)
+    perturb_trainable(model)  # LoRA B starts at zero, which would leave LoRA A without a gradient at step 0
+    inputs = make_inputs(model)
+    model(**inputs, mask_hidden_states=make_mask(inputs, 1)).sample.square().mean().backward()
+    assert params_without_gradient(model) == []
+    last = model.mask_blocks[-1]
+    assert last.pre_only and last.to_q is None and last.norm_q is None
+
+
+def test_image_and_mask_tokens_share_one_position_table(pipe_dir, tmp_path):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir)
+    assert [name for name, _ in model.named_buffers()] == ["transformer.pos_embed.pos_embed"]
+    assert model.mask_embed.pos_embed is None
+    model.save_pretrained(tmp_path / "m")
+    saved = load_file(str(tmp_path / "m" / "diffusion_pytorch_model.safetensors"))
+    assert "mask_embed.pos_embed" not in saved and "transformer.pos_embed.pos_embed" in saved
+
+
+def earlier_layout(model: MaskSD3Transformer2DModel, seed: int = 5) -> MaskSD3Transformer2DModel:
+    """A copy of `model` computing the mask path as the earlier layout did, from the same weights: the mask
+    embedder holds its own position table (diffusers' `PatchEmbed`, the table copied over by hand) and the last
+    block's mask tokens have a real query projection (random: its output is dropped, whatever it is)."""
+    reference = copy.deepcopy(model)
+    base, cfg = reference.transformer, reference.transformer.config
+    embed = PatchEmbed(
+        height=cfg.sample_size,
+        width=cfg.sample_size,
+        patch_size=cfg.patch_size,
+        in_channels=reference.mask_channels,
+        embed_dim=base.inner_dim,
+        pos_embed_max_size=cfg.pos_embed_max_size,
+    )
+    embed.proj.load_state_dict(reference.mask_embed.proj.state_dict())
+    with torch.no_grad():
+        embed.pos_embed.copy_(base.pos_embed.pos_embed)
+    reference.old_mask_embed = embed
+    # An instance attribute (a plain function, not a module) shadows the method: diffusers' PatchEmbed forward.
+    reference._mask_tokens = lambda mask: reference.old_mask_embed(mask)
+    last = reference.mask_blocks[-1]
+    torch.manual_seed(seed)
+    last.to_q = torch.nn.Linear(base.inner_dim, base.inner_dim)
+    last.norm_q = copy.deepcopy(last.norm_k)
+    if last.norm_q is not None:
+        with torch.no_grad():
+            last.norm_q.weight.uniform_(0.5, 1.5)
+    return reference
+
+
+def test_mask_path_equals_the_earlier_layout_bit_for_bit(pipe_dir):
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir)
+    configure_training(model, "full")
+    perturb_trainable(model)
+    model.eval()
+    reference = earlier_layout(model).eval()
+    assert reference.mask_blocks[-1].to_q is not None and "_mask_tokens" in vars(reference)
+    for seed, (height, width) in enumerate([(8, 16), (16, 8)]):
+        inputs = make_inputs(model, seed=seed, height=height, width=width)
+        mask = make_mask(inputs, seed + 1)
+        with torch.no_grad():
+            ours = model(**inputs, mask_hidden_states=mask).sample
+            theirs = reference(**inputs, mask_hidden_states=mask).sample
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours_bf16 = model(**inputs, mask_hidden_states=mask).sample
+                theirs_bf16 = reference(**inputs, mask_hidden_states=mask).sample
+        assert torch.equal(ours, theirs) and torch.equal(ours_bf16, theirs_bf16)
+    with torch.no_grad():  # the reference really reads its own table
+        reference.old_mask_embed.pos_embed.mul_(2)
+        assert not torch.equal(reference(**inputs, mask_hidden_states=mask).sample, ours)
+
+
+def legacy_tensors(model: MaskSD3Transformer2DModel, seed: int = 9) -> dict[str, torch.Tensor]:
+    """What the earlier layout held besides this one's weights: the last mask block's query projection (and its
+    qk-norm), values as training left them (here random)."""
+    gen = torch.Generator().manual_seed(seed)
+    dim, head = model.transformer.inner_dim, model.transformer.config.attention_head_dim
+    prefix = f"mask_blocks.{len(model.mask_blocks) - 1}"
+    tensors = {f"{prefix}.to_q.weight": torch.randn(dim, dim, generator=gen), f"{prefix}.to_q.bias": torch.randn(dim)}
+    if model.transformer.config.qk_norm:
+        tensors[f"{prefix}.norm_q.weight"] = torch.rand(head, generator=gen) + 0.5
+    return tensors
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_trained_checkpoint_of_the_earlier_layout_loads(pipe_dir, mode, tmp_path):
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import save_file
+
+    from crfm.models.trained_weights import EMA_WEIGHTS, load_ema_state, trained_state_dict
+
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir)
+    configure_training(model, mode, lora_rank=4)
+    perturb_trainable(model)
+    model.eval()
+    meta = {"train_mode": mode, "lora_rank": 4, "num_cls": 6, "base_model": str(pipe_dir)}
+    ckpt = save_trained(model, tmp_path / "ckpt", meta=meta)
+    # Rewritten by hand as the earlier layout wrote it: the dead query projection was trained, hence stored.
+    old = {**load_file(str(ckpt / CHECKPOINT_WEIGHTS)), **legacy_tensors(model)}
+    save_file(old, str(ckpt / CHECKPOINT_WEIGHTS))
+    save_file(old, str(ckpt / EMA_WEIGHTS), metadata={"optimization_step": "7"})
+
+    loaded, _ = load_trained(ckpt)  # reads the EMA file
+    inputs = make_inputs(model)
+    mask = make_mask(inputs, 1)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(**inputs, mask_hidden_states=mask).sample, model(**inputs, mask_hidden_states=mask).sample
+        )
+    # Resuming with --use_ema restores the average from that file too.
+    names = list(trained_state_dict(model))
+    ema = EMAModel([p for p in model.parameters() if p.requires_grad])
+    load_ema_state(ema, ckpt, names)
+    assert ema.optimization_step == 7
+    assert all(torch.equal(shadow, old[name]) for name, shadow in zip(names, ema.shadow_params, strict=True))
+
+
+def test_whole_model_folder_of_the_earlier_layout_loads(tiny_sd35_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir)
+    perturb_trainable(model)
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    weights_file = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    old = {**load_file(str(weights_file)), **legacy_tensors(model)}
+    old["mask_embed.pos_embed"] = model.transformer.pos_embed.pos_embed.clone()  # the second table it stored
+    save_file(old, str(weights_file), metadata={"format": "pt"})
+    loaded = MaskSD3Transformer2DModel.from_pretrained(tmp_path / "m").eval()
+    inputs = make_inputs(model)
+    mask = make_mask(inputs, 1)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(**inputs, mask_hidden_states=mask).sample, model(**inputs, mask_hidden_states=mask).sample
+        )

@@ -121,6 +121,13 @@ def test_another_mask_encoding_is_refused_naming_both(
         MaskToImagePipeline.from_checkpoint(checkpoint, tiny_sd35_dir, mask_encoding="rgb")
 
 
-def test_an_encoding_that_does_not_fit_the_transformer_is_refused(pipe):
-    with pytest.raises(ValueError, match="'onehot' gives 6 channels; the transformer's mask branch takes 16"):
+def test_an_encoding_that_does_not_fit_the_transformer_is_refused(pipe, tiny_sd35_dir):
+    # The transformer's config records what it was trained on (from its checkpoint): the one check refuses.
+    with pytest.raises(UsageError, match="trained with --mask_encoding grey, not --mask_encoding onehot"):
         MaskToImagePipeline(pipe.transformer, pipe.vae, pipe.scheduler, NUM_CLS, mask_encoding="onehot")
+    # A transformer configured without the record: its channels alone say it.
+    from crfm.models.mmdit import MaskSD3Transformer2DModel
+
+    unrecorded = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir)
+    with pytest.raises(ValueError, match="'onehot' gives 6 channels; the transformer's mask branch takes 16"):
+        MaskToImagePipeline(unrecorded, pipe.vae, pipe.scheduler, NUM_CLS, mask_encoding="onehot")

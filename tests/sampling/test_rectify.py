@@ -55,7 +55,7 @@ def test_step_size_schedules():
     assert step_size(CRFMConfig.paper(step_scheme="C", max_step_size=0.2), 7, n) == 0.2
     paper = CRFMConfig.paper()  # the paper's scripts
     assert (paper.rectified_step, paper.max_step_size, paper.step_scheme) == (4, 0.1, "LD")
-    assert (paper.num_rectified, paper.l2_norm, paper.is_synth, paper.velocity_clamp) == (1, False, False, 1.0)
+    assert (paper.num_rectified, paper.l2_norm, paper.shrink_velocity, paper.velocity_clamp) == (1, False, False, 1.0)
     # test.py's defaults: chosen on the demo's validation split (bench/results_crfm_settings.md).
     defaults = CRFMConfig()
     assert (defaults.rectified_step, defaults.max_step_size, defaults.num_rectified) == (12, 30.0, 3)
@@ -99,7 +99,11 @@ def test_only_the_first_steps_are_rectified_and_values_are_clamped(vae):
     assert not torch.equal(rectified, velocity)
     assert rectified.abs().max() <= 1.0 and (rectified.abs() == 1.0).any()  # a huge step is clamped to [-1, 1]
     shrunk = ControlRectifier(
-        CRFMConfig.paper(max_step_size=0.5, step_scheme="C", is_synth=True), ColourSegmentor(), vae, labels_for(1), 10
+        CRFMConfig.paper(max_step_size=0.5, step_scheme="C", shrink_velocity=True),
+        ColourSegmentor(),
+        vae,
+        labels_for(1),
+        10,
     )
     plain = ControlRectifier(
         CRFMConfig.paper(max_step_size=0.5, step_scheme="C"), ColourSegmentor(), vae, labels_for(1), 10
@@ -202,3 +206,15 @@ def test_flags_select_the_setting_they_were_made_from():
     paper = CRFMConfig.paper()
     assert "--no-l2_norm" in paper.flags() and CRFMConfig().flags() == []
     assert CRFMConfig.from_args(parser.parse_args(paper.flags())) == paper
+
+
+def test_shrink_velocity_keeps_its_first_name_as_flag_and_in_records():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    CRFMConfig.add_flags(parser)
+    for spelling in ("--shrink_velocity", "--is_synth"):
+        assert CRFMConfig.from_args(parser.parse_args([spelling])).shrink_velocity
+    assert not CRFMConfig.from_args(parser.parse_args(["--is_synth", "--no-is_synth"])).shrink_velocity
+    record = CRFMConfig(shrink_velocity=True).record()
+    assert record["is_synth"] is True and "shrink_velocity" not in record  # reflow_pairs.json's key, unchanged

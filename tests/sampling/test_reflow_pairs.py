@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from crfm.sampling import reflow_pairs
-from crfm.sampling.reflow_pairs import build_parser, load_pair_latents, make_pairs, segment_indices
+from crfm.fewstep import pairs as reflow_pairs
+from crfm.fewstep.pairs import build_parser, load_pair_latents, make_pairs, segment_indices
 from tests.helpers import vectorized_toy_data
 
 
@@ -121,7 +121,7 @@ def test_other_settings_in_the_same_folder_and_bad_segments_are_refused(setup, t
     work = tmp_path / "pairs"
     make_pairs(args_for(setup, work, "--num_per_mask", "1"))
     assert reflow_pairs.main([*_argv(setup, work), "--seed", "6"]) == 2
-    assert "other settings (seed)" in capsys.readouterr().err
+    assert "other settings (seed: 5 -> 6)" in capsys.readouterr().err
     assert reflow_pairs.main([*_argv(setup, tmp_path / "b"), "--segments", "3"]) == 2
     assert "must divide" in capsys.readouterr().err
     assert reflow_pairs.main([*_argv(setup, tmp_path / "c"), "--segments", "2", "--sigma_grid", "diffusers"]) == 2

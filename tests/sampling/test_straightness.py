@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from crfm.sampling.straightness import VelocityRecorder, straightness
+from crfm.fewstep.straightness import VelocityRecorder, straightness
 from tests.helpers import ColourSegmentor
 
 
@@ -49,7 +49,7 @@ def test_a_curved_path_is_straighter_piece_by_piece():
 
 
 def test_detail_sees_blur():
-    from crfm.sampling.evaluate_sampling import detail
+    from crfm.fewstep.evaluate import detail
 
     sharp = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     blurred = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1)
@@ -61,7 +61,7 @@ def test_evaluate_sampling_reports_fidelity_nfe_speed_and_straightness(
     tiny_sd35_dir, trained_checkpoint, tmp_path, monkeypatch
 ):
     from crfm.data.vectorize import vectorize_index
-    from crfm.sampling import evaluate_sampling
+    from crfm.fewstep import evaluate as evaluate_sampling
     from crfm.segmentation import adapter
     from crfm.toy.toydata import write_dataset
 

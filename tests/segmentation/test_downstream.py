@@ -1,4 +1,5 @@
-"""crfm.downstream: the real + synthetic mixing sampler and segmentor training on two datasets."""
+"""crfm.downstream: the real + synthetic mixing sampler, segmentor training on two datasets, the real set's repeat
+and exposure matching, and the packaged LoveDA config."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from crfm.segmentation.mmseg_ext import MixedSourceSampler  # noqa: E402
 from crfm.toy.toydata import write_dataset  # noqa: E402
 
 SIZE = 64
+LOVEDA_CONFIG = REPO / "crfm" / "segmentation" / "configs" / "loveda_segformer_b2.py"
 
 
 class _Concat:
@@ -105,12 +107,18 @@ def test_training_on_real_plus_synthetic(real_and_synthetic, tmp_path):
     proc = _train(
         "--data_root", real, "--train_file", "train.jsonl", "--val_file", "val.jsonl", "--work_dir", work,
         "--synth_root", synthetic, "--synth_ratio", 0.5, "--max_iters", 4, "--batch_size", 2, "--img_size", SIZE,
+        "--match_real_exposure",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "6 real + 10 synthetic" in proc.stdout
+    assert "--match_real_exposure: 8 iterations instead of 4" in proc.stdout  # half the draws are real: twice as long
     metrics = json.loads((work / "metrics.json").read_text())
     assert (metrics["real_train"], metrics["synthetic_train"], metrics["synth_ratio"]) == (6, 10, 0.5)
-    assert metrics["iters"] == 4 and 0 <= metrics["mIoU"] <= 100
+    assert (metrics["iters"], metrics["max_iters_requested"], metrics["real_repeat"]) == (8, 4, 1)
+    assert 0 <= metrics["mIoU"] <= 100
+    # Each real image is drawn as often as in a real-only run of 4 iterations at batch 2 (4 * 2 / 6 times).
+    assert metrics["real_draws_per_image"] == pytest.approx(4 * 2 / 6, abs=1e-3)
+    assert metrics["synthetic_draws_per_image"] == pytest.approx(8 * 2 * 0.5 / 10, abs=1e-3)
     # The dumped config rebuilds the same training set on its own (custom_imports names the sampler's module).
     code = (
         "from mmengine.config import Config; from mmengine.registry import init_default_scope;"
@@ -125,6 +133,50 @@ def test_training_on_real_plus_synthetic(real_and_synthetic, tmp_path):
     assert "MixedSourceSampler [6, 10]" in check.stdout
 
 
+def _config(real: Path, synthetic: Path, work_dir: Path, *flags: object):
+    """build_config for the real train split + the synthetic set; no training."""
+    from crfm.segmentation.downstream import build_config, parse_args
+
+    base = ["--data_root", real, "--json_file", "train.jsonl", "--work_dir", work_dir, "--synth_root", synthetic]
+    return build_config(parse_args([str(arg) for arg in (*base, *flags)]))
+
+
+def test_real_repeat_draws_each_real_image_k_times_as_often(real_and_synthetic, tmp_path):
+    from mmengine.dataset import InfiniteSampler
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS
+
+    real, synthetic = real_and_synthetic
+    cfg = _config(real, synthetic, tmp_path, "--real_repeat", 3)
+    assert cfg.train_dataloader.sampler.type == "InfiniteSampler"  # drawn by concatenation, no mixing sampler
+    init_default_scope("mmseg")
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)
+    assert len(dataset) == 3 * 6 + 10
+    stream = iter(InfiniteSampler(dataset, shuffle=True, seed=0))
+    draws = Counter(dataset.get_data_info(next(stream))["img_path"] for _ in range(5 * len(dataset)))  # 5 passes
+    real_paths = {path for path in draws if Path(path).is_relative_to(real.resolve())}
+    assert len(real_paths) == 6 and len(draws) == 16
+    assert {draws[path] for path in real_paths} == {15} and {draws[path] for path in draws.keys() - real_paths} == {5}
+    # Without --real_repeat the training set is what it always was: [real, synthetic].
+    assert len(_config(real, synthetic, tmp_path).train_dataloader.dataset.datasets) == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "iters"),
+    [
+        (["--synth_ratio", 0.3], round(100 / (1 - 0.3))),  # 143
+        (["--real_repeat", 2], round(100 * (2 * 6 + 10) / (2 * 6))),  # 183: 6 real x 2 + 10 synthetic
+        ([], round(100 * (6 + 10) / 6)),  # 267
+    ],
+)
+def test_match_real_exposure_scales_the_schedule(real_and_synthetic, tmp_path, capsys, flags, iters):
+    real, synthetic = real_and_synthetic
+    cfg = _config(real, synthetic, tmp_path, "--max_iters", 100, "--match_real_exposure", *flags)
+    assert cfg.train_cfg.max_iters == iters and cfg.param_scheduler[-1]["end"] == iters
+    assert f"--match_real_exposure: {iters} iterations instead of 100" in capsys.readouterr().out
+    assert _config(real, synthetic, tmp_path, "--max_iters", 100, *flags).train_cfg.max_iters == 100
+
+
 def _error(proc: subprocess.CompletedProcess) -> str:
     """A refused run: exit status 2 and one `error: ...` line on stderr."""
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -136,13 +188,60 @@ def test_bad_mixing_arguments_are_refused(real_and_synthetic, tmp_path):
     real, synthetic = real_and_synthetic
     proc = _train("--data_root", real, "--work_dir", tmp_path / "a", "--synth_ratio", 0.5)
     assert "--synth_ratio needs --synth_root" in _error(proc)
-    proc = _train("--data_root", real, "--work_dir", tmp_path / "b", "--synth_root", synthetic, "--synth_ratio", 1)
-    assert "[0, 1)" in _error(proc)
+    proc = _train("--data_root", real, "--work_dir", tmp_path / "b", "--synth_root", synthetic, "--synth_ratio", 1.5)
+    assert "[0, 1]" in _error(proc)
+    proc = _train("--data_root", real, "--work_dir", tmp_path / "b", "--synth_root", synthetic, "--synth_ratio", 1,
+                  "--match_real_exposure")  # fmt: skip
+    assert "no real image is drawn" in _error(proc)
     proc = _train("--data_root", real, "--work_dir", tmp_path / "c", "--synth_root", tmp_path / "none")
     assert "--synth_root: no index" in _error(proc)
     proc = _train("--data_root", real, "--json_file", "train.jsonl", "--work_dir", tmp_path / "d", "--num_cls", 5)
     assert "lists 6 classes but the class count is 5" in _error(proc)
     assert not any((tmp_path / name).exists() for name in "abcd")  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--synth_root", "SYNTH", "--real_repeat", "0"], "--real_repeat must be >= 1"),
+        (["--real_repeat", "10"], "--real_repeat needs --synth_root"),
+        (["--synth_root", "SYNTH", "--synth_ratio", "0.5", "--real_repeat", "10"], "--real_repeat is for concat"),
+        (["--match_real_exposure"], "--match_real_exposure needs --synth_root"),
+    ],
+)
+def test_bad_repeat_and_exposure_arguments_are_refused(real_and_synthetic, tmp_path, capsys, flags, message):
+    from crfm.segmentation.downstream import main
+
+    real, synthetic = real_and_synthetic
+    flags = [str(synthetic) if flag == "SYNTH" else flag for flag in flags]
+    status = main(["--data_root", str(real), "--work_dir", str(tmp_path / "work"), *flags])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "work").exists()
+
+
+def test_loveda_config_builds(real_and_synthetic, tmp_path):
+    """The packaged SegFormer-B2 LoveDA config: mmseg builds it on a CPU, and the script's overrides apply to it."""
+    import torch
+    from mmengine.config import Config
+    from mmseg.apis import init_model
+    from mmseg.registry import DATASETS
+
+    cfg = Config.fromfile(str(LOVEDA_CONFIG))
+    backbone = cfg.model.backbone
+    assert (backbone.embed_dims, backbone.num_layers, backbone.num_heads) == (64, [3, 4, 6, 3], [1, 2, 5, 8])
+    assert cfg.model.decode_head.num_classes == 7 and cfg.model.decode_head.norm_cfg.type == "BN"
+    assert backbone.init_cfg is None and cfg.train_cfg.max_iters == 40000
+    model = init_model(cfg, device="cpu")
+    with torch.no_grad():
+        logits = model(torch.rand(1, 3, 64, 64), mode="tensor")
+    assert logits.shape == (1, 7, 16, 16)
+    # Merged by the script onto our toy index (6 classes): one sample through LoveDA's crop pipeline.
+    real, synthetic = real_and_synthetic
+    merged = _config(real, synthetic, tmp_path, "--mmseg_config", LOVEDA_CONFIG, "--max_iters", 10, "--real_repeat", 2)
+    assert merged.model.decode_head.num_classes == 6 and merged.param_scheduler[-1]["end"] == 10
+    sample = DATASETS.build(merged.train_dataloader.dataset)[0]
+    assert sample["inputs"].shape[0] == 3 and max(sample["inputs"].shape[1:]) <= 512
 
 
 def test_flags_aliases_and_library_errors(real_and_synthetic, tmp_path):
@@ -166,3 +265,24 @@ def test_flags_aliases_and_library_errors(real_and_synthetic, tmp_path):
         build_config(parse_args([*base, "--json_file", "missing.jsonl"]))
     with pytest.raises(SystemExit):  # a bad flag combination is argparse's usage error, as before
         parse_args([*base, "--synth_ratio", "0.5"])
+
+
+def test_synth_ratio_one_draws_only_synthetic_samples(real_and_synthetic, tmp_path):
+    """--synth_ratio 1 (train on synthetic, test on real): the sampler never draws a real item."""
+    import itertools
+
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATA_SAMPLERS, DATASETS
+
+    from crfm.segmentation.downstream import build_config, parse_args
+
+    real, synthetic = real_and_synthetic
+    args = parse_args(["--data_root", str(real), "--work_dir", str(tmp_path / "w"), "--synth_root", str(synthetic),
+                       "--synth_ratio", "1"])  # fmt: skip
+    cfg = build_config(args)
+    init_default_scope("mmseg")
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)
+    sampler = DATA_SAMPLERS.build({**cfg.train_dataloader.sampler, "dataset": dataset, "seed": 0})
+    real_size = len(dataset.datasets[0])
+    drawn = list(itertools.islice(iter(sampler), 200))
+    assert min(drawn) >= real_size and len(set(drawn)) == len(dataset.datasets[1])

@@ -1,10 +1,11 @@
-"""The whole demo (`python -m crfm.demo --preset ci`): every stage runs, every artefact exists, the summary
+"""The whole demo (`python -m crfm.toy.demo --preset ci`): every stage runs, every artefact exists, the summary
 table is well formed, a second run reuses everything, a lost stage is redone alone, and changed knobs are
 refused."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,11 +19,11 @@ from tests.helpers import REPO
 
 pytest.importorskip("mmseg")
 
-from crfm.toy.demo import PRESETS, STAGES, DemoSettings  # noqa: E402
+from crfm.toy.demo import DOWNSTREAM_NAMES, DOWNSTREAM_ROWS, PRESETS, STAGES, DemoSettings  # noqa: E402
 
 
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "crfm.demo", "--preset", "ci", "--out", str(out), "--no_progress", *extra]
+    cmd = [sys.executable, "-m", "crfm.toy.demo", "--preset", "ci", "--out", str(out), "--no_progress", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
 
@@ -42,22 +43,38 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         assert (out / "stages" / f"{name}.json").is_file(), name
     # Every tool runs as a module of the package (no checkout needed), each command printed before it runs.
     commands = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
-    modules = ["crfm.data.vectorize", "crfm.training.train"]  # the base is the shipped one, copied
-    modules += ["crfm.segmentation.downstream"] * 2 + ["crfm.sampling.synthesis"] * 4 + ["crfm.segmentation.downstream"]
+    modules = ["crfm.data.vectorize"]  # the base is the shipped one, copied
+    modules += ["crfm.segmentation.downstream"] * 2  # guide = real-only, and judge, side by side
+    modules += ["crfm.training.train"] + ["crfm.sampling.synthesis"] * 3  # generator, held-out syntheses
+    modules += ["crfm.sampling.synthesis"] * 2 + ["crfm.segmentation.hardness", "crfm.sampling.synthesis"]
+    modules += ["crfm.segmentation.filter"] * 2 + ["crfm.segmentation.downstream"] * 6
     modules += ["crfm.reflow", "crfm.training.train", "crfm.sampling.synthesis"]  # the few-step stage
     assert [line.split()[3] for line in commands] == modules and all(c.startswith("$ python -m ") for c in commands)
     settings = DemoSettings(**PRESETS["ci"])
-    n_train, n_test = settings.train_scenes, settings.test_scenes
+    n_train, n_test, n_synth = (
+        settings.train_scenes,
+        settings.test_scenes,
+        settings.train_scenes * settings.num_per_mask,
+    )
+    counts = json.loads((out / "hardness.json").read_text())["counts"]
+    assert len(counts) == n_train and {min(counts.values()), max(counts.values())} == {
+        settings.min_per_mask, settings.max_per_mask}  # fmt: skip
     expected_lines = {
         "toydata/train.jsonl": n_train,
         "toydata/val.jsonl": settings.val_scenes,
         "toydata/test.jsonl": n_test,
+        "toydata/extra.jsonl": n_synth,  # as many extra real scenes as synthetic pairs: the upper bound
+        "toydata/train_extra.jsonl": n_train + n_synth,
         "toydata/train_.jsonl": n_train,
         "toydata/test_.jsonl": n_test,
         "synth_plain/index.jsonl": n_test,
         "synth_crfm_paper/index.jsonl": n_test,
         "synth_crfm/index.jsonl": n_test,
-        "synth_train/index.jsonl": n_train * settings.num_per_mask,
+        "synth_train/index.jsonl": n_synth,
+        "synth_train_plain/index.jsonl": n_synth,
+        "synth_train_filtered/index.jsonl": n_synth,
+        "synth_train_resampled/index.jsonl": sum(counts.values()),
+        "synth_train_resampled_filtered/index.jsonl": sum(counts.values()),
         "reflow_pairs/index.jsonl": n_train * settings.reflow_per_mask,
         "synth_fewstep/index.jsonl": n_test,
     }
@@ -65,7 +82,7 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         assert len((out / name).read_text().splitlines()) == count, name
     # The three splits and the judge's scenes are disjoint: no image is in two of them.
     images = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "extra"):
         images[split] = {json.loads(line)["target"] for line in (out / "toydata" / f"{split}.jsonl").open()}
     assert sum(map(len, images.values())) == len(set().union(*images.values()))
     judge_pixels = {(out / "toydata_judge" / json.loads(line)["target"]).read_bytes()
@@ -82,7 +99,9 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         "train/loss_curve.png",
         "seg_real/segmentor.pth",
         "seg_judge/segmentor.pth",
-        "seg_real_synth/segmentor.pth",
+        *(f"{work}/segmentor.pth" for work in DOWNSTREAM_ROWS.values()),
+        "seg_tstr/segmentor.pth",
+        "synth_train_filtered/filter_report.json",
         "synth_crfm/crfm_trace.rank0.jsonl",
         "reflow_pairs/crfm_trace.rank0.jsonl",  # the few-step student's teacher is CRFM-guided
         "student/final/model.safetensors",
@@ -102,9 +121,17 @@ def test_summary_table_is_well_formed(demo_run):
     for images in ("real", "vae", "plain", "crfm_paper", "crfm", "fewstep"):
         row = summary["mask_fidelity"][images]
         assert 0 <= row["judge_mIoU"] <= 100 and 0 <= row["guide_mIoU"] <= 100
-    real, mixed = summary["downstream"]["real_only"], summary["downstream"]["real_plus_synthetic"]
-    assert real["synthetic_train"] == 0 and mixed["real_train"] == real["real_train"]
-    assert mixed["synthetic_train"] == real["real_train"] * DemoSettings(**PRESETS["ci"]).num_per_mask
+    settings = DemoSettings(**PRESETS["ci"])
+    down = summary["downstream"]
+    assert set(down) == {*DOWNSTREAM_ROWS, "tstr", "trtr"} and all(0 <= row["mIoU"] <= 100 for row in down.values())
+    real, mixed = down["real_only"], down["real_synth_filtered"]
+    assert real["synthetic_train"] == 0 and mixed["real_train"] == real["real_train"] == settings.train_scenes
+    assert mixed["synthetic_train"] == settings.train_scenes * settings.num_per_mask
+    # Mixed runs see each real image as often as the real-only run; the extra-real run has their iterations.
+    assert mixed["real_draws_per_image"] == pytest.approx(real["real_draws_per_image"], rel=0.1)
+    assert down["real_extra"]["real_train"] == settings.train_scenes * (1 + settings.num_per_mask)
+    assert down["real_extra"]["iters"] == mixed["iters"] > real["iters"]
+    assert down["tstr"]["real_draws_per_image"] == 0 and down["trtr"] == real  # TSTR: no real image drawn
     assert set(summary["stage_seconds"]) == {name for name, _ in STAGES}
     markdown = (out / "summary.md").read_text()
     assert markdown in proc.stdout  # the printed table is the saved one
@@ -112,13 +139,14 @@ def test_summary_table_is_well_formed(demo_run):
     assert all(line.endswith("|") for line in tables)
     rows = ("| real images through the VAE", "| plain sampling |", "| CRFM, paper settings", "| CRFM, test.py defaults",
             "| few-step: 4-SeqRF student")  # fmt: skip
-    for row in (*rows, "| real only (", "| real + CRFM"):
+    for row in (*rows, *(f"| {name} |" for name in DOWNSTREAM_NAMES.values())):
         assert any(line.startswith(row) for line in tables), row
     # Every data row of the two result tables holds numbers where the header says so.
     for line in tables:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[0].startswith(("plain", "CRFM", "real", "few-step")):
-            assert all(float(c) >= 0 for c in cells[1:]), line
+            numbers = [n for cell in cells[1:] for n in cell.split(" + ") if n]  # "48 + 144" images: two counts
+            assert numbers and all(math.isfinite(float(n)) for n in numbers), line
 
 
 def test_figure_has_a_row_per_mask_and_six_columns(demo_run):
@@ -143,7 +171,8 @@ def test_rerun_reuses_and_a_lost_stage_is_redone(demo_run, tmp_path):
     proc = _demo(copy)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("reused") == len(STAGES) - 1
-    assert proc.stdout.count("$ python") == 1 and "$ python -m crfm.segmentation.downstream " in proc.stdout
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("$ python")]
+    assert len(commands) == 6 and all(c.startswith("$ python -m crfm.segmentation.downstream ") for c in commands)
 
 
 def test_changed_knobs_are_refused(demo_run, tmp_path):

@@ -1,4 +1,4 @@
-"""Pretraining the tiny base (`python -m crfm.tiny OUT --pretrain_on INDEX`) and the base crfm ships."""
+"""Pretraining the tiny base (`python -m crfm.toy.tiny OUT --pretrain_on INDEX`) and the base crfm ships."""
 
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ def corpus(tmp_path_factory) -> Path:
 def fresh_base(tmp_path_factory) -> Path:
     """One random build, copied by each test: tokenizer training is not bit-reproducible across builds."""
     out = tmp_path_factory.mktemp("fresh") / "base"
-    proc = subprocess.run([sys.executable, "-m", "crfm.tiny", str(out), *SMALL[:-4], "--no_progress"],
+    proc = subprocess.run([sys.executable, "-m", "crfm.toy.tiny", str(out), *SMALL[:-4], "--no_progress"],
                           env=subprocess_env(), cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 def _pretrain(out: Path, corpus: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "crfm.tiny", str(out), *SMALL, "--pretrain_on", str(corpus), "--no_progress"]
+    cmd = [sys.executable, "-m", "crfm.toy.tiny", str(out), *SMALL, "--pretrain_on", str(corpus), "--no_progress"]
     cmd += ["--pretrain_steps", str(steps), "--pretrain_batch_size", "2", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
 
@@ -84,7 +84,7 @@ def test_pretraining_refuses_a_folder_of_another_configuration(corpus, tmp_path)
     out = tmp_path / "base"
     assert _pretrain(out, corpus, 1).returncode == 0
     proc = _pretrain(out, corpus, 2, "--layers", "3")
-    assert proc.returncode == 2 and "another configuration" in proc.stderr
+    assert proc.returncode == 2 and "other settings (layers: 2 -> 3)" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -1,7 +1,7 @@
 """Training on reflow pairs (train.py --reflow_pairs): t-schedules, losses, refusals, EMA + resume, 2-RF straightens.
 
 The teacher is the session's perturbed tiny checkpoint (a legacy grey one); its pairs are made in-process with
-`crfm.sampling.reflow_pairs.make_pairs` and the students are trained in-process with `crfm.training.train.train`.
+`crfm.fewstep.pairs.make_pairs` and the students are trained in-process with `crfm.training.train.train`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import crfm.training.train as train_module
-from crfm.training.reflow import ReflowConfig, ReflowPairs, draw_sigmas, parse_t_schedule, pseudo_huber, reflow_loss
+from crfm.fewstep.objective import ReflowConfig, ReflowPairs, draw_sigmas, parse_t_schedule, pseudo_huber, reflow_loss
 from crfm.training.train import build_parser, main, train
 from tests.helpers import REPO, subprocess_env, vectorized_toy_data
 
@@ -31,8 +31,8 @@ BOUNDARIES = (1.0, 0.7, 0.3, 0.0)
 def setup(tiny_sd35_dir, trained_checkpoint, tmp_path_factory) -> dict:
     """8 toy masks at 64 px with their vectors, and two pair sets of the grey teacher (2 noises per mask):
     `k2`: 4 Euler steps, 2 segments (state_2 kept); `k1`: 8 Euler steps, 1 segment."""
-    from crfm.sampling.reflow_pairs import build_parser as pairs_parser
-    from crfm.sampling.reflow_pairs import make_pairs
+    from crfm.fewstep.pairs import build_parser as pairs_parser
+    from crfm.fewstep.pairs import make_pairs
 
     root = tmp_path_factory.mktemp("reflow")
     found = {**vectorized_toy_data(root, tiny_sd35_dir, NUM_MASKS, RESOLUTION, seed=5), "ckpt": trained_checkpoint}
@@ -268,9 +268,9 @@ def test_incompatible_segments_init_checkpoints_and_pairs_are_refused(setup, tmp
 
 
 def test_pairs_are_the_teachers_path(setup):
+    from crfm.fewstep.straightness import VelocityRecorder
     from crfm.sampling.pipeline import MaskToImagePipeline
     from crfm.sampling.sampler import SolverConfig
-    from crfm.sampling.straightness import VelocityRecorder
 
     dataset = ReflowPairs(setup["k2"], setup["data"], setup["vectors"], 6, RESOLUTION, segments=2)
     items = [dataset[i] for i in range(len(dataset))]
@@ -360,9 +360,9 @@ def test_seqrf_with_ema_saves_its_average_and_resumes_exactly(setup, tmp_path, m
 
 def test_2rf_on_the_teachers_pairs_straightens_its_flow(setup, tmp_path):
     """S_1 of the 8-step Euler path on the pairs' masks and noises: teacher vs. a 2-RF student (40 steps)."""
+    from crfm.fewstep.straightness import VelocityRecorder, straightness
     from crfm.sampling.pipeline import MaskToImagePipeline
     from crfm.sampling.sampler import SolverConfig
-    from crfm.sampling.straightness import VelocityRecorder, straightness
 
     dataset = ReflowPairs(setup["k1"], setup["data"], setup["vectors"], 6, RESOLUTION)
     items = [dataset[i] for i in range(len(dataset))]

@@ -37,14 +37,14 @@ def _bad_runs(tmp: Path) -> dict[str, list[str]]:
         "scripts/train_segmentor.py": [
             str(REPO / "scripts" / "train_segmentor.py"), "--data_root", nodata, "--work_dir", str(tmp / "seg")
         ],
-        "crfm.evaluate": [
-            "-m", "crfm.evaluate", "--data_root", nodata, "--num_cls", "6",
+        "crfm.segmentation.evaluate": [
+            "-m", "crfm.segmentation.evaluate", "--data_root", nodata, "--num_cls", "6",
             "--mmseg_config", str(tmp / "no_config.py"), "--mmseg_ckpt", str(tmp / "no_ckpt.pth"),
         ],
-        "crfm.make_index": ["-m", "crfm.make_index", nodata, "--no_progress"],
-        "crfm.tiny": ["-m", "crfm.tiny", str(tmp / "tiny"), "--fit_vae_on", str(tmp / MISSING / "index.jsonl")],
-        "crfm.toydata": ["-m", "crfm.toydata", str(tmp / MISSING / "toy")],  # OUT without --num
-        "crfm.demo": ["-m", "crfm.demo", "--out", str(tmp / "demo"), "--preset", "ci", "--test_scenes", "0"],
+        "crfm.data.make_index": ["-m", "crfm.data.make_index", nodata, "--no_progress"],
+        "crfm.toy.tiny": ["-m", "crfm.toy.tiny", str(tmp / "tiny"), "--fit_vae_on", str(tmp / MISSING / "index.jsonl")],
+        "crfm.toy.toydata": ["-m", "crfm.toy.toydata", str(tmp / MISSING / "toy")],  # OUT without --num
+        "crfm.toy.demo": ["-m", "crfm.toy.demo", "--out", str(tmp / "demo"), "--preset", "ci", "--test_scenes", "0"],
     }  # fmt: skip
 
 
@@ -121,7 +121,7 @@ def _required(parser: argparse.ArgumentParser) -> list[str]:
     """A minimal command line: a dummy value for every required option and positional."""
     argv = []
     for action in parser._actions:  # argparse has no public accessor for its actions
-        value = "1" if action.type in (int, float) else "x"
+        value = "1" if getattr(action.type, "kind", action.type) in (int, float) else "x"  # bounded types: kind
         if not action.option_strings:
             argv.append(value)
         elif action.required:

@@ -25,8 +25,9 @@ from safetensors.torch import save_file
 from crfm.sampling.pipeline import MaskToImageOutput
 from crfm.sampling.synthesis import build_parser as build_synthesis_parser
 from crfm.sampling.synthesis import noise_id, run_units, unit_name
-from crfm.utils.fileio import atomic_path, write_text_atomic
-from crfm.utils.flags import UsageError, entry_point
+from crfm.utils.errors import reading
+from crfm.utils.fileio import atomic_path, refuse_changed_settings, write_text_atomic
+from crfm.utils.flags import UsageError, entry_point, positive_int
 
 PAIRS_META = "reflow_pairs.json"
 PAIRS_FOLDER = "pairs"
@@ -39,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.description = "Reflow pairs of a trained MM-DiT: teacher latents for 2-RF / k-SeqRF / distillation."
     parser.set_defaults(work_dir="work_dirs/reflow_pairs")
     parser._option_string_actions["--work_dir"].help = "pairs folder (latent shards, index.jsonl, reflow_pairs.json)"
+    parser._option_string_actions["--num_per_mask_file"].help = argparse.SUPPRESS  # refused: see check_settings
     parser.add_argument(
         "--segments",
-        type=int,
+        type=positive_int,
         default=1,
         help="also keep the teacher's latents at the K-1 inner boundaries of K equal segments of the uniform "
         "grid (k-SeqRF; needs --sigma_grid uniform and K dividing --num_inference_steps)",
@@ -62,7 +64,7 @@ def pairs_settings(args: argparse.Namespace) -> dict:
     from crfm.sampling.rectify import CRFMConfig
     from crfm.sampling.sampler import SolverConfig
 
-    crfm = CRFMConfig.from_args(args).__dict__ if args.mmseg_config is not None else None
+    crfm = CRFMConfig.from_args(args).record() if args.mmseg_config is not None else None
     return {
         "format": PAIRS_FORMAT,
         "checkpoint": str(Path(args.lora_ckpt).resolve()),
@@ -89,9 +91,15 @@ class LatentWriter:
     name = "reflow"
     folders = (PAIRS_FOLDER,)
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, settings: dict) -> None:
         self.args = args
+        self.settings = settings
         self.save_at = segment_indices(args.num_inference_steps, args.segments)
+
+    def start(self, work_dir: Path) -> None:
+        """The pairs' record, before the first pair (`check_settings` has refused a record of other settings)."""
+        if not (work_dir / PAIRS_META).is_file():
+            write_text_atomic(work_dir / PAIRS_META, json.dumps(self.settings, indent=2) + "\n")
 
     def outputs(self, record: dict) -> list[str]:
         return [record["file"]]
@@ -120,36 +128,30 @@ class LatentWriter:
 
 
 def check_settings(args: argparse.Namespace) -> dict:
-    """The run's settings, written to `reflow_pairs.json`; a work dir holding other pairs is refused."""
+    """The run's settings (`LatentWriter.start` writes them to `reflow_pairs.json`); a work dir holding other pairs
+    is refused."""
+    if args.num_per_mask_file is not None:  # the pairs' settings and noise ids are per --num_per_mask
+        raise UsageError("crfm.reflow takes --num_per_mask, not --num_per_mask_file")
     if args.segments > 1 and args.sigma_grid != "uniform":
         raise UsageError("--segments > 1 needs --sigma_grid uniform (the segment boundaries are its grid points)")
     if args.debug:
         raise UsageError("--debug writes image panels; crfm.reflow keeps latents only")
     segment_indices(args.num_inference_steps, args.segments)
     settings = pairs_settings(args)
-    meta = Path(args.work_dir) / PAIRS_META
-    if meta.is_file():
-        before = json.loads(meta.read_text())
-        changed = sorted(k for k in settings if before.get(k) != settings[k])
-        if changed:
-            raise UsageError(
-                f"{args.work_dir} holds pairs made with other settings ({', '.join(changed)}); use another --work_dir"
-            )
-    else:
-        write_text_atomic(meta, json.dumps(settings, indent=2) + "\n")
+    refuse_changed_settings(Path(args.work_dir) / PAIRS_META, settings, "pairs", "use another --work_dir")
     return settings
 
 
 def make_pairs(args: argparse.Namespace) -> dict:
-    check_settings(args)
-    return run_units(args, LatentWriter(args))
+    return run_units(args, LatentWriter(args, check_settings(args)))
 
 
 def load_pair_latents(work_dir: str | Path, record: dict) -> dict[str, torch.Tensor]:
     """One pair's stored tensors (`latents`, `state_<i>`), from its shard row."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(work_dir) / record["file"]), framework="pt") as handle:
+    path = Path(work_dir) / record["file"]
+    with reading(path, "reflow pair latents"), safe_open(str(path), framework="pt") as handle:
         return {key: handle.get_slice(key)[record["row"] : record["row"] + 1][0] for key in handle.keys()}
 
 

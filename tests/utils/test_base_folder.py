@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crfm.models.base_folder import check_base_folder
+from crfm.utils.base_folder import check_base_folder
 from crfm.utils.flags import UsageError
 from tests.helpers import REPO, subprocess_env
 

@@ -21,7 +21,6 @@ package and its backbone's weights on disk; nothing is downloaded), `lpips+l2` b
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,8 @@ from crfm.data.dataset import PairDataset
 from crfm.data.index import DatasetError, read_index
 from crfm.models.conditioning import encode_mask_condition
 from crfm.training.objective import FlowMatchingLoss, predict, prompts_with_dropout
-from crfm.utils.flags import UsageError
+from crfm.utils.fileio import read_json
+from crfm.utils.flags import UsageError, add_settings_flags, option, positive_int, settings_from_args
 
 T_SCHEDULES = ("uniform", "t0", "t1")  # or a positive integer M
 REFLOW_LOSSES = ("l2", "pseudo_huber", "lpips", "lpips+l2")
@@ -45,25 +45,16 @@ def parse_t_schedule(value: str) -> str:
     raise argparse.ArgumentTypeError(f"must be one of {', '.join(T_SCHEDULES)} or a positive integer, got {value!r}")
 
 
-def add_reflow_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("reflow (training on python -m crfm.reflow's pairs)")
-    add = group.add_argument
-    add("--reflow_pairs", default=None, help="pairs folder: train a 2-RF / k-SeqRF / distilled model on it")
-    add("--init_ckpt", default=None, help="start from this trained checkpoint (the 1-RF teacher), same train mode")
-    add("--t_schedule", type=parse_t_schedule, default="uniform", help="sigma in a segment: uniform, t0, t1 or M")
-    add("--distill", dest="t_schedule", action="store_const", const="t0", help="= --t_schedule t0 (1 step/segment)")
-    add("--reflow_loss", choices=REFLOW_LOSSES, default="l2", help="loss on the velocity (lpips: decoded ends)")
-    add("--seqrf_segments", type=int, default=1, help="K segments (k-SeqRF; 1: 2-rectified flow)")
-    add("--lpips_weights", default=None, help="local backbone weights for --reflow_loss lpips (never downloaded)")
-
-
 @dataclass(frozen=True)
 class ReflowConfig:
+    """How a student is trained on pairs; `add_flags` makes train.py's reflow flags. num_cls, mask_encoding and
+    prompt_dropout are flags of the data, model and objective groups; the boundaries come from the pairs' grid."""
+
     num_cls: int
     mask_encoding: str
     boundaries: tuple[float, ...]  # σ_0 = 1 > … > σ_K = 0 of the trained segments
-    t_schedule: str = "uniform"
-    reflow_loss: str = "l2"
+    t_schedule: str = option("uniform", "sigma in a segment: uniform, t0, t1 or M", kind=parse_t_schedule)
+    reflow_loss: str = option("l2", "loss on the velocity (lpips: decoded ends)", choices=REFLOW_LOSSES)
     prompt_dropout: float = 0.1
     num_train_timesteps: int = 1000
 
@@ -75,18 +66,30 @@ class ReflowConfig:
         if self.reflow_loss not in REFLOW_LOSSES:
             raise ValueError(f"reflow_loss must be one of {REFLOW_LOSSES}, got {self.reflow_loss!r}")
 
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """The fields' flags, with those of the run that reads the pairs (folder, teacher, segments, LPIPS)."""
+        group = parser.add_argument_group("reflow (training on python -m crfm.reflow's pairs)")
+        add = group.add_argument
+        add("--reflow_pairs", default=None, help="pairs folder: train a 2-RF / k-SeqRF / distilled model on it")
+        add("--init_ckpt", default=None, help="start from this trained checkpoint (the 1-RF teacher), same train mode")
+        add_settings_flags(cls, group)
+        add("--distill", dest="t_schedule", action="store_const", const="t0", help="= --t_schedule t0 (1 step/segment)")
+        add("--seqrf_segments", type=positive_int, default=1, help="K segments (k-SeqRF; 1: 2-rectified flow)")
+        add("--lpips_weights", default=None, help="local backbone weights for --reflow_loss lpips (never downloaded)")
+
     @property
     def segments(self) -> int:
         return len(self.boundaries) - 1
 
 
 def read_pairs_meta(pairs_dir: str | Path) -> dict:
-    from crfm.sampling.reflow_pairs import PAIRS_FORMAT, PAIRS_META
+    from crfm.fewstep.pairs import PAIRS_FORMAT, PAIRS_META
 
     path = Path(pairs_dir) / PAIRS_META
     if not path.is_file():
         raise DatasetError(f"{path} not found: --reflow_pairs must be a folder written by python -m crfm.reflow")
-    meta = json.loads(path.read_text())
+    meta = read_json(path, "the pairs' record")
     if meta.get("format") != PAIRS_FORMAT:
         raise DatasetError(f"{path}: format {meta.get('format')!r}, expected {PAIRS_FORMAT}")
     return meta
@@ -95,7 +98,7 @@ def read_pairs_meta(pairs_dir: str | Path) -> dict:
 def trained_grid_indices(meta: Mapping, segments: int) -> tuple[int, ...]:
     """Grid indices 0, …, N of the boundaries of `segments` equal segments of the pairs' N-step uniform grid; the
     inner ones must be stored, so `segments` must divide the pairs' own --segments."""
-    from crfm.sampling.reflow_pairs import segment_indices
+    from crfm.fewstep.pairs import segment_indices
 
     stored = int(meta["segments"])
     if segments < 1 or stored % segments:
@@ -134,7 +137,7 @@ class ReflowPairs(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, position: int) -> dict:
-        from crfm.sampling.reflow_pairs import load_pair_latents
+        from crfm.fewstep.pairs import load_pair_latents
         from crfm.sampling.sampler import initial_noise
 
         sample = dict(self.base[position])
@@ -248,13 +251,10 @@ def build_reflow_loss(
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
     side = args.resolution // vae_scale_factor(vae)
     patch = getattr(model, "module", model).transformer.config.patch_size  # `model` may be wrapped by accelerate
-    config = ReflowConfig(
-        num_cls=args.num_cls,
-        mask_encoding=args.mask_encoding,
+    config = settings_from_args(
+        ReflowConfig,
+        args,
         boundaries=segment_boundaries(scheduler, dataset.meta, args.seqrf_segments, (side, side), patch),
-        t_schedule=args.t_schedule,
-        reflow_loss=args.reflow_loss,
-        prompt_dropout=args.prompt_dropout,
         num_train_timesteps=scheduler.config.num_train_timesteps,
     )
     if args.reflow_loss.startswith("lpips") and perceptual is None:

@@ -7,9 +7,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from crfm.utils.flags import UsageError
+from crfm.utils.constants import WEIGHT_SUFFIXES
+from crfm.utils.errors import UsageError
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 DOWNLOAD_HINT = (
     "download SD3.5 with `huggingface-cli download stabilityai/stable-diffusion-3.5-medium --local-dir "
     "./sd3.5_medium`, or use the shipped tiny base crfm/toy/tiny_sd35_base"

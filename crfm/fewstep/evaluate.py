@@ -24,7 +24,7 @@ import torch
 
 from crfm.data.dataset import PairDataset
 from crfm.data.index import read_index
-from crfm.sampling.rectify import CRFMConfig
+from crfm.sampling.rectify import CRFMConfig, attach_guide, check_guide_flags
 from crfm.sampling.sampler import SOLVERS, SolverConfig
 from crfm.utils.fileio import write_text_atomic
 from crfm.utils.flags import (
@@ -34,6 +34,8 @@ from crfm.utils.flags import (
     add_run_flags,
     add_segmentor_flags,
     entry_point,
+    non_negative,
+    positive_int,
     resolve_device,
 )
 
@@ -46,13 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--judge_config", required=True, help="mmseg config of the judge (never the CRFM guide)")
     add("--judge_ckpt", required=True, help="judge weights (weights-only .pth or .safetensors)")
     add("--runs", nargs="+", default=["euler"], help="SOLVER[:STEPS[:GRID]] each, e.g. euler:4:uniform heun:2 rk45")
-    add("--num_inference_steps", type=int, default=20, help="steps of a run that names none (rk45: CRFM's grid)")
-    add("--resolution", type=int, default=512, help="output side, px")
-    add("--guidance_scale", type=float, default=1.0, help="classifier-free guidance (1.0: off)")
-    add("--batch_size", type=int, default=16, help="images per sampler call")
-    add("--limit", type=int, default=None, help="only the first N masks")
-    add("--straightness_steps", type=int, default=40, help="Euler steps of the path straightness is measured on")
-    add("--straightness_segments", type=int, nargs="*", default=[1, 2, 4], help="K of the S_K reported")
+    add(
+        "--num_inference_steps",
+        type=positive_int,
+        default=20,
+        help="steps of a run that names none (rk45: CRFM's grid)",
+    )
+    add("--resolution", type=positive_int, default=512, help="output side, px")
+    add("--guidance_scale", type=non_negative, default=1.0, help="classifier-free guidance (1.0: off)")
+    add("--batch_size", type=positive_int, default=16, help="images per sampler call")
+    add("--limit", type=positive_int, default=None, help="only the first N masks")
+    add(
+        "--straightness_steps",
+        type=positive_int,
+        default=40,
+        help="Euler steps of the path straightness is measured on",
+    )
+    add("--straightness_segments", type=positive_int, nargs="*", default=[1, 2, 4], help="K of the S_K reported")
     add("--work_dir", default="work_dirs/evaluate_sampling", help="results.json and the plot")
     add_run_flags(parser, seed_help="noise seed (the same noise for every run)", device=True)
     add_segmentor_flags(parser, required=False, purpose="of the CRFM guide (CRFM on in every run when given)")
@@ -117,24 +129,20 @@ def sample_all(
 
 
 def evaluate_sampling(args: argparse.Namespace) -> dict:
+    from crfm.fewstep.straightness import VelocityRecorder, straightness
     from crfm.sampling.pipeline import MaskToImagePipeline, negative_prompt_kwargs
-    from crfm.sampling.straightness import VelocityRecorder, straightness
     from crfm.segmentation.adapter import load_segmentor
     from crfm.segmentation.evaluate import mask_fidelity
 
     runs = [parse_run(text, args) for text in args.runs]  # bad runs are refused before any model loads
-    if (args.mmseg_config is None) != (args.mmseg_ckpt is None):
-        raise UsageError("CRFM needs both --mmseg_config and --mmseg_ckpt")
+    check_guide_flags(args)
     samples = load_masks(args)
     device = resolve_device(args.device)
     pipe = MaskToImagePipeline.from_checkpoint(
         args.lora_ckpt, args.pretrained_model_name_or_path, num_cls=args.num_cls, device=device,
         mask_encoding=args.mask_encoding,
     )  # fmt: skip
-    crfm = None
-    if args.mmseg_config is not None:
-        pipe.segmentor = load_segmentor(args.mmseg_config, args.mmseg_ckpt, device=device, num_cls=args.num_cls)
-        crfm = CRFMConfig.from_args(args)
+    crfm = attach_guide(pipe, args, device)
     judge = load_segmentor(args.judge_config, args.judge_ckpt, device=device, num_cls=args.num_cls)
     negative = negative_prompt_kwargs(args.vectors_path, args.guidance_scale)
     sample_all(pipe, samples[:1], args, SolverConfig(), 1, None, negative)  # warm-up, so the first run's speed is fair
@@ -189,7 +197,7 @@ def evaluate_sampling(args: argparse.Namespace) -> dict:
 
 def merge_batches(recorder, steps: int):
     """The recorder saw batch after batch (`steps` evaluations each): one path over all items."""
-    from crfm.sampling.straightness import VelocityRecorder
+    from crfm.fewstep.straightness import VelocityRecorder
 
     batches = len(recorder.sigmas) // steps
     merged = VelocityRecorder(sigmas=recorder.sigmas[:steps])
