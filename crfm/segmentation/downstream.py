@@ -200,6 +200,12 @@ def draw_shares(real: int, synthetic: int, synth_ratio: float | None, real_repea
     return real_repeat * real / (real_repeat * real + synthetic), synthetic / (real_repeat * real + synthetic)
 
 
+def exposure_matched_iters(real_only_iters: int, real_share: float) -> int:
+    """Iterations at which a run whose draws are `real_share` real sees each real image as often as a real-only run
+    of `real_only_iters` iterations (same batch size)."""
+    return round(real_only_iters / real_share)
+
+
 def _index_length(index_file: Path) -> int:
     return len(read_index(index_file, check_files=False))  # the datasets check the files when built
 
@@ -243,7 +249,7 @@ def _build_config(args: argparse.Namespace) -> tuple[Config, int]:
         real = _index_length(Path(args.data_root) / args.json_file)
         synthetic = _index_length(Path(args.synth_root) / args.synth_file)
         real_share, _ = draw_shares(real, synthetic, args.synth_ratio, args.real_repeat)
-        max_iters = round(requested / real_share)
+        max_iters = exposure_matched_iters(requested, real_share)
         print(
             f"--match_real_exposure: {max_iters} iterations instead of {requested} "
             f"({real_share:.1%} of the draws are real)"

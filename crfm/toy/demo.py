@@ -47,7 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -414,6 +414,10 @@ class Demo:
             "--seed", self.s.seed, *self.quiet(),
         )  # fmt: skip
 
+    def train_segmentors(self, runs: Iterable[tuple[str, list[object]]]) -> None:
+        """(work dir, flags) segmentor runs side by side (`run_together`), each logging to logs/<work dir>.log."""
+        self.run_together([(self.path("logs", f"{w}.log"), "crfm.segmentation.downstream", a) for w, a in runs])
+
     def segmentor_args(
         self, work: str, seed: int, *extra: object, root: str = "toydata", train: str = "train.jsonl",
         val: str = "test.jsonl", config: str | None = None, iters: int | None = None,
@@ -442,7 +446,7 @@ class Demo:
                 iters=self.s.judge_iters,
             ),  # fmt: skip
         }
-        self.run_together([(self.path("logs", f"{w}.log"), "crfm.segmentation.downstream", a) for w, a in runs.items()])
+        self.train_segmentors(runs.items())
 
     def filter_flags(self) -> list[object]:
         seg = self.path("seg_real")
@@ -477,7 +481,9 @@ class Demo:
     def mixed_iters(self) -> int:
         """Iterations of a run with `synth_ratio` synthetic draws that sees each real image as often as the
         real-only run (what `--match_real_exposure` computes): also the real_extra run's, for equal compute."""
-        return round(self.s.seg_iters / (1 - self.s.synth_ratio))
+        from crfm.segmentation.downstream import exposure_matched_iters
+
+        return exposure_matched_iters(self.s.seg_iters, 1 - self.s.synth_ratio)
 
     def downstream(self) -> None:
         config, runs = self.s.config_path(self.s.seg_config), []
@@ -493,7 +499,7 @@ class Demo:
         runs.append(("seg_tstr", self.segmentor_args(
             "seg_tstr", self.s.seed, "--synth_root", self.path("synth_train"), "--synth_ratio", 1, config=config
         )))  # fmt: skip
-        self.run_together([(self.path("logs", f"{work}.log"), "crfm.segmentation.downstream", a) for work, a in runs])
+        self.train_segmentors(runs)
 
     def guide_flags(self, crfm: str | None) -> list[object]:
         """The guide's flags for CRFM off (None), at the paper's settings ("paper") or test.py's defaults."""
