@@ -31,6 +31,8 @@ def check_run(args: argparse.Namespace) -> None:
 
         if args.reflow_pairs is not None:
             raise UsageError("--latents_path serves the flow-matching objective; --reflow_pairs brings its own latents")
+        if args.rot90:
+            raise UsageError("--rot90 turns pixels before encoding; a latent cache holds no turned pairs: drop one")
         check_latent_cache(
             args.latents_path,
             args.pretrained_model_name_or_path,

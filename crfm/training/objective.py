@@ -3,8 +3,9 @@
 As in diffusers' SD3 training examples: x_t = (1 - σ) x + σ ε, the model predicts the velocity ε - x, timesteps
 are drawn from `compute_density_for_timestep_sampling` on the scheduler's training grid and the squared error
 is weighted by `compute_loss_weighting_for_sd3`. Every random draw of a step comes from one generator, in a fixed
-order (flip, posterior sample, noise, timestep density, prompt dropout); `step_generator` makes that generator
-a pure function of (seed, rank, micro-step), so a resumed run draws exactly what an uninterrupted one would.
+order (flip, quarter turns if on, posterior sample, noise, timestep density, prompt dropout); `step_generator`
+makes that generator a pure function of (seed, rank, micro-step), so a resumed run draws exactly what an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class FlowMatchingConfig:
     # Probability of the empty prompt (trains the unconditional branch of CFG).
     prompt_dropout: float = option(0.1, "probability of the empty prompt (for CFG)", kind=probability)
     flip_prob: float = 0.5  # horizontal flip of image and mask together
+    rot90: bool = False  # random quarter turn of image and mask together (drawn after the flip, only when on)
     use_mask: bool = True  # False: the `--no_mask` ablation, the model sees no mask
     mask_encoding: str = DEFAULT_MASK_ENCODING  # crfm.models.conditioning.MASK_ENCODINGS
 
@@ -167,6 +169,13 @@ def prompts_with_dropout(
     return embeds, pooled
 
 
+def quarter_turns(batch: torch.Tensor, turns: list[int] | None) -> torch.Tensor:
+    """Item i turned by `turns[i]` quarter turns in its last two (square) dimensions; `None`: unchanged."""
+    if turns is None:
+        return batch
+    return torch.stack([item.rot90(k, dims=(-2, -1)) for item, k in zip(batch, turns, strict=True)])
+
+
 def flow_matching_loss(
     model,
     vae,
@@ -182,7 +191,8 @@ def flow_matching_loss(
     `vae` may be a `crfm.data.latents.VAEConfig`, only its config is read).
 
     `generator` (a CPU generator, e.g. `step_generator(...)`) makes every random draw, in this order: flip,
-    VAE posterior sample, noise, timestep density, prompt dropout; cached and fresh latents take the same draws.
+    quarter turns (only with `rot90`), VAE posterior sample, noise, timestep density, prompt dropout; cached and
+    fresh latents take the same draws.
     `empty_prompt` holds the empty prompt's `prompt_embeds` [L, D] and `pooled_prompt_embeds` [P], swapped in for
     dropped prompts; `dtype` is the compute dtype of latents and text (the VAE itself runs in its own dtype). The
     VAE is not differentiated through.
@@ -191,12 +201,16 @@ def flow_matching_loss(
 
     first = batch[LATENT_KEY] if LATENT_KEY in batch else batch["image"]
     flip = (torch.rand(first.shape[0], generator=generator) < config.flip_prob).to(first.device)
+    # Drawn only when on, so runs without it keep every later draw (and their results) unchanged.
+    turns = torch.randint(4, (first.shape[0],), generator=generator).tolist() if config.rot90 else None
     if LATENT_KEY in batch:
+        if turns is not None:
+            raise ValueError("quarter turns (--rot90) are drawn on pixels; a latent cache stores no turned pairs")
         latents, mask_latents = cached_pair(batch, flip, generator, vae.config, dtype, config.use_mask)
     else:
-        image = torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"])
+        image = quarter_turns(torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"]), turns)
         if config.use_mask:
-            label = torch.where(flip[:, None, None], batch["label"].flip(-1), batch["label"])
+            label = quarter_turns(torch.where(flip[:, None, None], batch["label"].flip(-1), batch["label"]), turns)
             latents, mask_latents = encode_pair(
                 vae, image, label, config.num_cls, dtype, generator, config.mask_encoding
             )

@@ -210,6 +210,12 @@ def test_a_cache_of_other_settings_is_refused(toy, tmp_path, capsys):
     assert cache_main(cache_argv(toy, unflipped, "--flip_prob", "0")) == 0
     line = refused(capsys, train_argv(toy, work, 1, "--latents_path", str(unflipped)))
     assert "no flipped pairs, which --flip_prob 0.5 needs" in line
+    # Quarter turns are drawn on pixels: neither a cached run nor a cache can have them.
+    assert refused(capsys, [*argv, "--rot90"]).startswith("error: --rot90 turns pixels before encoding")
+    assert cache_main(cache_argv(toy, tmp_path / "turned", "--rot90")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --rot90 is drawn on pixels"), err
+    assert not (tmp_path / "turned").exists()
     assert not work.exists()  # nothing written by any refused run
 
 

@@ -193,6 +193,41 @@ def test_flip_flips_image_and_mask_together(parts):
     assert not torch.allclose(runs["flip"]["mask_hidden_states"], runs["plain"]["mask_hidden_states"])
 
 
+def test_quarter_turns_turn_image_and_mask_together(parts):
+    """--rot90 draws one turn per item after the flip draw; the model sees the hand-turned pair's encoding."""
+    batch, seed = parts["batch"], 5
+    gen = step_generator(seed, 0, 3)
+    flip = torch.rand(BATCH, generator=gen) < 0.0
+    turns = torch.randint(4, (BATCH,), generator=gen).tolist()
+    assert not flip.any() and len(set(turns)) > 1  # the seed turns items differently
+    turned = {
+        **batch,
+        "image": torch.stack([im.rot90(k, dims=(-2, -1)) for im, k in zip(batch["image"], turns, strict=True)]),
+        "label": torch.stack([lb.rot90(k, dims=(-2, -1)) for lb, k in zip(batch["label"], turns, strict=True)]),
+    }
+    runs = {}
+    for name, data, rot90 in (("rot90", batch, True), ("by_hand", turned, False), ("plain", batch, False)):
+        stub = RecordingModel()
+        loss_of(parts, stub, seed=seed, batch=data, flip_prob=0.0, rot90=rot90)
+        runs[name] = stub.calls[0]
+    expected_mask = encode_mask_latents(parts["vae"], turned["label"], NUM_CLS)
+    assert torch.equal(runs["rot90"]["mask_hidden_states"], expected_mask)
+    assert not torch.allclose(runs["rot90"]["mask_hidden_states"], runs["plain"]["mask_hidden_states"])
+    # The image by hand, draws in the documented order: x_t lies on the line from the turned image's latents x0 to
+    # the noise, x_t = (1 - σ) x0 + σ ε, for each item's σ.
+    vae = parts["vae"]
+    with torch.no_grad():
+        x0 = vae.encode(turned["image"]).latent_dist.sample(generator=gen)
+    x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=gen)
+    noisy = runs["rot90"]["noisy"]
+    direction = (noise - x0).flatten(1)
+    sigma = ((noisy - x0).flatten(1) * direction).sum(1) / direction.pow(2).sum(1)
+    on_line = x0 + sigma[:, None, None, None] * (noise - x0)
+    assert torch.allclose(noisy, on_line, atol=1e-5)
+    assert not torch.allclose(noisy, runs["plain"]["noisy"])
+
+
 @pytest.mark.parametrize("use_mask", [True, False])
 def test_use_mask(parts, use_mask):
     stub = RecordingModel()
