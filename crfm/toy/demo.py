@@ -97,7 +97,7 @@ class DemoSettings:
     train_steps: int = 1200
     train_batch_size: int = 8
     learning_rate: float = 1e-3
-    rot90: int = 1
+    rot90: bool = True
     seg_config: str = "toy_segformer"
     judge_config: str = "toy_unet"
     seg_iters: int = 1000
@@ -149,7 +149,8 @@ KNOB_HELP = {
     "train_steps": "MM-DiT fine-tuning steps",
     "train_batch_size": "MM-DiT batch",
     "learning_rate": "MM-DiT AdamW learning rate",
-    "rot90": "1: random quarter turns of each pair while fine-tuning (train.py --rot90); 0: flips only, as the paper",
+    "rot90": "random quarter turns of each pair while fine-tuning (train.py --rot90); --no-rot90: flips only, as the "
+    "paper",
     "seg_config": "mmseg config of the CRFM guide and the downstream segmentors (the real-only one is the guide): a "
     "packaged one (toy_segformer, toy_unet) or a path",
     "judge_config": "mmseg config of the judge: a packaged one (toy_unet: full resolution, sees every class) or a path",
@@ -779,8 +780,6 @@ def check_knobs(settings: DemoSettings) -> None:
     for knob in ("seg_config", "judge_config"):
         if not Path(settings.config_path(getattr(settings, knob))).is_file():
             raise UsageError(f"--{knob} {getattr(settings, knob)}: no such packaged config or file")
-    if settings.rot90 not in (0, 1):
-        raise UsageError(f"--rot90 must be 0 or 1, got {settings.rot90}")
     if settings.base not in BASES:
         raise UsageError(f"--base must be one of {BASES}, got {settings.base!r}")
     if settings.mask_encoding not in MASK_ENCODINGS:
@@ -822,7 +821,10 @@ def build_parser() -> argparse.ArgumentParser:
     knobs = parser.add_argument_group("knobs (override the preset)")
     for field in dataclasses.fields(DemoSettings):
         help_text = f"{KNOB_HELP[field.name]} (default {field.default})"
-        knobs.add_argument(f"--{field.name}", type=type(field.default), default=None, help=help_text)
+        if isinstance(field.default, bool):  # --name / --no-name; None: not given, the preset decides
+            knobs.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            knobs.add_argument(f"--{field.name}", type=type(field.default), default=None, help=help_text)
     add_run_flags(parser, seed_help=None)  # --no_progress; the seed is a knob
     return parser
 

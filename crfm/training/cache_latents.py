@@ -39,7 +39,6 @@ from crfm.data.latents import (
 )
 from crfm.data.vectorize import OVERWRITE_HINT
 from crfm.models.conditioning import encode_mask_condition
-from crfm.utils.errors import UsageError
 from crfm.utils.fileio import refuse_changed_settings, remove_stale_temporaries, write_text_atomic
 from crfm.utils.flags import (
     add_data_flags,
@@ -86,8 +85,6 @@ def cache_latents(args: argparse.Namespace) -> CacheReport:
 
     from crfm.utils.base_folder import check_base_folder
 
-    if args.rot90:
-        raise UsageError("--rot90 is drawn on pixels at each step; a latent cache cannot hold it (train without one)")
     state = PartialState(cpu=not torch.cuda.is_available())
     check_base_folder(args.pretrained_model_name_or_path, ("vae",))
     data_root, latents_dir = Path(args.data_root), Path(args.work_dir)

@@ -48,7 +48,12 @@ class FlowMatchingConfig:
     # Probability of the empty prompt (trains the unconditional branch of CFG).
     prompt_dropout: float = option(0.1, "probability of the empty prompt (for CFG)", kind=probability)
     flip_prob: float = 0.5  # horizontal flip of image and mask together
-    rot90: bool = False  # random quarter turn of image and mask together (drawn after the flip, only when on)
+    # Drawn after the flip, only when on. Not a pair flag: a latent cache cannot hold turned pairs.
+    rot90: bool = option(
+        False,
+        "random quarter turns of image and mask together (aerial scenes have no up; with flips: 8 views of each "
+        "pair); drawn on pixels, so not with --latents_path",
+    )
     use_mask: bool = True  # False: the `--no_mask` ablation, the model sees no mask
     mask_encoding: str = DEFAULT_MASK_ENCODING  # crfm.models.conditioning.MASK_ENCODINGS
 

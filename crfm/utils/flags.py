@@ -233,12 +233,6 @@ def add_pair_flags(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="random horizontal flip of image and mask together (cache_latents: > 0 also caches the flipped pair)",
     )
-    group.add_argument(
-        "--rot90",
-        action="store_true",
-        help="random quarter turns of image and mask together (aerial scenes have no up; with flips: 8 views "
-        "of each pair); drawn on pixels, so not with --latents_path",
-    )
 
 
 def add_run_flags(

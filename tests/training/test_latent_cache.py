@@ -212,9 +212,9 @@ def test_a_cache_of_other_settings_is_refused(toy, tmp_path, capsys):
     assert "no flipped pairs, which --flip_prob 0.5 needs" in line
     # Quarter turns are drawn on pixels: neither a cached run nor a cache can have them.
     assert refused(capsys, [*argv, "--rot90"]).startswith("error: --rot90 turns pixels before encoding")
-    assert cache_main(cache_argv(toy, tmp_path / "turned", "--rot90")) == 2
+    assert cache_main(cache_argv(toy, tmp_path / "turned", "--rot90")) == 2  # not a flag of the cache at all
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --rot90 is drawn on pixels"), err
+    assert len(err) == 1 and err[0].startswith("error: ") and "--rot90" in err[0], err
     assert not (tmp_path / "turned").exists()
     assert not work.exists()  # nothing written by any refused run
 
