@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SETS = ("real", "vae", "plain", "crfm_paper", "crfm", "fewstep")
 DOWNSTREAM = ("real_only", "real_synth_plain", "real_synth", "real_synth_filtered", "real_synth_filtered_resampled",
-              "real_extra", "tstr")  # fmt: skip
+              "real_synth_layouts", "real_mosaic", "real_extra", "tstr")  # fmt: skip
 # Paired differences over seeds: name -> (minuend, subtrahend); "ratio" columns divide instead.
 DIFFERENCES = {
     "CRFM − plain (judge)": ("crfm", "plain"),
@@ -37,6 +37,10 @@ DIFFERENCES = {
     "unfiltered − real only": ("real_synth", "real_only"),
     "filtered − unfiltered": ("real_synth_filtered", "real_synth"),
     "CRFM − plain synthetic (downstream)": ("real_synth", "real_synth_plain"),
+    "new layouts − real only": ("real_synth_layouts", "real_only"),
+    "new layouts − filtered (same masks)": ("real_synth_layouts", "real_synth_filtered"),
+    "real mosaics − real only": ("real_mosaic", "real_only"),
+    "new layouts − real mosaics": ("real_synth_layouts", "real_mosaic"),
     "extra real − real only": ("real_extra", "real_only"),
 }
 RATIOS = {"plain / real (judge)": ("plain", "real"), "TSTR / TRTR": ("tstr", "real_only")}

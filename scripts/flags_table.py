@@ -37,6 +37,7 @@ COMMANDS = (
     Command(
         "python -m crfm.data.make_index", "crfm.data.make_index", "`python -m crfm.data.make_index`, `crfm-make-index`"
     ),
+    Command("python -m crfm.data.layouts", "crfm.data.layouts", "`python -m crfm.data.layouts`, `crfm-layouts`"),
     Command(
         "preprocess/vectorize.py",
         "crfm.data.vectorize",

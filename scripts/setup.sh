@@ -13,7 +13,7 @@ MMCV_SPEC=mmcv==2.1.0
 log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*"; }
 
 # Everything that decides what gets installed; a change to any of it re-runs the install steps.
-fingerprint=$( { cat requirements.txt requirements-dev.txt scripts/setup.sh; echo "$TORCH_SPEC ${CRFM_TORCH_INDEX:-} ${CRFM_WITH_XFORMERS:-}"; } | sha256sum | cut -c1-16)
+fingerprint=$( { cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh; echo "$TORCH_SPEC ${CRFM_TORCH_INDEX:-} ${CRFM_WITH_XFORMERS:-}"; } | sha256sum | cut -c1-16)
 stamp="$VENV/.crfm-setup-done"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$fingerprint" ]] && "$VENV/bin/python" -c \
     "import importlib.util as u; assert all(u.find_spec(m) for m in ('crfm', 'mmseg', 'mmcv._ext'))" 2>/dev/null; then

@@ -182,6 +182,8 @@ DOWNSTREAM_ROWS = {
     "real_synth": "seg_real_synth",
     "real_synth_filtered": "seg_real_synth_filtered",
     "real_synth_filtered_resampled": "seg_real_synth_filtered_resampled",
+    "real_synth_layouts": "seg_real_synth_layouts",
+    "real_mosaic": "seg_real_mosaic",
     "real_extra": "seg_real_extra",
 }
 DOWNSTREAM_NAMES = {
@@ -190,6 +192,8 @@ DOWNSTREAM_NAMES = {
     "real_synth": "real + CRFM synthetic",
     "real_synth_filtered": "real + CRFM synthetic, filtered",
     "real_synth_filtered_resampled": "real + CRFM synthetic, hardness-resampled and filtered",
+    "real_synth_layouts": "real + CRFM synthetic of new layouts (mosaics of the labelled masks), filtered",
+    "real_mosaic": "real + the same mosaics cut from the real pairs (no generator: the control)",
     "real_extra": "real + as many extra real scenes (upper bound)",
 }
 # Mixed downstream runs: work dir -> the synthetic set added to the labelled scenes.
@@ -198,6 +202,8 @@ DOWNSTREAM_MIXES = {
     "seg_real_synth": "synth_train",
     "seg_real_synth_filtered": "synth_train_filtered",
     "seg_real_synth_filtered_resampled": "synth_train_resampled_filtered",
+    "seg_real_synth_layouts": "synth_layouts_filtered",
+    "seg_real_mosaic": "layouts_real",
 }
 SEG_CONFIGS = Path(__file__).resolve().parents[1] / "segmentation" / "configs"  # package data
 BASES = ("pretrained", "scratch")
@@ -396,15 +402,18 @@ class Demo:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # complete or absent
 
-    def vectors(self) -> None:
-        root = self.path("toydata")
+    def vectorize(self, root: str, vectors: str) -> None:
+        """`index.jsonl` of `root` -> prompt vectors in `vectors` and the index `index_.jsonl` that points at them."""
         self.run(
             "crfm.data.vectorize", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
-            "--data_root", root, "--json_file", "index.jsonl", "--out_json_file", "index_.jsonl",
-            "--work_dir", self.path("vectors"), "--max_sequence_length", self.s.max_sequence_length,
+            "--data_root", self.path(root), "--json_file", "index.jsonl", "--out_json_file", "index_.jsonl",
+            "--work_dir", self.path(vectors), "--max_sequence_length", self.s.max_sequence_length,
             "--mixed_precision", "no", "--device", "cpu", *self.quiet(),
         )  # fmt: skip
-        self.split(root / "index_.jsonl", suffix="_")
+
+    def vectors(self) -> None:
+        self.vectorize("toydata", "vectors")
+        self.split(self.path("toydata", "index_.jsonl"), suffix="_")
 
     def generator(self) -> None:
         self.run(
@@ -473,14 +482,31 @@ class Demo:
             "train_.jsonl", "synth_train_resampled", "default", num_per_mask_file=self.path("hardness.json")
         )
 
-    def filter(self) -> None:
+    def filter_synthetic(self, synth: str) -> None:
         """FreeMask: synthetic pixels the real-only segmentor finds implausible for their class -> ignore."""
+        self.run(
+            "crfm.segmentation.filter", *self.filter_flags(), "--json_file", "train.jsonl",
+            "--synth_root", self.path(synth), "--work_dir", self.path(f"{synth}_filtered"),
+            "--tolerance_margin", self.s.tolerance_margin,
+        )  # fmt: skip
+
+    def filter(self) -> None:
         for synth in ("synth_train", "synth_train_resampled"):
+            self.filter_synthetic(synth)
+
+    def layouts(self) -> None:
+        """Layouts no labelled scene has: 2 x 2 mosaics of the labelled masks (as many as synthetic pairs above),
+        CRFM-synthesized and filtered like them; and the same mosaics cut from the real pairs, the control that
+        tells new layouts from new images."""
+        for work, images in (("layouts", []), ("layouts_real", ["--with_images"])):
             self.run(
-                "crfm.segmentation.filter", *self.filter_flags(), "--json_file", "train.jsonl",
-                "--synth_root", self.path(synth), "--work_dir", self.path(f"{synth}_filtered"),
-                "--tolerance_margin", self.s.tolerance_margin,
+                "crfm.data.layouts", "--data_root", self.path("toydata"), "--json_file", "train.jsonl",
+                "--work_dir", self.path(work), "--num_layouts", self.s.extra_scenes, "--seed", self.s.seed,
+                *images, *self.quiet(),
             )  # fmt: skip
+        self.vectorize("layouts", "vectors_layouts")
+        self.synthesize("index_.jsonl", "synth_layouts", "default", root="layouts", vectors="vectors_layouts")
+        self.filter_synthetic("synth_layouts")
 
     def mixed_iters(self) -> int:
         """Iterations of a run with `synth_ratio` synthetic draws that sees each real image as often as the
@@ -517,22 +543,26 @@ class Demo:
             rectify += CRFMConfig.paper().flags()
         return rectify
 
-    def sampling_flags(self, json_file: str, work: str, generator: Path) -> list[object]:
+    def sampling_flags(
+        self, json_file: str, work: str, generator: Path, root: str = "toydata", vectors: str = "vectors"
+    ) -> list[object]:
         """What synthesis (`test.py`) and reflow pairs share."""
         return [
-            "--pretrained_model_name_or_path", self.path("tiny_sd35"), "--data_root", self.path("toydata"),
-            "--json_file", json_file, "--vectors_path", self.path("vectors"), "--lora_ckpt", generator,
+            "--pretrained_model_name_or_path", self.path("tiny_sd35"), "--data_root", self.path(root),
+            "--json_file", json_file, "--vectors_path", self.path(vectors), "--lora_ckpt", generator,
             "--work_dir", self.path(work), "--num_cls", NUM_CLS, "--resolution", self.s.resolution, "--batch_size", 8,
             "--seed", self.s.seed, *self.quiet(),
         ]  # fmt: skip
 
     def synthesize(
-        self, json_file: str, work: str, crfm: str | None, num_per_mask: int = 1, num_per_mask_file: Path | None = None
-    ) -> None:
+        self, json_file: str, work: str, crfm: str | None, num_per_mask: int = 1, num_per_mask_file: Path | None = None,
+        root: str = "toydata", vectors: str = "vectors",
+    ) -> None:  # fmt: skip
         """Synthesis (`test.py`) by the generator, CRFM as in `guide_flags`; counts per mask from a file if given."""
         counts = ["--num_per_mask_file", num_per_mask_file] if num_per_mask_file else ["--num_per_mask", num_per_mask]
+        generator = self.path("train", "final")
         self.run(
-            "crfm.sampling.synthesis", *self.sampling_flags(json_file, work, self.path("train", "final")), *counts,
+            "crfm.sampling.synthesis", *self.sampling_flags(json_file, work, generator, root, vectors), *counts,
             "--num_inference_steps", self.s.num_inference_steps, *self.guide_flags(crfm),
         )  # fmt: skip
 
@@ -628,7 +658,7 @@ class Demo:
             },
             "filter": {
                 synth: json.loads(self.path(f"{synth}_filtered", "filter_report.json").read_text())
-                for synth in ("synth_train", "synth_train_resampled")
+                for synth in ("synth_train", "synth_train_resampled", "synth_layouts")
             },
             "stage_seconds": dict(self.timings),
             "total_seconds": round(sum(self.timings.values()), 1),
@@ -762,6 +792,7 @@ STAGES: list[tuple[str, str]] = [
     ("fidelity", "mask fidelity: real vs VAE ceiling vs plain vs CRFM"),
     ("synth_train", "synthesize the labelled masks: plain and CRFM x num_per_mask, CRFM resampled by hardness"),
     ("filter", "FreeMask filtering of the CRFM pairs: noisy synthetic pixels -> ignore"),
+    ("layouts", "new layouts: mosaics of the labelled masks, CRFM-synthesized and filtered; the same from real pairs"),
     ("downstream", "downstream segmentors: real + synthetic variants, real + extra real, synthetic only (stage c)"),
     ("few_step", "few-step: CRFM-teacher reflow pairs, a k-SeqRF student, held-out masks in a few steps, no segmentor"),
 ]
@@ -854,6 +885,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "fidelity": demo.fidelity,
         "synth_train": demo.synth_train,
         "filter": demo.filter,
+        "layouts": demo.layouts,
         "downstream": demo.downstream,
         "few_step": demo.few_step,
     }

@@ -47,7 +47,10 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
     modules += ["crfm.segmentation.downstream"] * 2  # guide = real-only, and judge, side by side
     modules += ["crfm.training.train"] + ["crfm.sampling.synthesis"] * 3  # generator, held-out syntheses
     modules += ["crfm.sampling.synthesis"] * 2 + ["crfm.segmentation.hardness", "crfm.sampling.synthesis"]
-    modules += ["crfm.segmentation.filter"] * 2 + ["crfm.segmentation.downstream"] * 6
+    modules += ["crfm.segmentation.filter"] * 2
+    modules += ["crfm.data.layouts"] * 2  # new layouts, and the real-image control
+    modules += ["crfm.data.vectorize", "crfm.sampling.synthesis", "crfm.segmentation.filter"]
+    modules += ["crfm.segmentation.downstream"] * 8
     modules += ["crfm.reflow", "crfm.training.train", "crfm.sampling.synthesis"]  # the few-step stage
     assert [line.split()[3] for line in commands] == modules and all(c.startswith("$ python -m ") for c in commands)
     settings = DemoSettings(**PRESETS["ci"])
@@ -75,6 +78,10 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         "synth_train_filtered/index.jsonl": n_synth,
         "synth_train_resampled/index.jsonl": sum(counts.values()),
         "synth_train_resampled_filtered/index.jsonl": sum(counts.values()),
+        "layouts/index.jsonl": n_synth,  # as many new layouts as synthetic pairs of the labelled masks
+        "layouts_real/index.jsonl": n_synth,
+        "synth_layouts/index.jsonl": n_synth,
+        "synth_layouts_filtered/index.jsonl": n_synth,
         "reflow_pairs/index.jsonl": n_train * settings.reflow_per_mask,
         "synth_fewstep/index.jsonl": n_test,
     }
@@ -126,7 +133,8 @@ def test_summary_table_is_well_formed(demo_run):
     assert set(down) == {*DOWNSTREAM_ROWS, "tstr", "trtr"} and all(0 <= row["mIoU"] <= 100 for row in down.values())
     real, mixed = down["real_only"], down["real_synth_filtered"]
     assert real["synthetic_train"] == 0 and mixed["real_train"] == real["real_train"] == settings.train_scenes
-    assert mixed["synthetic_train"] == settings.train_scenes * settings.num_per_mask
+    for key in ("real_synth_filtered", "real_synth_layouts", "real_mosaic"):
+        assert down[key]["synthetic_train"] == settings.train_scenes * settings.num_per_mask, key
     # Mixed runs see each real image as often as the real-only run; the extra-real run has their iterations.
     assert mixed["real_draws_per_image"] == pytest.approx(real["real_draws_per_image"], rel=0.1)
     assert down["real_extra"]["real_train"] == settings.train_scenes * (1 + settings.num_per_mask)
@@ -172,7 +180,7 @@ def test_rerun_reuses_and_a_lost_stage_is_redone(demo_run, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("reused") == len(STAGES) - 1
     commands = [line for line in proc.stdout.splitlines() if line.startswith("$ python")]
-    assert len(commands) == 6 and all(c.startswith("$ python -m crfm.segmentation.downstream ") for c in commands)
+    assert len(commands) == 8 and all(c.startswith("$ python -m crfm.segmentation.downstream ") for c in commands)
 
 
 def test_changed_knobs_are_refused(demo_run, tmp_path):
