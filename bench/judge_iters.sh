@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source "${CRFM_VENV:-.venv}/bin/activate"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 ITERS=${1:-2000}
-RUNS=${RUNS:-outputs/bench_demo/flips_only}
+RUNS=${RUNS:-outputs/bench_demo/default}
 for seed in ${SEEDS:-1 2 0}; do
   # The demo trains its judge with seed + 1 (Demo.segmentors).
   python -m crfm.segmentation.downstream --mmseg_config crfm/segmentation/configs/toy_unet.py \

@@ -75,8 +75,8 @@ IMAGE_SETS = ("real", "vae", *SYNTHESES)
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Every knob of the demo (see KNOB_HELP). Defaults: about 20 minutes on a 2-core CPU after set-up (measured
-    with another demo running beside it)."""
+    """Every knob of the demo (see KNOB_HELP). Defaults: about 16 minutes on a 2-core CPU after set-up, nothing else
+    running (docs/measurements.md#the-demo-run)."""
 
     train_scenes: int = 16
     val_scenes: int = 16
