@@ -332,10 +332,18 @@ class Demo:
     def quiet(self) -> list[str]:
         return [] if self.progress else ["--no_progress"]
 
+    def missing_results(self, name: str) -> list[Path]:
+        """Segmentor results a finished downstream stage lacks: rows added since that run, or deleted ones. The stage
+        is then redone (finished runs resume at their end), so an old output folder gains the new rows."""
+        if name != "downstream":
+            return []
+        works = [*DOWNSTREAM_ROWS.values(), "seg_tstr"]
+        return [path for path in (self.path(work, "metrics.json") for work in works) if not path.is_file()]
+
     def stage(self, number: int, name: str, title: str, action: Callable[[], object]) -> None:
         marker = self.path("stages", f"{name}.json")
         print(f"\n=== [{number}/{len(STAGES)}] {title} ===", flush=True)
-        if marker.is_file():
+        if marker.is_file() and not self.missing_results(name):
             self.timings[name] = json.loads(marker.read_text())["seconds"]
             print(f"done in an earlier run ({self.timings[name]:.0f} s), reused")
             return
