@@ -332,18 +332,15 @@ class Demo:
     def quiet(self) -> list[str]:
         return [] if self.progress else ["--no_progress"]
 
-    def missing_results(self, name: str) -> list[Path]:
-        """Segmentor results a finished downstream stage lacks: rows added since that run, or deleted ones. The stage
-        is then redone (finished runs resume at their end), so an old output folder gains the new rows."""
-        if name != "downstream":
-            return []
-        works = [*DOWNSTREAM_ROWS.values(), "seg_tstr"]
-        return [path for path in (self.path(work, "metrics.json") for work in works) if not path.is_file()]
-
-    def stage(self, number: int, name: str, title: str, action: Callable[[], object]) -> None:
+    def stage(
+        self, number: int, name: str, title: str, action: Callable[[], object],
+        results: Callable[[], list[Path]] | None = None,
+    ) -> None:  # fmt: skip
+        """Run `action` unless an earlier run finished it and left every one of its `results` (a stage that gained
+        results since, e.g. a downstream row added by an update, or lost some is redone; finished parts resume)."""
         marker = self.path("stages", f"{name}.json")
         print(f"\n=== [{number}/{len(STAGES)}] {title} ===", flush=True)
-        if marker.is_file() and not self.missing_results(name):
+        if marker.is_file() and all(path.is_file() for path in (results() if results else [])):
             self.timings[name] = json.loads(marker.read_text())["seconds"]
             print(f"done in an earlier run ({self.timings[name]:.0f} s), reused")
             return
@@ -524,6 +521,13 @@ class Demo:
         return exposure_matched_iters(self.s.seg_iters, 1 - self.s.synth_ratio)
 
     def downstream(self) -> None:
+        self.train_segmentors(self.downstream_runs())
+
+    def downstream_results(self) -> list[Path]:
+        return [self.path(work, "metrics.json") for work, _ in self.downstream_runs()]
+
+    def downstream_runs(self) -> list[tuple[str, list[object]]]:
+        """(work dir, flags) of the downstream segmentors: the mixes, the extra-real upper bound, TSTR."""
         config, runs = self.s.config_path(self.s.seg_config), []
         for work, synth in DOWNSTREAM_MIXES.items():
             runs.append((work, self.segmentor_args(
@@ -537,7 +541,7 @@ class Demo:
         runs.append(("seg_tstr", self.segmentor_args(
             "seg_tstr", self.s.seed, "--synth_root", self.path("synth_train"), "--synth_ratio", 1, config=config
         )))  # fmt: skip
-        self.train_segmentors(runs)
+        return runs
 
     def guide_flags(self, crfm: str | None) -> list[object]:
         """The guide's flags for CRFM off (None), at the paper's settings ("paper") or test.py's defaults."""
@@ -897,9 +901,10 @@ def run_demo(args: argparse.Namespace) -> int:
         "downstream": demo.downstream,
         "few_step": demo.few_step,
     }
+    results = {"downstream": demo.downstream_results}  # what a reused stage must still have
     for number, (name, title) in enumerate(STAGES, 1):
         try:
-            demo.stage(number, name, title, actions[name])
+            demo.stage(number, name, title, actions[name], results.get(name))
         except subprocess.CalledProcessError as exc:
             print(
                 f"\nerror: stage '{name}' failed (exit {exc.returncode}) in the command above. Fix the cause and run "
