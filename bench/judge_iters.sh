@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 ITERS=${1:-2000}
 RUNS=${RUNS:-outputs/bench_demo/default}
 for seed in ${SEEDS:-1 2 0}; do
-  # The demo trains its judge with seed + 1 (Demo.segmentors).
+  # The demo trains its judge with seed + 1 (Demo.real_data_runs).
   python -m crfm.segmentation.downstream --mmseg_config crfm/segmentation/configs/toy_unet.py \
     --data_root "$RUNS/seed$seed/toydata_judge" --json_file train.jsonl --val_file val.jsonl \
     --work_dir "outputs/judge_iters/iters$ITERS/seed$seed" --num_cls 6 --max_iters "$ITERS" --img_size 64 \

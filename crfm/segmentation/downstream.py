@@ -162,9 +162,11 @@ def _scale_schedule(schedulers: list, old_iters: int, new_iters: int) -> list:
 
 
 def _set_resize(pipeline: list, size: tuple[int, int]) -> None:
+    """Every resize of a pipeline, also those inside wrappers (`CachedCompose`, mmcv's `Compose`)."""
     for step in pipeline:
         if step.get("type") in ("Resize", "RandomResize"):
             step["scale"] = size
+        _set_resize(step.get("transforms", []), size)
 
 
 def _class_count(index_file: Path) -> int | None:

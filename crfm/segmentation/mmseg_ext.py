@@ -1,21 +1,24 @@
 """crfm's mmseg extensions, registered on import: the one module configs name in `custom_imports`.
 
 - `CRFMIndexDataset` (mmseg `DATASETS`): our `index.jsonl` layout as an mmseg dataset;
-- `MixedSourceSampler` (mmseg `DATA_SAMPLERS`): draws real vs synthetic samples at a set ratio.
+- `MixedSourceSampler` (mmseg `DATA_SAMPLERS`): draws real vs synthetic samples at a set ratio;
+- `CachedCompose` (mmseg `TRANSFORMS`): mmcv's `Compose` of deterministic steps, run once per image.
 
     custom_imports = dict(imports=["crfm.segmentation.mmseg_ext"], allow_failed_imports=False)
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from mmcv.transforms import Compose
 from mmengine.dist import get_dist_info, sync_random_seed
 from mmseg.datasets import BaseSegDataset
-from mmseg.registry import DATA_SAMPLERS, DATASETS
+from mmseg.registry import DATA_SAMPLERS, DATASETS, TRANSFORMS
 from torch.utils.data import Sampler
 
 from crfm.data.index import CLASSES_FILE, IGNORE_INDEX, read_classes_json, read_index
@@ -104,3 +107,23 @@ class MixedSourceSampler(Sampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Infinite stream: nothing depends on the epoch (mmengine calls this on every sampler)."""
+
+
+@TRANSFORMS.register_module()
+class CachedCompose(Compose):
+    """mmcv's `Compose`, whose output for a sample (its image and label paths) is computed once and copied after.
+
+    Only for deterministic steps (loading, a fixed-size resize), and for datasets that fit in memory: a small-image
+    training run draws each of a few dozen images hundreds of times, and decoding the PNGs again each time was an
+    eighth of the toy segmentors' step. Random transforms go after it, so every draw is still augmented anew.
+    """
+
+    def __init__(self, transforms) -> None:
+        super().__init__(transforms)
+        self._cache: dict[tuple[str, str | None], dict | None] = {}
+
+    def transform(self, results: dict) -> dict | None:
+        key = (results["img_path"], results.get("seg_map_path"))
+        if key not in self._cache:
+            self._cache[key] = super().transform(results)
+        return copy.deepcopy(self._cache[key])

@@ -6,24 +6,27 @@ Stages (each prints the command it runs, so every step can be repeated by hand a
 low-label regime: a generator pretrained on a large unlabelled corpus is fine-tuned with masks on a few scenes.
  1. toy remote-sensing scenes: a held-out split (only for the tables), a validation split (for choices, in
     `bench/`), a small labelled split, as many further real scenes as synthetic ones (the `real_extra` upper
-    bound), and separate scenes for the judge (another seed);
+    bound), separate scenes for the judge (another seed), and 2 x 2 mosaics cut from the labelled pairs
+    (`crfm.data.layouts --with_images`, the `real_mosaic` control);
  2. the base: a copy of the shipped pretrained tiny SD3.5 (`crfm/toy/tiny_sd35_base`), or `--base scratch`;
  3. prompt vectors (`crfm.data.vectorize`, i.e. `preprocess/vectorize.py`);
- 4. segmentors (`crfm.segmentation.downstream`, i.e. `scripts/train_segmentor.py`; mmseg), run side by side: the
-    frozen CRFM guide (the toy SegFormer) and the real-only downstream segmentor (`--seg_config`, which also filters
-    and ranks) on the labelled split only; the judge (`--seg_config`, a full-resolution U-Net) on its own scenes;
-    it scores mask fidelity and never guides;
- 5. the mask-conditioned MM-DiT fine-tuned on the labelled split (`crfm.training.train`, i.e. `train.py`), stage (a);
- 6. synthesis of the held-out masks from the same noise (`crfm.sampling.synthesis`, i.e. `test.py`), stage (b):
+ 4. the models, side by side, one core each: the mask-conditioned MM-DiT fine-tuned on the labelled split
+    (`crfm.training.train`, i.e. `train.py`), stage (a); beside it, one after another, the segmentors that need no
+    synthetic data (`crfm.segmentation.downstream`, i.e. `scripts/train_segmentor.py`; mmseg): the frozen CRFM
+    guide, which is also the real-only downstream segmentor and filters and ranks (`--seg_config`), on the
+    labelled split only; the judge (`--judge_config`, a full-resolution U-Net) on its own scenes, which scores mask
+    fidelity and never guides; and the downstream rows of real data alone (extra real scenes, real mosaics);
+ 5. synthesis of the held-out masks from the same noise (`crfm.sampling.synthesis`, i.e. `test.py`), stage (b):
     plain, CRFM at the paper's settings, and CRFM at test.py's defaults;
- 7. mask fidelity of the real held-out images, of the same images through the VAE (the ceiling), and of the
+ 6. mask fidelity of the real held-out images, of the same images through the VAE (the ceiling), and of the
     three syntheses;
- 8. synthesis of the *labelled* masks (held-out masks would leak held-out labels into training): plain and CRFM
+ 7. synthesis of the *labelled* masks (held-out masks would leak held-out labels into training): plain and CRFM
     x`num_per_mask`, and CRFM with more images for harder masks (`crfm.segmentation.hardness`);
- 9. FreeMask-style filtering of the CRFM pairs (`crfm.segmentation.filter`): noisy synthetic pixels -> ignore;
-10. downstream, stage (c): segmentors on real + synthetic (plain, CRFM, filtered, filtered and resampled), on real
-    + as many extra real scenes, and on the synthetic pairs alone, all scored on the held-out real scenes; mixed
-    runs see each real image as often as the real-only run (`--match_real_exposure`);
+ 8. FreeMask-style filtering of the CRFM pairs (`crfm.segmentation.filter`): noisy synthetic pixels -> ignore;
+ 9. new layouts: 2 x 2 mosaics of the labelled masks (`crfm.data.layouts`), CRFM-synthesized and filtered;
+10. downstream, stage (c): segmentors on real + synthetic (plain, CRFM, filtered, filtered and resampled, new
+    layouts) and on the synthetic pairs alone, all scored on the held-out real scenes like the real-data rows of
+    stage 4; mixed runs see each real image as often as the real-only run (`--match_real_exposure`);
 11. few-step (docs/fewstep.md): reflow pairs of the labelled masks from the CRFM-guided generator
     (`crfm.reflow`), a k-SeqRF (or 2-RF) student trained on them (`train.py --reflow_pairs`), and the held-out masks
     drawn by the student in `--few_step` Euler steps with no segmentor, scored like the other syntheses;
@@ -32,7 +35,8 @@ low-label regime: a generator pretrained on a large unlabelled corpus is fine-tu
 
 Every tool runs as `python -m <module>` of the installed (or checked-out) package, so no checkout is needed.
 A re-run reuses every finished stage; an interrupted stage resumes (training from its last checkpoint,
-synthesis from its last written image, segmentors from mmengine's checkpoint). `--fresh` starts over.
+synthesis from its last written image, segmentors from mmengine's checkpoint; a segmentor that wrote its
+metrics is kept). `--fresh` starts over.
 Changing a knob against an existing --out is refused (use --fresh or another --out), so results never mix
 settings.
 """
@@ -49,6 +53,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import crfm
@@ -169,7 +174,8 @@ KNOB_HELP = {
     "reflow_per_mask": "CRFM-teacher reflow pairs per labelled mask, for the few-step student",
     "reflow_train_steps": "training steps of the few-step student (started from the generator)",
     "figure_rows": "held-out masks shown in samples.png",
-    "parallel": "independent segmentor runs at once, one thread each (1: one after another, all threads)",
+    "parallel": "independent runs at once, one thread each: the generator beside the real-data segmentors, then the "
+    "downstream segmentors (1: one after another, all threads)",
     "seed": "seed of data, models, noise (the judge's scenes use seed + 500)",
 }
 
@@ -203,8 +209,9 @@ DOWNSTREAM_MIXES = {
     "seg_real_synth_filtered": "synth_train_filtered",
     "seg_real_synth_filtered_resampled": "synth_train_resampled_filtered",
     "seg_real_synth_layouts": "synth_layouts_filtered",
-    "seg_real_mosaic": "layouts_real",
 }
+# The control: the labelled pairs cut into the same mosaics as the new layouts (work dir, mosaics' folder).
+REAL_MOSAIC = ("seg_real_mosaic", "layouts_real")
 SEG_CONFIGS = Path(__file__).resolve().parents[1] / "segmentation" / "configs"  # package data
 BASES = ("pretrained", "scratch")
 SHIPPED_RESOLUTION = 64  # the shipped base's position grid covers exactly 64 px images (8 x 8 tokens)
@@ -301,16 +308,22 @@ class Demo:
         print(f"$ python -m {module} {shown}", flush=True)
         return [sys.executable, "-m", module, *args]
 
-    def run(self, module: str, *cmd: object) -> None:
-        """One command in this process's folder, its output shown."""
-        subprocess.run(self.command(module, *cmd), check=True, env=self.env)
+    def run(self, module: str, *cmd: object, one_thread: bool = False) -> None:
+        """One command in this process's folder, its output shown; on one thread while others run beside it."""
+        env = {**self.env, "OMP_NUM_THREADS": "1"} if one_thread else self.env
+        subprocess.run(self.command(module, *cmd), check=True, env=env)
 
-    def run_together(self, jobs: list[tuple[Path, str, list[object]]]) -> None:
-        """Independent commands (log file, module, args), `parallel` at a time on one thread each: the small models
-        of the demo use two cores better as two processes than as two threads of one. Each command's output goes to
-        its log file; its last line is shown, and a failure shows the log's end and stops the stage."""
+    def run_together(
+        self, jobs: list[tuple[Path, str, list[object]]], lanes: int | None = None,
+        beside: Callable[[], object] | None = None,
+    ) -> None:  # fmt: skip
+        """Independent commands (log file, module, args), `lanes` (default `parallel`) at a time on one thread each:
+        the small models of the demo use two cores better as two processes than as two threads of one. Each
+        command's output goes to its log file; its last line is shown, and a failure shows the log's end and stops
+        the stage. `beside` runs in this thread meanwhile (after every command was printed)."""
         from concurrent.futures import ThreadPoolExecutor
 
+        lanes = self.s.parallel if lanes is None else lanes
         env = {**self.env, "OMP_NUM_THREADS": "1"} if self.s.parallel > 1 else self.env
         commands = [(log, self.command(module, *args)) for log, module, args in jobs]
 
@@ -325,9 +338,12 @@ class Demo:
                 raise subprocess.CalledProcessError(done.returncode, argv)
             print(f"[{log.name}] {lines[-1] if lines else ''}", flush=True)
 
-        with ThreadPoolExecutor(max(1, self.s.parallel)) as pool:
-            for _ in pool.map(one, commands):  # re-raises the first failure
-                pass
+        with ThreadPoolExecutor(max(1, lanes)) as pool:
+            running = [pool.submit(one, command) for command in commands]
+            if beside is not None:
+                beside()
+            for job in running:
+                job.result()  # re-raises the first failure
 
     def quiet(self) -> list[str]:
         return [] if self.progress else ["--no_progress"]
@@ -378,6 +394,7 @@ class Demo:
         cut = judge_val_scenes(len(lines))
         write_text_atomic(judge_root / "train.jsonl", "".join(lines[cut:]))
         write_text_atomic(judge_root / "val.jsonl", "".join(lines[:cut]))
+        self.mosaics(REAL_MOSAIC[1], "--with_images")  # the control: real data only, trained beside the generator
         print(
             f"{self.s.test_scenes} held-out + {self.s.val_scenes} validation + {self.s.train_scenes} labelled + "
             f"{self.s.extra_scenes} extra real scenes in {root}; {self.s.judge_scenes} judge scenes (seed "
@@ -420,7 +437,10 @@ class Demo:
         self.vectorize("toydata", "vectors")
         self.split(self.path("toydata", "index_.jsonl"), suffix="_")
 
-    def generator(self) -> None:
+    def generator(self, one_thread: bool = False) -> None:
+        if self.path("train", "summary.json").is_file():  # train.py resumed at its end would rewrite a blank summary
+            print("generator: finished in an earlier run, kept", flush=True)
+            return
         self.run(
             "crfm.training.train", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
             "--data_root", self.path("toydata"), "--json_file", "train_.jsonl", "--vectors_path", self.path("vectors"),
@@ -430,11 +450,22 @@ class Demo:
             "--lr_warmup_steps", min(50, self.s.train_steps // 10), "--checkpointing_steps",
             max(1, self.s.train_steps // 4), "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest",
             "--seed", self.s.seed, *(["--rot90"] if self.s.rot90 else []), *self.quiet(),
+            one_thread=one_thread,
         )  # fmt: skip
 
-    def train_segmentors(self, runs: Iterable[tuple[str, list[object]]]) -> None:
-        """(work dir, flags) segmentor runs side by side (`run_together`), each logging to logs/<work dir>.log."""
-        self.run_together([(self.path("logs", f"{w}.log"), "crfm.segmentation.downstream", a) for w, a in runs])
+    def train_segmentors(
+        self, runs: Iterable[tuple[str, list[object]]], lanes: int | None = None,
+        beside: Callable[[], object] | None = None,
+    ) -> None:  # fmt: skip
+        """(work dir, flags) segmentor runs side by side (`run_together`, also its `lanes` and `beside`), each logging
+        to logs/<work dir>.log. A run whose metrics.json exists finished in an earlier run and is kept."""
+        jobs = []
+        for work, args in runs:
+            if self.path(work, "metrics.json").is_file():
+                print(f"{work}: finished in an earlier run, kept", flush=True)
+            else:
+                jobs.append((self.path("logs", f"{work}.log"), "crfm.segmentation.downstream", args))
+        self.run_together(jobs, lanes, beside)
 
     def segmentor_args(
         self, work: str, seed: int, *extra: object, root: str = "toydata", train: str = "train.jsonl",
@@ -449,22 +480,37 @@ class Demo:
             "--seed", seed, "--device", "cpu", *extra,
         ]  # fmt: skip
 
-    def segmentors(self) -> None:
-        """Two independent runs side by side: on the labelled scenes, the segmentor (`seg_config`) that guides CRFM
-        and is the real-only downstream row, filters synthetic pixels and ranks masks by hardness, as a user's one
-        segmentor would; on its own scenes, the judge (`judge_config`), scored on its own validation scenes."""
-        runs = {
-            "seg_real": self.segmentor_args("seg_real", self.s.seed, config=self.s.config_path(self.s.seg_config)),
-            "seg_judge": self.segmentor_args(
-                "seg_judge",
-                self.s.seed + 1,
-                root="toydata_judge",
-                val="val.jsonl",
-                config=self.s.config_path(self.s.judge_config),
-                iters=self.s.judge_iters,
-            ),  # fmt: skip
-        }
-        self.train_segmentors(runs.items())
+    def real_data_runs(self) -> list[tuple[str, list[object]]]:
+        """(work dir, flags) of the segmentors that need no synthetic data: on the labelled scenes, the segmentor
+        (`seg_config`) that guides CRFM and is the real-only downstream row, filters synthetic pixels and ranks masks
+        by hardness, as a user's one segmentor would; on its own scenes, the judge (`judge_config`), scored on its
+        own validation scenes; and the downstream rows of real data alone: extra real scenes, real mosaics."""
+        config = self.s.config_path(self.s.seg_config)
+        return [
+            ("seg_real", self.segmentor_args("seg_real", self.s.seed, config=config)),
+            ("seg_judge", self.segmentor_args(
+                "seg_judge", self.s.seed + 1, root="toydata_judge", val="val.jsonl",
+                config=self.s.config_path(self.s.judge_config), iters=self.s.judge_iters,
+            )),
+            ("seg_real_extra", self.segmentor_args(
+                "seg_real_extra", self.s.seed, train="train_extra.jsonl", config=config, iters=self.mixed_iters()
+            )),
+            self.mixed_run(*REAL_MOSAIC),
+        ]  # fmt: skip
+
+    def models(self) -> None:
+        """The generator on one core and, beside it, the real-data segmentors one after another on the other(s):
+        neither needs the other, and one process per core beats two threads per process for these small models
+        (`--parallel 1`: one after another, all threads each)."""
+        if self.s.parallel < 2:
+            self.train_segmentors(self.real_data_runs())
+            self.generator()
+        else:
+            generator = partial(self.generator, one_thread=True)
+            self.train_segmentors(self.real_data_runs(), lanes=self.s.parallel - 1, beside=generator)
+
+    def models_results(self) -> list[Path]:
+        return [self.path("train", "summary.json"), *(self.path(w, "metrics.json") for w, _ in self.real_data_runs())]
 
     def filter_flags(self) -> list[object]:
         seg = self.path("seg_real")
@@ -499,16 +545,19 @@ class Demo:
         for synth in ("synth_train", "synth_train_resampled"):
             self.filter_synthetic(synth)
 
+    def mosaics(self, work: str, *images: str) -> None:
+        """2 x 2 mosaics of the labelled masks, as many as synthetic pairs per run (with `--with_images`, cut from the
+        real pairs too); the same seed, so the synthetic layouts and the real-image control share their masks."""
+        self.run(
+            "crfm.data.layouts", "--data_root", self.path("toydata"), "--json_file", "train.jsonl",
+            "--work_dir", self.path(work), "--num_layouts", self.s.extra_scenes, "--seed", self.s.seed,
+            *images, *self.quiet(),
+        )  # fmt: skip
+
     def layouts(self) -> None:
-        """Layouts no labelled scene has: 2 x 2 mosaics of the labelled masks (as many as synthetic pairs above),
-        CRFM-synthesized and filtered like them; and the same mosaics cut from the real pairs, the control that
-        tells new layouts from new images."""
-        for work, images in (("layouts", []), ("layouts_real", ["--with_images"])):
-            self.run(
-                "crfm.data.layouts", "--data_root", self.path("toydata"), "--json_file", "train.jsonl",
-                "--work_dir", self.path(work), "--num_layouts", self.s.extra_scenes, "--seed", self.s.seed,
-                *images, *self.quiet(),
-            )  # fmt: skip
+        """Layouts no labelled scene has, CRFM-synthesized and filtered like the labelled masks' pairs; the same
+        mosaics cut from the real pairs (the data stage) are the control that tells new layouts from new images."""
+        self.mosaics("layouts")
         self.vectorize("layouts", "vectors_layouts")
         self.synthesize("index_.jsonl", "synth_layouts", "default", root="layouts", vectors="vectors_layouts")
         self.filter_synthetic("synth_layouts")
@@ -526,20 +575,22 @@ class Demo:
     def downstream_results(self) -> list[Path]:
         return [self.path(work, "metrics.json") for work, _ in self.downstream_runs()]
 
+    def mixed_run(self, work: str, synth: str) -> tuple[str, list[object]]:
+        """(work dir, flags) of a downstream segmentor on the labelled scenes + the pairs in `synth`, `synth_ratio`
+        of the draws, each real image drawn as often as in the real-only run."""
+        return (work, self.segmentor_args(
+            work, self.s.seed, "--synth_root", self.path(synth), "--synth_ratio", self.s.synth_ratio,
+            "--match_real_exposure", config=self.s.config_path(self.s.seg_config),
+        ))  # fmt: skip
+
     def downstream_runs(self) -> list[tuple[str, list[object]]]:
-        """(work dir, flags) of the downstream segmentors: the mixes, the extra-real upper bound, TSTR."""
-        config, runs = self.s.config_path(self.s.seg_config), []
-        for work, synth in DOWNSTREAM_MIXES.items():
-            runs.append((work, self.segmentor_args(
-                work, self.s.seed, "--synth_root", self.path(synth), "--synth_ratio", self.s.synth_ratio,
-                "--match_real_exposure", config=config,
-            )))  # fmt: skip
-        runs.append(("seg_real_extra", self.segmentor_args(
-            "seg_real_extra", self.s.seed, train="train_extra.jsonl", config=config, iters=self.mixed_iters()
-        )))  # fmt: skip
+        """(work dir, flags) of the downstream segmentors that need synthetic pairs: the mixes and TSTR (the
+        real-data rows are trained beside the generator, `real_data_runs`)."""
+        runs = [self.mixed_run(work, synth) for work, synth in DOWNSTREAM_MIXES.items()]
         # Train on synthetic, test on real: the CRFM pairs of the labelled masks alone, the real-only run's recipe.
         runs.append(("seg_tstr", self.segmentor_args(
-            "seg_tstr", self.s.seed, "--synth_root", self.path("synth_train"), "--synth_ratio", 1, config=config
+            "seg_tstr", self.s.seed, "--synth_root", self.path("synth_train"), "--synth_ratio", 1,
+            config=self.s.config_path(self.s.seg_config),
         )))  # fmt: skip
         return runs
 
@@ -795,17 +846,17 @@ STAGES: list[tuple[str, str]] = [
     ("pipeline", "the base: the shipped pretrained tiny SD3.5 (or a scratch one, --base scratch)"),
     ("vectors", "prompt vectors (SD3 encode_prompt)"),
     (
-        "segmentors",
-        "segmentors (mmseg): the CRFM guide = real-only downstream segmentor on the labelled split, the judge "
-        "(full-resolution U-Net) on its own scenes",
+        "models",
+        "train the mask-conditioned MM-DiT (paper stage a); beside it the segmentors (mmseg) of real data: the CRFM "
+        "guide = real-only downstream segmentor, the judge (full-resolution U-Net, its own scenes), real + extra real, "
+        "real + real mosaics",
     ),
-    ("generator", "train the mask-conditioned MM-DiT (paper stage a)"),
     ("synthesis", "synthesize the held-out masks: plain, CRFM paper settings, CRFM defaults; same seeds (stage b)"),
     ("fidelity", "mask fidelity: real vs VAE ceiling vs plain vs CRFM"),
     ("synth_train", "synthesize the labelled masks: plain and CRFM x num_per_mask, CRFM resampled by hardness"),
     ("filter", "FreeMask filtering of the CRFM pairs: noisy synthetic pixels -> ignore"),
-    ("layouts", "new layouts: mosaics of the labelled masks, CRFM-synthesized and filtered; the same from real pairs"),
-    ("downstream", "downstream segmentors: real + synthetic variants, real + extra real, synthetic only (stage c)"),
+    ("layouts", "new layouts: mosaics of the labelled masks, CRFM-synthesized and filtered"),
+    ("downstream", "downstream segmentors: real + each synthetic set, synthetic only (stage c)"),
     ("few_step", "few-step: CRFM-teacher reflow pairs, a k-SeqRF student, held-out masks in a few steps, no segmentor"),
 ]
 
@@ -891,8 +942,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "data": demo.data,
         "pipeline": demo.pipeline,
         "vectors": demo.vectors,
-        "generator": demo.generator,
-        "segmentors": demo.segmentors,
+        "models": demo.models,
         "synthesis": lambda: [demo.synthesize("test_.jsonl", work, crfm) for work, crfm in SYNTHESES.values()],
         "fidelity": demo.fidelity,
         "synth_train": demo.synth_train,
@@ -901,7 +951,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "downstream": demo.downstream,
         "few_step": demo.few_step,
     }
-    results = {"downstream": demo.downstream_results}  # what a reused stage must still have
+    results = {"models": demo.models_results, "downstream": demo.downstream_results}  # a reused stage still has them
     for number, (name, title) in enumerate(STAGES, 1):
         try:
             demo.stage(number, name, title, actions[name], results.get(name))

@@ -190,7 +190,13 @@ def train(args: argparse.Namespace) -> dict:
             break
     bar.close()
 
-    seconds_per_step = (time.perf_counter() - start) / max(1, global_step - start_step)
+    if global_step > start_step:
+        seconds_per_step = (time.perf_counter() - start) / (global_step - start_step)
+    else:  # resumed at the budget: nothing trained in this run, so the run that trained speaks for it
+        records = read_loss_log(loss_log)
+        last_loss = records[-1]["loss"] if records else last_loss
+        earlier = work_dir / "summary.json"
+        seconds_per_step = json.loads(earlier.read_text())["seconds_per_step"] if earlier.is_file() else float("nan")
     if args.record_batches:
         record_rank(work_dir, accelerator.process_index, seen_positions, accelerator.unwrap_model(model))
     accelerator.wait_for_everyone()

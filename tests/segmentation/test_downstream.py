@@ -286,3 +286,48 @@ def test_synth_ratio_one_draws_only_synthetic_samples(real_and_synthetic, tmp_pa
     real_size = len(dataset.datasets[0])
     drawn = list(itertools.islice(iter(sampler), 200))
     assert min(drawn) >= real_size and len(set(drawn)) == len(dataset.datasets[1])
+
+
+def test_cached_loading_gives_the_plain_pipelines_samples_and_decodes_each_file_once(
+    real_and_synthetic, tmp_path, monkeypatch
+):
+    """The toy configs load and resize through `CachedCompose`: the same samples, flips included, as the plain steps;
+    each PNG decoded once however often it is drawn; a draw changed in place leaves the next draw as it was."""
+    import copy
+
+    import mmcv
+    import numpy as np
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS
+
+    real, synthetic = real_and_synthetic
+    cfg = _config(real, synthetic, tmp_path, "--img_size", 32)
+    cached_cfg = cfg.train_dataloader.dataset.datasets[0]
+    first = cached_cfg.pipeline[0]
+    assert first.type == "CachedCompose" and [t.type for t in first.transforms][-1] == "Resize"
+    assert first.transforms[-1].scale == (32, 32)  # --img_size reaches a resize inside the wrapper
+    plain_cfg = copy.deepcopy(cached_cfg)
+    plain_cfg.pipeline = [*first.transforms, *cached_cfg.pipeline[1:]]
+    init_default_scope("mmseg")
+    decodes = []
+    decode = mmcv.imfrombytes
+    monkeypatch.setattr(mmcv, "imfrombytes", lambda *a, **k: decodes.append(1) or decode(*a, **k))
+
+    def two_passes(dataset_cfg) -> list[dict]:
+        dataset = DATASETS.build(dataset_cfg)
+        np.random.seed(0)  # RandomFlip draws from numpy's global state
+        return [dataset[i % len(dataset)] for i in range(2 * len(dataset))]
+
+    plain = two_passes(plain_cfg)
+    plain_decodes, decodes[:] = len(decodes), []
+    cached = two_passes(cached_cfg)
+    assert plain_decodes == 2 * 2 * 6 and len(decodes) == 2 * 6  # image + label, per draw vs per file
+    for a, b in zip(plain, cached, strict=True):
+        assert a["inputs"].shape == (3, 32, 32) and a["inputs"].equal(b["inputs"])
+        assert a["data_samples"].gt_sem_seg.data.equal(b["data_samples"].gt_sem_seg.data)
+    assert any(not a["inputs"].equal(b["inputs"]) for a, b in zip(plain[:6], plain[6:], strict=True))  # flipped anew
+    loading = DATASETS.build(cached_cfg).pipeline.transforms[0]
+    sample = DATASETS.build(cached_cfg).get_data_info(0)
+    once = loading(copy.deepcopy(sample))
+    once["img"] += 1
+    assert not np.array_equal(loading(copy.deepcopy(sample))["img"], once["img"])

@@ -43,14 +43,14 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         assert (out / "stages" / f"{name}.json").is_file(), name
     # Every tool runs as a module of the package (no checkout needed), each command printed before it runs.
     commands = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
-    modules = ["crfm.data.vectorize"]  # the base is the shipped one, copied
-    modules += ["crfm.segmentation.downstream"] * 2  # guide = real-only, and judge, side by side
-    modules += ["crfm.training.train"] + ["crfm.sampling.synthesis"] * 3  # generator, held-out syntheses
+    modules = ["crfm.data.layouts", "crfm.data.vectorize"]  # real mosaics; the base is the shipped one, copied
+    # Beside the generator: guide = real-only, judge, extra real, real mosaics (all printed before it starts).
+    modules += ["crfm.segmentation.downstream"] * 4 + ["crfm.training.train"]
+    modules += ["crfm.sampling.synthesis"] * 3  # held-out syntheses
     modules += ["crfm.sampling.synthesis"] * 2 + ["crfm.segmentation.hardness", "crfm.sampling.synthesis"]
     modules += ["crfm.segmentation.filter"] * 2
-    modules += ["crfm.data.layouts"] * 2  # new layouts, and the real-image control
-    modules += ["crfm.data.vectorize", "crfm.sampling.synthesis", "crfm.segmentation.filter"]
-    modules += ["crfm.segmentation.downstream"] * 8
+    modules += ["crfm.data.layouts", "crfm.data.vectorize", "crfm.sampling.synthesis", "crfm.segmentation.filter"]
+    modules += ["crfm.segmentation.downstream"] * 6  # the synthetic mixes and TSTR
     modules += ["crfm.reflow", "crfm.training.train", "crfm.sampling.synthesis"]  # the few-step stage
     assert [line.split()[3] for line in commands] == modules and all(c.startswith("$ python -m ") for c in commands)
     settings = DemoSettings(**PRESETS["ci"])
@@ -173,14 +173,18 @@ def test_rerun_reuses_and_a_lost_stage_is_redone(demo_run, tmp_path):
     proc = _demo(copy)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("reused") == len(STAGES) and "$ python" not in proc.stdout
-    # A stage whose results are lost (or that gained rows since) is run again, and only that stage.
-    shutil.rmtree(copy / "seg_real_synth")
-    proc = _demo(copy)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("reused") == len(STAGES) - 1
-    commands = [line for line in proc.stdout.splitlines() if line.startswith("$ python")]
-    assert len(commands) == 8 and all(c.startswith("$ python -m crfm.segmentation.downstream ") for c in commands)
-    assert (copy / "seg_real_synth" / "metrics.json").is_file()
+    # A stage whose results are lost (or that gained rows since) is run again, and only that stage; in it only
+    # what is lost: a downstream row, or a real-data segmentor trained beside the (kept) generator.
+    for lost, stage in (("seg_real_synth", "downstream"), ("seg_real_mosaic", "models")):
+        shutil.rmtree(copy / lost)
+        proc = _demo(copy)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert proc.stdout.count("reused") == len(STAGES) - 1 and f"--- {stage}: " in proc.stdout
+        commands = [line for line in proc.stdout.splitlines() if line.startswith("$ python")]
+        assert len(commands) == 1 and commands[0].startswith("$ python -m crfm.segmentation.downstream ")
+        assert Path(commands[0].split("--work_dir ")[1].split()[0]).name == lost
+        assert (copy / lost / "metrics.json").is_file()
+        assert "finished in an earlier run, kept" in proc.stdout
 
 
 def test_changed_knobs_are_refused(demo_run, tmp_path):

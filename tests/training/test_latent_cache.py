@@ -177,6 +177,11 @@ def test_cached_training_is_uncached_training_and_resumes_exactly(toy, tmp_path,
     assert losses(resumed) == losses(cached)
     final, again = load_file(cached / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    # Resumed once more, at its budget: nothing trains, and the summary keeps the run's loss and speed.
+    summary = json.loads((resumed / "summary.json").read_text())
+    train(build_parser().parse_args(args))
+    assert losses(resumed) == losses(cached) and json.loads((resumed / "summary.json").read_text()) == summary
+    assert summary["final_loss"] == losses(cached)[-1] and summary["seconds_per_step"] > 0
 
 
 def test_a_cache_of_other_settings_is_refused(toy, tmp_path, capsys):

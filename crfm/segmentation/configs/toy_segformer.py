@@ -65,10 +65,16 @@ model = dict(
 )
 
 # Remote-sensing scenes have no "up": flip both ways. Images are resized to a fixed square so batches stack.
+# The toy sets are a few dozen small images: decoded and resized once per run (CachedCompose), flipped every draw.
 train_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="LoadAnnotations", reduce_zero_label=False),
-    dict(type="Resize", scale=img_size, keep_ratio=False),
+    dict(
+        type="CachedCompose",
+        transforms=[
+            dict(type="LoadImageFromFile"),
+            dict(type="LoadAnnotations", reduce_zero_label=False),
+            dict(type="Resize", scale=img_size, keep_ratio=False),
+        ],
+    ),
     dict(type="RandomFlip", prob=0.5, direction="horizontal"),
     dict(type="RandomFlip", prob=0.5, direction="vertical"),
     dict(type="PackSegInputs"),
