@@ -438,7 +438,7 @@ class Demo:
         self.split(self.path("toydata", "index_.jsonl"), suffix="_")
 
     def generator(self, one_thread: bool = False) -> None:
-        if self.path("train", "summary.json").is_file():  # train.py resumed at its end would rewrite a blank summary
+        if self.path("train", "summary.json").is_file():  # written last: finished (train.py would only reload it)
             print("generator: finished in an earlier run, kept", flush=True)
             return
         self.run(
@@ -951,7 +951,11 @@ def run_demo(args: argparse.Namespace) -> int:
         "downstream": demo.downstream,
         "few_step": demo.few_step,
     }
-    results = {"models": demo.models_results, "downstream": demo.downstream_results}  # a reused stage still has them
+    results = {  # what a reused stage must still have (a folder made before a stage wrote it redoes that stage)
+        "data": lambda: [out / REAL_MOSAIC[1] / "index.jsonl"],
+        "models": demo.models_results,
+        "downstream": demo.downstream_results,
+    }
     for number, (name, title) in enumerate(STAGES, 1):
         try:
             demo.stage(number, name, title, actions[name], results.get(name))

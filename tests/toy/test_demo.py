@@ -174,17 +174,21 @@ def test_rerun_reuses_and_a_lost_stage_is_redone(demo_run, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("reused") == len(STAGES) and "$ python" not in proc.stdout
     # A stage whose results are lost (or that gained rows since) is run again, and only that stage; in it only
-    # what is lost: a downstream row, or a real-data segmentor trained beside the (kept) generator.
-    for lost, stage in (("seg_real_synth", "downstream"), ("seg_real_mosaic", "models")):
+    # what is lost: a downstream row, a real-data segmentor trained beside the (kept) generator, the real mosaics.
+    lost_results = {"seg_real_synth": "downstream", "seg_real_mosaic": "models", "layouts_real": "data"}
+    for lost, stage in lost_results.items():
         shutil.rmtree(copy / lost)
         proc = _demo(copy)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         assert proc.stdout.count("reused") == len(STAGES) - 1 and f"--- {stage}: " in proc.stdout
         commands = [line for line in proc.stdout.splitlines() if line.startswith("$ python")]
-        assert len(commands) == 1 and commands[0].startswith("$ python -m crfm.segmentation.downstream ")
+        module = "crfm.data.layouts" if stage == "data" else "crfm.segmentation.downstream"
+        assert len(commands) == 1 and commands[0].startswith(f"$ python -m {module} ")
         assert Path(commands[0].split("--work_dir ")[1].split()[0]).name == lost
-        assert (copy / lost / "metrics.json").is_file()
-        assert "finished in an earlier run, kept" in proc.stdout
+        if stage == "data":
+            assert (copy / lost / "index.jsonl").is_file()
+        else:  # the stage's other segmentors (and the generator) were kept, not retrained
+            assert (copy / lost / "metrics.json").is_file() and "finished in an earlier run, kept" in proc.stdout
 
 
 def test_changed_knobs_are_refused(demo_run, tmp_path):
