@@ -53,6 +53,10 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
     modules += ["crfm.segmentation.downstream"] * 6  # the synthetic mixes and TSTR
     modules += ["crfm.reflow", "crfm.training.train", "crfm.sampling.synthesis"]  # the few-step stage
     assert [line.split()[3] for line in commands] == modules and all(c.startswith("$ python -m ") for c in commands)
+    # Side by side: the generator started before the first real-data segmentor finished.
+    lines = proc.stdout.splitlines()
+    generator = lines.index(next(line for line in lines if line.startswith("$ python -m crfm.training.train ")))
+    assert generator < min(i for i, line in enumerate(lines) if line.startswith("[seg_"))
     settings = DemoSettings(**PRESETS["ci"])
     n_train, n_test, n_synth = (
         settings.train_scenes,
@@ -224,3 +228,14 @@ def test_the_shipped_base_refuses_another_resolution(tmp_path):
     proc = _demo(tmp_path / "out", "--resolution", "128")
     assert proc.returncode == 2 and "--base scratch" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_parallel_one_trains_the_real_data_segmentors_before_the_generator(tmp_path):
+    """`--parallel 1`: no side by side; every real-data segmentor has finished before the generator starts."""
+    proc = _demo(tmp_path / "out", "--parallel", "1", "--until", "models")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    generator = next(i for i, line in enumerate(lines) if line.startswith("$ python -m crfm.training.train "))
+    finished = [i for i, line in enumerate(lines) if line.startswith("[seg_")]
+    assert len(finished) == 4 and max(finished) < generator
+    assert (tmp_path / "out" / "train" / "final" / "model.safetensors").is_file()
