@@ -9,7 +9,8 @@ reused, so the job is resumable (run it under nohup, re-run after an interruptio
 demo draws: scenes, splits, fine-tuning, segmentors and sampling noise; the shipped base stays the same. The table
 (markdown, also printed) gives mean ± std over seeds of judge mIoU per image set and of every downstream row, the
 paired differences that decide issue #17's targets (filtered synthetic − real only, filtered − unfiltered, CRFM −
-plain synthetic downstream, TSTR / TRTR), a per-seed table, and the demo's seconds. `--jobs 2` runs two demos at
+plain synthetic downstream, TSTR / TRTR), a per-seed table, the demo's seconds, and each downstream row's IoU per class
+(mean ± std over seeds). `--jobs 2` runs two demos at
 once, each on one thread.
 """
 
@@ -69,6 +70,9 @@ def read_run(out: Path) -> dict[str, float]:
     if summary.is_file():
         down = json.loads(summary.read_text())["downstream"]
         values.update({key: down[key]["mIoU"] for key in DOWNSTREAM if key in down})
+        # "<row> IoU.<class>": per class, where the run's segmentors reported it (PerClassIoUMetric)
+        values.update({f"{key} {k}": v for key in DOWNSTREAM if key in down for k, v in down[key].items()
+                       if k.startswith("IoU.")})  # fmt: skip
     for name, (a, b) in DIFFERENCES.items():
         if a in values and b in values:
             values[name] = values[a] - values[b]
@@ -108,7 +112,23 @@ def table(results: dict[str, list[dict[str, float]]], seeds: list[int]) -> str:
             cells = [f"{r[key]:.2f}" if key in r else "–" for r in results[name]]
             if any(c != "–" for c in cells):
                 lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + per_class(results)
+
+
+def per_class(results: dict[str, list[dict[str, float]]]) -> str:
+    """Per variant: IoU (%) per class of each downstream row, mean ± std over seeds (NaN: class unseen, left out)."""
+    text = ""
+    for name, runs in results.items():
+        classes = list(dict.fromkeys(k.split(" IoU.", 1)[1] for r in runs for k in r if " IoU." in k))
+        if not classes:
+            continue
+        text += f"\nIoU per class, downstream rows ({name}):\n\n| row | " + " | ".join(classes) + " |\n"
+        text += "|---|" + "---|" * len(classes) + "\n"
+        for key in DOWNSTREAM:
+            cells = [mean_std([r[f"{key} IoU.{c}"] for r in runs if f"{key} IoU.{c}" in r
+                               and r[f"{key} IoU.{c}"] == r[f"{key} IoU.{c}"]]) for c in classes]  # fmt: skip
+            text += f"| {key} | " + " | ".join(cells) + " |\n"
+    return text
 
 
 def main() -> int:

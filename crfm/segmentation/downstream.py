@@ -21,8 +21,9 @@ the run so that each real image is drawn as often (in expectation) as in a real-
 Writes into the work dir: mmengine's `iter_<N>.pth` (full training state, used to resume), `segmentor.pth`
 (just `{"state_dict", "meta"}`: plain tensors and builtins, loadable with `torch.load(weights_only=True)` and
 no allowlist; this is the file to give `crfm.segmentation.adapter.load_segmentor`), `config.py` (the merged config to
-load it with) and `metrics.json` (validation mIoU/aAcc/mAcc, the data mix, iterations requested and run, the
-expected draws of each real and each synthetic image, timings).
+load it with) and `metrics.json` (validation mIoU/aAcc/mAcc, and `IoU.<class>` where the config evaluates with
+`PerClassIoUMetric`; the data mix, iterations requested and run, the expected draws of each real and each synthetic
+image, timings).
 
 Resuming: if the work dir holds a checkpoint from an earlier run (mmengine's `last_checkpoint` marker), the
 run resumes from it. mmengine calls `torch.load` without `weights_only`, which torch >= 2.6 treats as True;

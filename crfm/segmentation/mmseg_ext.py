@@ -2,7 +2,8 @@
 
 - `CRFMIndexDataset` (mmseg `DATASETS`): our `index.jsonl` layout as an mmseg dataset;
 - `MixedSourceSampler` (mmseg `DATA_SAMPLERS`): draws real vs synthetic samples at a set ratio;
-- `CachedCompose` (mmseg `TRANSFORMS`): mmcv's `Compose` of deterministic steps, run once per image.
+- `CachedCompose` (mmseg `TRANSFORMS`): mmcv's `Compose` of deterministic steps, run once per image;
+- `PerClassIoUMetric` (mmseg `METRICS`): mmseg's `IoUMetric` that also returns each class's IoU.
 
     custom_imports = dict(imports=["crfm.segmentation.mmseg_ext"], allow_failed_imports=False)
 """
@@ -18,7 +19,8 @@ import torch
 from mmcv.transforms import Compose
 from mmengine.dist import get_dist_info, sync_random_seed
 from mmseg.datasets import BaseSegDataset
-from mmseg.registry import DATA_SAMPLERS, DATASETS, TRANSFORMS
+from mmseg.evaluation import IoUMetric
+from mmseg.registry import DATA_SAMPLERS, DATASETS, METRICS, TRANSFORMS
 from torch.utils.data import Sampler
 
 from crfm.data.index import CLASSES_FILE, IGNORE_INDEX, read_classes_json, read_index
@@ -127,3 +129,18 @@ class CachedCompose(Compose):
         if key not in self._cache:
             self._cache[key] = super().transform(results)
         return copy.deepcopy(self._cache[key])
+
+
+@METRICS.register_module()
+class PerClassIoUMetric(IoUMetric):
+    """mmseg's `IoUMetric` whose result also holds `IoU.<class name>` (%) per class, as its log table shows them: which
+    classes a data source helps is the question a downstream comparison asks, and the mean hides it. NaN for a class
+    in neither the labels nor the predictions."""
+
+    def compute_metrics(self, results: list) -> dict[str, float]:
+        metrics = super().compute_metrics(results)
+        intersect, union, predicted, labelled = (sum(areas) for areas in zip(*results, strict=True))
+        per_class = self.total_area_to_metrics(intersect, union, predicted, labelled, ["mIoU"])["IoU"]
+        names = self.dataset_meta["classes"]
+        per_class_metrics = {f"IoU.{name}": round(float(v) * 100, 2) for name, v in zip(names, per_class, strict=True)}
+        return {**metrics, **per_class_metrics}

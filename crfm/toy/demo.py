@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -778,6 +779,25 @@ ROW_NAMES = {
 }
 
 
+def per_class_table(down: dict) -> list[str]:
+    """Markdown lines: IoU (%) per class of every downstream row (what the mean hides: which classes a data source
+    helps); none for rows trained before the segmentors reported classes."""
+    classes = [key.removeprefix("IoU.") for key in down["real_only"] if key.startswith("IoU.")]
+    if not classes or any(f"IoU.{name}" not in row for row in down.values() for name in classes):
+        return []
+
+    def cell(value: float) -> str:
+        return "–" if math.isnan(value) else f"{value:.1f}"
+
+    lines = ["IoU (%) per class on the held-out scenes:", "", "| row | " + " | ".join(classes) + " |"]
+    lines.append("|---|" + "---|" * len(classes))
+    for key, row in down.items():
+        if key == "trtr":  # the real-only run again
+            continue
+        lines.append(f"| `{key}` | " + " | ".join(cell(row[f"IoU.{name}"]) for name in classes) + " |")
+    return [*lines, ""]
+
+
 def summary_markdown(summary: dict) -> str:
     s = summary["settings"]
     fid, down = summary["mask_fidelity"], summary["downstream"]
@@ -829,6 +849,7 @@ def summary_markdown(summary: dict) -> str:
         f"The filter ignored {100 * filtered['overall_filtered_fraction']:.1f}% of the CRFM pixels "
         f"(tolerance margin {s['tolerance_margin']:g}).",
         "",
+        *per_class_table(down),
         f"Generator: {summary['generator']['steps']} steps, final training loss "
         f"{summary['generator']['final_loss']:.4f}, {summary['generator']['seconds_per_step']:.3f} s/step.",
         "",

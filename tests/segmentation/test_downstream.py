@@ -331,3 +331,26 @@ def test_cached_loading_gives_the_plain_pipelines_samples_and_decodes_each_file_
     once = loading(copy.deepcopy(sample))
     once["img"] += 1
     assert not np.array_equal(loading(copy.deepcopy(sample))["img"], once["img"])
+
+
+def test_per_class_iou_metric_reports_each_class_beside_mmseg_means():
+    """`PerClassIoUMetric`: mmseg's aAcc / mIoU / mAcc unchanged, plus IoU.<class> = intersection / union (%), NaN for
+    a class neither labelled nor predicted (which mmseg's mean leaves out)."""
+    import math
+
+    import torch
+    from mmseg.evaluation import IoUMetric
+
+    from crfm.segmentation.mmseg_ext import PerClassIoUMetric
+
+    # Two images' (intersection, union, predicted, labelled) pixel counts for classes a, b, c.
+    results = [
+        tuple(torch.tensor(v, dtype=torch.float64) for v in ([3, 1, 0], [4, 4, 0], [3, 3, 0], [4, 2, 0])),
+        tuple(torch.tensor(v, dtype=torch.float64) for v in ([1, 0, 0], [2, 2, 0], [1, 1, 0], [2, 1, 0])),
+    ]
+    metric, plain = PerClassIoUMetric(), IoUMetric()
+    metric.dataset_meta = plain.dataset_meta = {"classes": ["a", "b", "c"]}
+    got, expected = metric.compute_metrics(results), plain.compute_metrics(results)
+    assert {k: got[k] for k in expected} == expected
+    assert got["IoU.a"] == round(100 * 4 / 6, 2) and got["IoU.b"] == round(100 * 1 / 6, 2) and math.isnan(got["IoU.c"])
+    assert got["mIoU"] == round((100 * 4 / 6 + 100 * 1 / 6) / 2, 2)

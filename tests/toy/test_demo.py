@@ -145,10 +145,19 @@ def test_summary_table_is_well_formed(demo_run):
     assert down["real_extra"]["iters"] == mixed["iters"] > real["iters"]
     assert down["tstr"]["real_draws_per_image"] == 0 and down["trtr"] == real  # TSTR: no real image drawn
     assert set(summary["stage_seconds"]) == {name for name, _ in STAGES}
+    # Each row's IoU per class (the segmentors' PerClassIoUMetric), whose mean over the classes it saw is its mIoU.
+    from crfm.toy.toydata import CLASSES
+
+    for key, row in down.items():
+        per_class = [row[f"IoU.{name}"] for name in CLASSES]
+        assert row["mIoU"] == pytest.approx(sum(v for v in per_class if not math.isnan(v)) / sum(
+            not math.isnan(v) for v in per_class), abs=0.01), key  # fmt: skip
     markdown = (out / "summary.md").read_text()
     assert markdown in proc.stdout  # the printed table is the saved one
     tables = [line for line in markdown.splitlines() if line.startswith("|")]
     assert all(line.endswith("|") for line in tables)
+    header = "| row | " + " | ".join(CLASSES) + " |"
+    assert header in tables and all(f"| `{key}` |" in markdown for key in down if key != "trtr")
     rows = ("| real images through the VAE", "| plain sampling |", "| CRFM, paper settings", "| CRFM, test.py defaults",
             "| few-step: 4-SeqRF student")  # fmt: skip
     for row in (*rows, *(f"| {name} |" for name in DOWNSTREAM_NAMES.values())):

@@ -101,7 +101,7 @@ val_dataloader = dict(
     dataset=dict(type=dataset_type, data_root=data_root, ann_file=val_ann_file, pipeline=test_pipeline),
 )
 test_dataloader = val_dataloader
-val_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
+val_evaluator = dict(type="PerClassIoUMetric", iou_metrics=["mIoU"])  # IoUMetric + each class's IoU
 test_evaluator = val_evaluator
 
 # Schedule: AdamW with a short warm-up and poly decay to max_iters (the script keeps `end` in step).
