@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -125,9 +126,9 @@ def per_class(results: dict[str, list[dict[str, float]]]) -> str:
         text += f"\nIoU per class, downstream rows ({name}):\n\n| row | " + " | ".join(classes) + " |\n"
         text += "|---|" + "---|" * len(classes) + "\n"
         for key in DOWNSTREAM:
-            cells = [mean_std([r[f"{key} IoU.{c}"] for r in runs if f"{key} IoU.{c}" in r
-                               and r[f"{key} IoU.{c}"] == r[f"{key} IoU.{c}"]]) for c in classes]  # fmt: skip
-            text += f"| {key} | " + " | ".join(cells) + " |\n"
+            seen = [[r[f"{key} IoU.{c}"] for r in runs if not math.isnan(r.get(f"{key} IoU.{c}", math.nan))]
+                    for c in classes]  # fmt: skip
+            text += f"| {key} | " + " | ".join(mean_std(values) for values in seen) + " |\n"
     return text
 
 

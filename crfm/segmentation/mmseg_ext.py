@@ -140,7 +140,9 @@ class PerClassIoUMetric(IoUMetric):
     def compute_metrics(self, results: list) -> dict[str, float]:
         metrics = super().compute_metrics(results)
         intersect, union, predicted, labelled = (sum(areas) for areas in zip(*results, strict=True))
-        per_class = self.total_area_to_metrics(intersect, union, predicted, labelled, ["mIoU"])["IoU"]
+        per_class = self.total_area_to_metrics(  # as the parent computes them, its NaN handling included
+            intersect, union, predicted, labelled, ["mIoU"], self.nan_to_num, self.beta
+        )["IoU"]
         names = self.dataset_meta["classes"]
         per_class_metrics = {f"IoU.{name}": round(float(v) * 100, 2) for name, v in zip(names, per_class, strict=True)}
         return {**metrics, **per_class_metrics}

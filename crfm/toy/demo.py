@@ -81,8 +81,8 @@ IMAGE_SETS = ("real", "vae", *SYNTHESES)
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Every knob of the demo (see KNOB_HELP). Defaults: about 16 minutes on a 2-core CPU after set-up, nothing else
-    running (docs/measurements.md#the-demo-run)."""
+    """Every knob of the demo (see KNOB_HELP). Defaults: about 14.5 minutes on a 2-core CPU after set-up, nothing
+    else running (docs/measurements.md#the-demo-run)."""
 
     train_scenes: int = 16
     val_scenes: int = 16
@@ -354,7 +354,8 @@ class Demo:
         results: Callable[[], list[Path]] | None = None,
     ) -> None:  # fmt: skip
         """Run `action` unless an earlier run finished it and left every one of its `results` (a stage that gained
-        results since, e.g. a downstream row added by an update, or lost some is redone; finished parts resume)."""
+        results since, e.g. a downstream row added by an update, or lost some is redone; finished parts are kept or
+        resume at their end)."""
         marker = self.path("stages", f"{name}.json")
         print(f"\n=== [{number}/{len(STAGES)}] {title} ===", flush=True)
         if marker.is_file() and all(path.is_file() for path in (results() if results else [])):
@@ -973,7 +974,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "few_step": demo.few_step,
     }
     results = {  # what a reused stage must still have (a folder made before a stage wrote it redoes that stage)
-        "data": lambda: [out / REAL_MOSAIC[1] / "index.jsonl"],
+        "data": lambda: [demo.path(REAL_MOSAIC[1], "index.jsonl")],
         "models": demo.models_results,
         "downstream": demo.downstream_results,
     }
