@@ -20,17 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
+
+from crfm.utils.runs import median_seconds  # noqa: E402
 
 BASE = REPO / "crfm" / "toy" / "tiny_sd35_base"
 
@@ -73,7 +72,6 @@ def demo(args: argparse.Namespace) -> None:
 def encode_seconds(repeats: int) -> float:
     """Median seconds of one 512 px encode with SD3.5's VAE config (random weights, fp32)."""
     from diffusers import AutoencoderKL
-    from timing import median_seconds
 
     from crfm.models.sd35 import SD35_VAE
 
@@ -85,8 +83,7 @@ def encode_seconds(repeats: int) -> float:
 
 
 def sd35(args: argparse.Namespace) -> None:
-    from gpu_check import Sizes, Trainer, build_mask_model, cached_batch
-    from timing import median_seconds
+    from gpu_check import Sizes, Trainer, build_mask_model, cached_batch, train_args
 
     from crfm.models.sd35 import SD35_MEDIUM_TRANSFORMER
 
@@ -94,8 +91,9 @@ def sd35(args: argparse.Namespace) -> None:
     sizes = Sizes.full()
     sizes.transformer = {**SD35_MEDIUM_TRANSFORMER, "num_layers": 2, "dual_attention_layers": (0,)}
     cpu = torch.device("cpu")
-    model = build_mask_model(sizes, cpu, "full", torch.float32)
-    trainer = Trainer(model, sizes, torch.float32, "adamw")
+    with tempfile.TemporaryDirectory() as work:
+        train = train_args("full", "adamw", "no", Path(work))
+        trainer = Trainer(build_mask_model(sizes, cpu, train, torch.float32, training=True), sizes, train)
     batch = cached_batch(sizes, 512, 1, cpu)
     step2 = median_seconds(lambda: trainer.step(batch), repeats=args.repeats)
     step24 = 12 * step2

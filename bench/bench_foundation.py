@@ -13,21 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from timing import median_seconds  # noqa: E402  (bench/timing.py)
 
 from crfm.data.vectorize import encode_prompts, load_text_encoders, vectorize_index  # noqa: E402
 from crfm.toy.tiny import TinyConfig, save_tiny_pipeline  # noqa: E402
 from crfm.toy.toydata import CLASSES, generate_scene  # noqa: E402
+from crfm.utils.runs import median_seconds  # noqa: E402
 
 
 def distinct_prompts(n: int) -> list[str]:

@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import statistics
-import subprocess
 import sys
-import threading
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+
+from crfm.utils.runs import Job, mean_std, run_jobs, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 DEMOS = REPO / "outputs" / "bench_demo" / "default"
@@ -68,14 +65,6 @@ FEW_STEP_RUNS = ["euler:1:uniform", "euler:2:uniform", "euler:4:uniform"]  # cho
 ORDER = ["2rf", "2rf_crfm", "seqrf4_crfm", "seqrf4", "distill4", "seqrf2"]  # per seed, most wanted first
 
 
-def sh(cmd: list[str], log: Path) -> None:
-    print("$", shlex.join(cmd[1:]), flush=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as handle:
-        subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
-
-
 def common(demo: Path) -> list[str]:
     return [
         "--pretrained_model_name_or_path", str(demo / "tiny_sd35"), "--data_root", str(demo / "toydata"),
@@ -91,7 +80,7 @@ def guide(demo: Path) -> list[str]:
 def pairs(seed: int, teacher: str) -> Path:
     demo, work = DEMOS / f"seed{seed}", OUT / f"seed{seed}" / f"pairs_{teacher}"
     if not (work / "index.jsonl").is_file() or sum(1 for _ in (work / "index.jsonl").open()) < 480:
-        sh(
+        run_logged(
             [sys.executable, "-m", "crfm.reflow", *common(demo), "--lora_ckpt", str(demo / "train" / "final"),
              "--json_file", "train_.jsonl", "--work_dir", str(work), *PAIRS, "--seed", str(1000 + seed),
              "--batch_size", "48", *(guide(demo) if teacher == "crfm" else [])],
@@ -104,7 +93,7 @@ def student(seed: int, name: str) -> Path:
     demo, work = DEMOS / f"seed{seed}", OUT / f"seed{seed}" / name
     teacher, flags = STUDENTS[name]
     if not (work / "final" / "model.safetensors").is_file():
-        sh(
+        run_logged(
             [sys.executable, "-m", "crfm.training.train", *common(demo), "--work_dir", str(work),
              "--reflow_pairs", str(pairs(seed, teacher)), "--init_ckpt", str(demo / "train" / "final"),
              "--report_to", "none", "--seed", str(seed), *TRAIN, *flags],
@@ -116,7 +105,7 @@ def student(seed: int, name: str) -> Path:
 def evaluate(seed: int, name: str, ckpt: Path, runs: list[str], split: str, extra: list[str] = ()) -> Path:
     demo, work = DEMOS / f"seed{seed}", OUT / f"seed{seed}" / "eval" / f"{name}_{split}"
     if not (work / "results.json").is_file():
-        sh(
+        run_logged(
             [sys.executable, "-m", "crfm.evaluate_sampling", *common(demo), "--lora_ckpt", str(ckpt),
              "--json_file", f"{split}_.jsonl", "--judge_config", str(demo / "seg_judge" / "config.py"),
              "--judge_ckpt", str(demo / "seg_judge" / "segmentor.pth"), "--runs", *runs, "--work_dir", str(work),
@@ -141,7 +130,7 @@ def speed(seed: int) -> None:
     ):
         work = OUT / "speed" / name
         if not (work / "results.json").is_file():
-            sh(
+            run_logged(
                 [sys.executable, "-m", "crfm.evaluate_sampling", *common(demo), "--lora_ckpt", str(teacher),
                  "--json_file", "test_.jsonl", "--judge_config", str(demo / "seg_judge" / "config.py"),
                  "--judge_ckpt", str(demo / "seg_judge" / "segmentor.pth"), "--runs", *runs, "--work_dir", str(work),
@@ -185,7 +174,7 @@ def check_demo(seed: int) -> Path:
     return demo
 
 
-def tasks(seeds: list[int]) -> list[tuple[str, list[str], Callable[[], object]]]:
+def tasks(seeds: list[int]) -> list[Job]:
     """(name, names it waits for, work), most wanted first: each seed's references and 2-RF students before the
     k-SeqRF and distilled ones, so that an interrupted bench still has the headline rows over all seeds."""
     found = []
@@ -204,7 +193,7 @@ def tasks(seeds: list[int]) -> list[tuple[str, list[str], Callable[[], object]]]
         reference_23 = [*guide(demo), "--straightness_segments"]
         found.append((f"{seed}/1rf_crfm23", [], partial(evaluate, seed, "1rf_crfm23", teacher, CRFM_23, "test",
                                                         reference_23)))  # fmt: skip
-    return found
+    return [Job(*task) for task in found]
 
 
 def trained(seed: int, name: str) -> None:
@@ -213,52 +202,7 @@ def trained(seed: int, name: str) -> None:
     evaluate(seed, name, ckpt, FEW_STEP_RUNS, "val", ["--straightness_segments"])
 
 
-def run_queue(queue: list[tuple[str, list[str], Callable[[], object]]], workers: int) -> None:
-    """Each worker takes the first task whose prerequisites are done; a failed task fails its dependants."""
-    wake = threading.Condition()
-    state: dict[str, str] = {name: "todo" for name, _, _ in queue}
-
-    def worker() -> None:
-        while True:
-            with wake:
-                while True:
-                    pending = [t for t in queue if state[t[0]] == "todo"]
-                    if not pending:
-                        return
-                    ready = [t for t in pending if all(state[d] == "done" for d in t[1])]
-                    for name, deps, _ in pending:  # a prerequisite failed: so does this
-                        if any(state[d] == "failed" for d in deps):
-                            state[name] = "failed"
-                    if ready:
-                        name, _, work = ready[0]
-                        state[name] = "running"
-                        break
-                    wake.wait()
-            try:
-                work()
-                outcome = "done"
-            except subprocess.CalledProcessError as error:
-                print(f"[fewstep] {name} failed: {error}", flush=True)
-                outcome = "failed"
-            with wake:
-                state[name] = outcome
-                wake.notify_all()
-
-    threads = [threading.Thread(target=worker) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-
 # ------------------------------------------------------------------------------------------------------ report
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
-
-
 def load(seeds: list[int], name: str, split: str) -> list[dict]:
     found = []
     for seed in seeds:
@@ -398,7 +342,7 @@ def main() -> int:
         speed(args.seeds[0])
         return 0
     if not args.report:
-        run_queue(tasks(args.seeds), workers=2)  # two workers of one thread each on the 2-core machine
+        run_jobs(tasks(args.seeds), workers=2)  # two workers of one thread each on the 2-core machine
     table = report(args.seeds)
     (REPO / "bench" / "results_fewstep.md").write_text("# Few-step synthesis (bench/fewstep_runs.py)\n\n" + table)
     print(table)

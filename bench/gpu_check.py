@@ -9,8 +9,10 @@ built with mmseg's API from a config) as CRFM's guide at 512 px. Values do not c
 weights are needed. Measured, each time-boxed (a few warm-up and timed repeats; what does not fit the budget is
 marked skipped):
 
-- training (`train.py`'s step: cached-latent batch, `flow_matching_loss`, bf16 autocast, trained weights fp32 and
-  frozen ones bf16, AdamW, gradient clipping, gradient checkpointing) in LoRA and full mode at 512 px batch 1
+- training (train.py's own code: the model from `crfm.training.build` (`mask_model`, `configure_model`: trained
+  weights fp32, frozen ones bf16, gradient checkpointing), its accelerator (bf16), optimizer and LR schedule, and
+  `crfm.training.train.train_step` on cached-latent batches through the flow-matching objective, gradient
+  clipping included) in LoRA and full mode at 512 px batch 1
   and 4 and at 1024 px batch 1: s/step, peak memory (`torch.cuda.max_memory_allocated`), the step's FLOPs
   (counted analytically from the model's layers; checked against `torch.utils.flop_counter` on one forward),
   achieved TFLOP/s and MFU against the card's dense bf16 peak (by device name, or `--peak_tflops`);
@@ -30,7 +32,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -40,7 +41,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -179,33 +179,35 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def build_mask_model(sizes: Sizes, device: torch.device, mode: str | None, weight_dtype: torch.dtype):
-    """The mask model as train.py builds it (`mode`: configured for training, frozen weights in `weight_dtype`,
-    gradient checkpointing) or, with `mode=None`, for sampling (every weight in `weight_dtype`, eval)."""
+def train_args(mode: str, optimizer: str, mixed_precision: str, work: Path) -> argparse.Namespace:
+    """train.py's flags for this check: its defaults (learning rate, AdamW settings, flip probability, ...) with
+    `mode`, onehot masks of LoveDA's classes, gradient checkpointing and the compute precision."""
+    from crfm.training.train import build_parser
+
+    return build_parser().parse_args(
+        [
+            "--pretrained_model_name_or_path", "-", "--data_root", "-", "--vectors_path", "-",
+            "--num_cls", str(NUM_CLS), "--mask_encoding", "onehot", "--train_mode", mode, "--gradient_checkpointing",
+            "--optimizer", optimizer, "--mixed_precision", mixed_precision, "--report_to", "none",
+            "--work_dir", str(work),
+        ]
+    )  # fmt: skip
+
+
+def build_mask_model(sizes: Sizes, device: torch.device, args: argparse.Namespace, weight_dtype, training: bool):
+    """The mask model as train.py builds it (`crfm.training.build`: `mask_model`, then `configure_model` for
+    training) on a randomly initialised SD3.5-sized transformer; for sampling every weight in `weight_dtype`, eval."""
     from diffusers import SD3Transformer2DModel
 
-    from crfm.models.mmdit import MaskSD3Transformer2DModel
-    from crfm.models.trained_weights import configure_training
-    from crfm.training.build import cast_frozen
+    from crfm.training.build import configure_model, mask_model
 
     torch.manual_seed(0)
     with torch.device(device):
-        base = SD3Transformer2DModel(**sizes.transformer)
-        model = MaskSD3Transformer2DModel.from_sd3(base, mask_init="copy", mask_in_channels=NUM_CLS)
-    if mode is None:
+        model = mask_model(args, SD3Transformer2DModel(**sizes.transformer))
+    if not training:
         return model.to(weight_dtype).requires_grad_(False).eval()
-    configure_training(model, mode, lora_rank=16)
-    cast_frozen(model, weight_dtype)
-    model.enable_gradient_checkpointing()
+    configure_model(model, args, weight_dtype)
     return model.train()
-
-
-def train_defaults() -> argparse.Namespace:
-    """train.py's defaults (learning rate, AdamW settings, flip probability, ...)."""
-    from crfm.training.train import build_parser
-
-    required = ["--pretrained_model_name_or_path", "-", "--data_root", "-", "--vectors_path", "-", "--num_cls", "7"]
-    return build_parser().parse_args(required)
 
 
 def cached_batch(sizes: Sizes, px: int, batch: int, device: torch.device) -> dict:
@@ -297,40 +299,42 @@ def gib(value: float) -> str:
 
 
 class Trainer:
-    """train.py's step on a built model: a cached-latent batch through `flow_matching_loss` under autocast,
-    backward, gradient clipping, the optimizer step (every draw from `step_generator`, as in training)."""
+    """train.py's step (`crfm.training.train.train_step`) with train.py's accelerator, optimizer, LR schedule and
+    flow-matching objective, on cached-latent batches (every draw from `step_generator`, as in training)."""
 
-    def __init__(self, model: nn.Module, sizes: Sizes, dtype: torch.dtype, optimizer_name: str) -> None:
+    def __init__(self, model: nn.Module, sizes: Sizes, args: argparse.Namespace) -> None:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-        from crfm.training.build import make_optimizer
-        from crfm.training.objective import FlowMatchingConfig, TrainTimesteps
+        from crfm.training.build import build_accelerator, build_optimizer
+        from crfm.training.objective import FlowMatchingObjective, TrainTimesteps
+        from crfm.utils.flags import DTYPES
 
-        defaults = train_defaults()
-        defaults.optimizer = optimizer_name
-        self.model, self.dtype, self.max_grad_norm = model, dtype, defaults.max_grad_norm
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(defaults, self.trainable)
+        self.accelerator = build_accelerator(args, Path(args.work_dir))
+        self.dtype = DTYPES.get(self.accelerator.mixed_precision, torch.float32)
+        self.trainable, optimizer, lr_scheduler = build_optimizer(args, model, 1)
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, optimizer, lr_scheduler)
         with torch.device("meta"):  # only the VAE's config is read: the latents come cached
-            self.vae = AutoencoderKL(**sizes.vae)
-        self.schedule = TrainTimesteps.from_scheduler(FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULER))
-        self.config = FlowMatchingConfig(num_cls=NUM_CLS, mask_encoding="onehot", flip_prob=defaults.flip_prob)
+            vae = AutoencoderKL(**sizes.vae)
+        schedule = TrainTimesteps.from_scheduler(FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULER))
+        device = self.accelerator.device
+        empty = {  # the empty prompt's vectors (values change no time)
+            "prompt_embeds": torch.zeros(TEXT_TOKENS, sizes.transformer["joint_attention_dim"], device=device),
+            "pooled_prompt_embeds": torch.zeros(sizes.transformer["pooled_projection_dim"], device=device),
+        }
+        empty = {key: value.to(self.dtype) for key, value in empty.items()}
+        self.loss_of = FlowMatchingObjective(args).loss(self.model, vae, schedule, empty, self.dtype)
+        self.max_grad_norm = args.max_grad_norm
         self.steps = 0
 
     def step(self, batch: dict) -> None:
-        from crfm.training.objective import flow_matching_loss, step_generator
+        from crfm.training.objective import step_generator
+        from crfm.training.train import train_step
 
         self.steps += 1
-        empty = {key: batch[key][0] for key in ("prompt_embeds", "pooled_prompt_embeds")}
-        generator = step_generator(0, 0, self.steps)
-        with autocast(batch["noise"].device, self.dtype):
-            loss = flow_matching_loss(
-                self.model, self.vae, batch, generator, self.config, self.schedule, empty, self.dtype
-            ).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        train_step(
+            self.accelerator, self.model, self.loss_of, batch, step_generator(0, 0, self.steps), self.trainable,
+            self.optimizer, self.lr_scheduler, self.max_grad_norm,
+        )  # fmt: skip
 
 
 def xformers_available(device: torch.device) -> bool:
@@ -347,14 +351,17 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_training(sizes: Sizes, device: torch.device, dtype: torch.dtype, args, report: Report, clock: Clock):
+def measure_training(
+    sizes: Sizes, device: torch.device, dtype: torch.dtype, args, report: Report, clock: Clock, work: Path
+) -> None:
     peak = peak_tflops(report.device, args.peak_tflops)
     for mode in ("lora", "full"):
         if clock.left() < 60:
             report.train.append(Row([mode, "-", "-", "skipped (time budget)"]))
             continue
-        model = build_mask_model(sizes, device, mode, dtype)
-        trainer = Trainer(model, sizes, dtype, args.optimizer)
+        train = train_args(mode, args.optimizer, "bf16" if dtype == torch.bfloat16 else "no", work)
+        model = build_mask_model(sizes, device, train, dtype, training=True)
+        trainer = Trainer(model, sizes, train)
         for px, batch_size in sizes.train_cases:
             if clock.left() < 30:
                 report.train.append(Row([mode, str(px), str(batch_size), "skipped (time budget)"]))
@@ -417,7 +424,7 @@ def measure_sampling(sizes: Sizes, device: torch.device, dtype: torch.dtype, rep
     if clock.left() < 45:
         report.sampling.append(Row(["all", "-", "skipped (time budget)"]))
         return
-    model = build_mask_model(sizes, device, None, dtype)
+    model = build_mask_model(sizes, device, train_args("full", "adamw", "no", work), dtype, training=False)
     torch.manual_seed(1)
     with torch.device(device):
         vae = AutoencoderKL(**sizes.vae).requires_grad_(False).eval()  # fp32, as the pipeline keeps it
@@ -556,7 +563,7 @@ def run(args: argparse.Namespace) -> int:
     report, clock = Report(name), Clock(args.budget_s)
     with tempfile.TemporaryDirectory() as work:
         parts = (
-            lambda: measure_training(sizes, device, dtype, args, report, clock),
+            lambda: measure_training(sizes, device, dtype, args, report, clock, Path(work)),
             lambda: measure_sampling(sizes, device, dtype, report, clock, Path(work)),
         )
         for name, part in zip(("training", "sampling"), parts, strict=True):

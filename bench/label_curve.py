@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from crfm.toy.demo import DemoSettings, scene_splits
+from crfm.toy.toydata import CLASSES, write_dataset
+from crfm.utils.runs import mean_std, run_logged
 
-from crfm.toy.demo import DemoSettings, scene_splits  # noqa: E402
-from crfm.toy.toydata import CLASSES, write_dataset  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare(root: Path, seed: int, largest: int, settings: DemoSettings) -> None:
@@ -53,16 +50,8 @@ def run_point(root: Path, out: Path, n: int, seed: int, settings: DemoSettings) 
             "--work_dir", str(out), "--num_cls", str(len(CLASSES)), "--max_iters", str(settings.seg_iters),
             "--img_size", str(settings.seg_size), "--seed", str(seed), "--device", "cpu",
         ]  # fmt: skip
-        print("$", shlex.join(cmd[1:]), flush=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run_logged(cmd, threads=None)
     return json.loads(metrics.read_text())
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.2f}" if values else "–"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def table(results: dict[int, dict[int, dict]], command: str, settings: DemoSettings) -> str:

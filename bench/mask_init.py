@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from crfm.utils.runs import run_logged  # noqa: E402
 
 RESOLUTION = 64  # set from --resolution
 
@@ -42,8 +42,7 @@ def train(out: Path, pipe: Path, data: Path, vectors: Path, work: Path, steps: i
         "--max_train_steps", str(steps), "--checkpointing_steps", str(steps), "--learning_rate", "3e-4",
         "--report_to", "none", "--resume_from_checkpoint", "latest", "--seed", "0", *extra,
     ]  # fmt: skip
-    print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
+    run_logged(cmd, work.with_suffix(".log"), threads=None)
 
 
 def export_base(tiny: Path, trained: Path, out: Path) -> Path:

@@ -27,13 +27,11 @@ import argparse
 import copy
 import math
 import os
-import sys
 from fractions import Fraction
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from diffusers import SD3Transformer2DModel  # noqa: E402

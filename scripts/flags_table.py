@@ -78,6 +78,7 @@ COMMANDS = (
         "crfm.segmentation.hardness",
         "`crfm-hardness`",
     ),
+    Command("python -m crfm.report", "crfm.report", "`crfm-report` (the recipe's last step, `scripts/recipe.sh`)"),
     Command(
         "python -m crfm.reflow",
         "crfm.fewstep.pairs",

@@ -5,18 +5,25 @@ of each kind crfm reads, a corrupt JSON record, a corrupt PNG) or a number out o
 that stderr is the single `error: <path or flag>: <what>` line, and that no file appeared or changed anywhere the
 run could write. test.py and crfm.reflow keep their documented contract for a bad *item* of the index (its one line,
 exit status 1, the other items made), so those rows check that only that item is missing.
+
+Then a work folder as a contract (issue #28): a torn progress record resumed byte-identical to an uninterrupted run,
+a changed setting and a second live process refused in one line, a full disk (simulated in-process, and a real
+tmpfs where the machine allows one) named in one line with a re-run that continues.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from tests.helpers import REPO, vectorized_toy_data
+from tests.helpers import REPO, TOY_SEGFORMER, vectorized_toy_data
 
 RESOLUTION = 64  # the tiny pipeline's 8x8 latents
 
@@ -84,6 +91,54 @@ def evaluate_argv(inputs: dict[str, Path], work: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def filter_argv(inputs: dict[str, Path], work: Path) -> list[str]:
+    """crfm.segmentation.filter on the toy pairs as real and synthetic set; the segmentor is loaded only after
+    every pair is checked (its weights do not exist)."""
+    return [
+        "--data_root", str(inputs["data"]), "--num_cls", "6", "--mmseg_config", str(TOY_SEGFORMER),
+        "--mmseg_ckpt", str(inputs["root"] / "no_segmentor.pth"), "--synth_root", str(inputs["data"]),
+        "--work_dir", str(work), "--no_progress", "--device", "cpu",
+    ]  # fmt: skip
+
+
+def hardness_argv(inputs: dict[str, Path], work: Path) -> list[str]:
+    return [
+        "--data_root", str(inputs["data"]), "--num_cls", "6", "--mmseg_config", str(TOY_SEGFORMER),
+        "--mmseg_ckpt", str(inputs["root"] / "no_segmentor.pth"), "--out", str(work / "counts.json"),
+        "--no_progress", "--device", "cpu",
+    ]  # fmt: skip
+
+
+def layouts_argv(inputs: dict[str, Path], work: Path) -> list[str]:
+    return ["--data_root", str(inputs["data"]), "--work_dir", str(work), "--num_layouts", "2", "--no_progress"]
+
+
+def downstream_argv(inputs: dict[str, Path], work: Path) -> list[str]:
+    return [
+        "--data_root", str(inputs["data"]), "--val_file", "index.jsonl", "--work_dir", str(work), "--num_cls", "6",
+        "--max_iters", "2", "--batch_size", "1", "--device", "cpu", "--no_progress",
+    ]  # fmt: skip
+
+
+def too_large(inputs: dict[str, Path]) -> str:
+    """One patch per side more than the base's position grid holds (read from its configs)."""
+    vae = json.loads((inputs["pipe"] / "vae" / "config.json").read_text())
+    transformer = json.loads((inputs["pipe"] / "transformer" / "config.json").read_text())
+    step = 2 ** (len(vae["block_out_channels"]) - 1) * transformer["patch_size"]
+    return str(step * (transformer["pos_embed_max_size"] + 1))
+
+
+def resolution(argv: Callable[[dict[str, Path], Path], list[str]], value: str) -> Callable:
+    """`argv` at another --resolution ('too large': `too_large`)."""
+
+    def build(inputs: dict[str, Path], work: Path) -> list[str]:
+        out = argv(inputs, work)
+        out[out.index("--resolution") + 1] = too_large(inputs) if value == "too large" else value
+        return out
+
+    return build
+
+
 def entry_point(name: str) -> Callable[[list[str]], int]:
     import importlib
 
@@ -97,6 +152,10 @@ def entry_point(name: str) -> Callable[[list[str]], int]:
         "crfm.toy.tiny": "crfm.toy.tiny",
         "crfm.toy.toydata": "crfm.toy.toydata",
         "crfm.data.make_index": "crfm.data.make_index",
+        "crfm.segmentation.filter": "crfm.segmentation.filter",
+        "crfm.segmentation.hardness": "crfm.segmentation.hardness",
+        "crfm.data.layouts": "crfm.data.layouts",
+        "crfm.segmentation.downstream": "crfm.segmentation.downstream",
     }[name]
     return importlib.import_module(module).main
 
@@ -168,6 +227,36 @@ CASES = [
     ),  # fmt: skip
     Case("crfm.toy.tiny", "none", lambda inputs, work: [str(work), "--layers", "0"], "--layers"),
     Case("crfm.toy.toydata", "none", lambda inputs, work: [str(work), "--num", "2", "--workers", "0"], "--workers"),
+    # A side the base cannot make (not a multiple of VAE factor x patch; beyond its position grid): refused before
+    # any model loads or any file (img/, logs/, loss.jsonl, latents.json) is made.
+    Case("test.py", "none", resolution(sampling_argv, "63"), "--resolution"),
+    Case("test.py", "none", resolution(sampling_argv, "too large"), "--resolution"),
+    Case("crfm.reflow", "none", resolution(sampling_argv, "too large"), "--resolution"),
+    Case("train.py", "none", resolution(train_argv, "63"), "--resolution"),
+    Case(
+        "crfm.training.cache_latents",
+        "none",
+        resolution(lambda inputs, work: [*model_data_argv(inputs), "--work_dir", str(work)], "63"),
+        "--resolution",
+    ),
+    Case("crfm.evaluate_sampling", "none", resolution(evaluate_argv, "63"), "--resolution"),
+    # Counts, seeds and step sizes out of range, refused when parsed (numpy's seeds must be >= 0).
+    Case("crfm.segmentation.hardness", "none", flag(hardness_argv, "--min_per_mask", "-1"), "--min_per_mask"),
+    Case("crfm.data.layouts", "none", flag(layouts_argv, "--seed", "-1"), "--seed"),
+    Case("test.py", "none", flag(sampling_argv, "--max_step_size", "-1"), "--max_step_size"),
+    # A colour mask, a class id >= num_cls: the index line and the file at fault, before a model loads.
+    *(
+        Case(entry, damage, argv, "index.jsonl:1 (img/")
+        for entry, argv in (
+            ("crfm.segmentation.filter", filter_argv),
+            ("crfm.segmentation.hardness", hardness_argv),
+            ("crfm.data.layouts", layouts_argv),
+            ("crfm.segmentation.downstream", downstream_argv),
+        )
+        for damage in ("rgb label", "class id")
+    ),
+    # A missing segmentor config is named first (not `[Errno 2] ...` or mmengine's `file "..." does not exist`).
+    Case("crfm.segmentation.filter", "none", flag(filter_argv, "--mmseg_config", "{root}/no.py"), "no.py"),
 ]
 
 
@@ -192,6 +281,17 @@ def damaged_inputs(good: dict[str, Path], damage: str, where: Path) -> dict[str,
         truncate(target[damage])
     elif damage == "pair shard":
         truncate(sorted((inputs["pairs"] / "pairs").iterdir())[0])
+    elif damage in ("rgb label", "class id"):  # the label of the index's first line
+        from crfm.data.index import read_index
+
+        label = inputs["data"] / read_index(inputs["data"] / "index.jsonl")[0].source
+        with Image.open(label) as opened:
+            array = np.array(opened)
+        if damage == "class id":
+            array[0, 0] = 9
+            Image.fromarray(array).save(label)
+        else:
+            Image.fromarray(np.stack([array] * 3, axis=-1)).save(label)
     elif damage in ("image png", "mask png"):
         folder = "img" if damage == "image png" else "label"
         (inputs["data"] / folder / sorted(p.name for p in (inputs["data"] / folder).iterdir())[0]).write_bytes(
@@ -200,6 +300,12 @@ def damaged_inputs(good: dict[str, Path], damage: str, where: Path) -> dict[str,
     else:
         assert damage == "none"
     return inputs
+
+
+def names_first(line: str) -> bool:
+    """`error: <file or flag>: <what>`: what precedes the first ': ' starts with a flag or a path."""
+    first = line.removeprefix("error: ").split(": ")[0].split()[0]
+    return first.startswith("--") or "/" in first or "." in first
 
 
 def snapshot(folder: Path) -> dict[str, int]:
@@ -225,9 +331,191 @@ def test_bad_input_ends_in_one_line_naming_it_and_writes_nothing(good, case, tmp
     assert status == case.status, where
     assert len(lines) == 1 and lines[0].startswith("error: "), where
     assert case.names in lines[0], where
+    assert names_first(lines[0]), where
     if case.status == 2:
         assert snapshot(tmp_path) == before, where  # nothing written, nothing changed
         assert not work.exists(), where
     else:  # one bad item of two: the other one made, the bad one not
         made = sorted(p.name for p in (work / "img").iterdir())
         assert len(made) == 1 and not made[0].startswith("00000_"), where
+
+
+# A work folder is a contract: a torn progress record, a changed setting, a second live process, a full disk.
+
+
+def run_entry(entry: str, argv: list[str], capfd) -> tuple[int, list[str]]:
+    """`entry`'s exit status and stderr lines (stdout dropped)."""
+    capfd.readouterr()
+    status = entry_point(entry)(argv)
+    return status, capfd.readouterr().err.splitlines()
+
+
+def outputs(work: Path) -> dict[str, bytes]:
+    """The bytes of every output a resumed run must reproduce (images, masks, latent shards, the index)."""
+    kept = ("img", "label", "pairs")
+    files = [p for p in work.rglob("*") if p.is_file() and p.relative_to(work).parts[0] in kept]
+    return {str(p.relative_to(work)): p.read_bytes() for p in [*files, work / "index.jsonl"]}
+
+
+@pytest.fixture(scope="module")
+def reference(good, tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs of test.py and crfm.reflow on the sound inputs, one item per batch."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    runs = {"test.py": root / "synth", "crfm.reflow": root / "pairs"}
+    for entry, work in runs.items():
+        assert entry_point(entry)([*sampling_argv(good, work), "--batch_size", "1"]) == 0
+    return runs
+
+
+@pytest.mark.parametrize("entry", ["test.py", "crfm.reflow"])
+def test_a_torn_progress_record_is_dropped_and_its_item_redone(good, reference, entry, tmp_path, capfd):
+    work = tmp_path / "work"
+    shutil.copytree(reference[entry], work)
+    shard = work / "index.rank0.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    assert len(lines) == 2
+    shard.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # a full disk or a power cut mid-line
+    (work / "index.jsonl").unlink()
+
+    status, err = run_entry(entry, [*sampling_argv(good, work), "--batch_size", "1"], capfd)
+
+    assert status == 0 and err == [], err  # was: error: Unterminated string starting at ...
+    assert outputs(work) == outputs(reference[entry])  # the torn item made again, byte-identical
+    assert shard.read_text() == "".join(lines)  # the torn tail cut off, each item once
+
+
+def test_a_changed_setting_is_refused_in_one_line_naming_it(good, reference, tmp_path, capfd):
+    work = tmp_path / "work"
+    shutil.copytree(reference["test.py"], work)
+    before = snapshot(work)
+    for extra, change in ((["--seed", "5"], "seed: 0 -> 5"), (["--guidance_scale", "2"], "guidance_scale: 1.0 -> 2.0")):
+        status, err = run_entry("test.py", [*sampling_argv(good, work), *extra], capfd)
+        assert status == 2 and len(err) == 1, err
+        assert (
+            err[0].startswith(f"error: {work}: holds synthesized images made with other settings (")
+            and change in err[0]
+        )
+        assert snapshot(work) == before
+    # The same settings (another batch size, which no image depends on) resume: nothing left to make.
+    status, err = run_entry("test.py", [*sampling_argv(good, work), "--batch_size", "2"], capfd)
+    assert status == 0 and err == [] and outputs(work) == outputs(reference["test.py"])
+
+
+HOLD_LOCK = """
+import sys, time
+from crfm.utils.fileio import folder_lock
+with folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_live_process_is_refused_and_a_dead_ones_lock_taken_over(good, reference, tmp_path, capfd):
+    import subprocess
+    import sys
+
+    from tests.helpers import subprocess_env
+
+    work = tmp_path / "work"
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(work)], stdout=subprocess.PIPE, text=True, env=subprocess_env()
+    )  # a test.py run holds the folder as this one does
+    try:
+        assert first.stdout.readline().strip() == "held"
+        before = snapshot(work)
+        status, err = run_entry("test.py", [*sampling_argv(good, work), "--batch_size", "1"], capfd)
+        assert status == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: {work}: in use by process {first.pid} on "), err
+        assert snapshot(work) == before  # nothing written
+    finally:
+        first.kill()  # SIGKILL: its lock file stays behind
+        first.wait()
+    status, err = run_entry("test.py", [*sampling_argv(good, work), "--batch_size", "1"], capfd)
+    assert status == 0 and err == [], err
+    assert outputs(work) == outputs(reference["test.py"])
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_continues(good, reference, tmp_path, monkeypatch, capfd):
+    import errno
+
+    work = tmp_path / "work"
+    save, calls = Image.Image.save, []
+
+    def fills_the_disk(image, fp, *args, **kwargs):  # the third PNG (the second unit's image) meets a full disk
+        calls.append(fp)
+        if len(calls) == 3:
+            Path(fp).write_bytes(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fills_the_disk)
+    status, err = run_entry("test.py", [*sampling_argv(good, work), "--batch_size", "1"], capfd)
+    monkeypatch.undo()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {work}/img/00001_") and err[0].endswith(": no space left on device"), err
+    assert len((work / "index.rank0.jsonl").read_text().splitlines()) == 1  # the first unit stands
+    assert not list((work / "img").glob(".*"))  # no half-written temporary left
+
+    status, err = run_entry("test.py", [*sampling_argv(good, work), "--batch_size", "1"], capfd)  # space freed
+    assert status == 0 and err == [], err
+    assert outputs(work) == outputs(reference["test.py"])
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_training_resumes(good, tmp_path, monkeypatch, capfd):
+    """train.py: safetensors says `os error 28` while a checkpoint is written; the run ends in one line naming the
+    file, and the same command after freeing space ends with the uninterrupted run's losses and weights."""
+    import crfm.models.trained_weights as trained_weights
+
+    argv = [*train_argv(good, tmp_path / "reference"), "--max_train_steps", "2", "--checkpointing_steps", "1"]
+    assert entry_point("train.py")(argv) == 0
+    work = tmp_path / "work"
+    argv = [*train_argv(good, work), "--max_train_steps", "2", "--checkpointing_steps", "1"]
+    argv += ["--resume_from_checkpoint", "latest"]
+    save_file, calls = trained_weights.save_file, []
+
+    def fills_the_disk(tensors, path, *args, **kwargs):  # the second checkpoint meets a full disk
+        calls.append(path)
+        if len(calls) == 2:
+            raise Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull }) (os error 28)")
+        return save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(trained_weights, "save_file", fills_the_disk)
+    status, err = run_entry("train.py", argv, capfd)
+    monkeypatch.undo()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {work}/checkpoints/") and err[0].endswith(": no space left on device"), err
+    assert [p.name for p in (work / "checkpoints").iterdir()] == ["checkpoint-1"]  # the failed save is gone
+
+    status, err = run_entry("train.py", argv, capfd)
+    assert status == 0, err
+    assert (work / "loss.jsonl").read_text() == (tmp_path / "reference" / "loss.jsonl").read_text()
+    for name in ("model.safetensors",):
+        assert (work / "final" / name).read_bytes() == (tmp_path / "reference" / "final" / name).read_bytes()
+
+
+def test_a_real_full_disk_is_one_line_and_a_rerun_after_freeing_space_continues(good, reference, tmp_path):
+    """test.py on a tmpfs with room for about half its output (a private mount namespace: nothing outside sees it),
+    then the same command after the tmpfs is grown."""
+    import subprocess
+
+    from tests.helpers import subprocess_env
+
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"], capture_output=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no private tmpfs here (unshare -rm + mount): {probe.stderr.decode().strip()[-200:]}")
+    made = sum(p.stat().st_size for p in reference["test.py"].rglob("*") if p.is_file())
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
+    command = " ".join(["python", str(REPO / "test.py"), *sampling_argv(good, disk / "work"), "--batch_size", "1"])
+    script = (
+        f"mount -t tmpfs -o size={4096 * (made // 2 // 4096 + 1)} tmpfs {disk} && "
+        f"{{ {command}; echo status=$? >&2; }} && mount -o remount,size=16m {disk} && "
+        f"{{ {command}; echo status=$? >&2; }} && cp -r {disk / 'work'} {copy}"
+    )
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=subprocess_env())
+    lines = [line for line in run.stderr.splitlines() if line.startswith(("error:", "status=", "Traceback"))]
+    assert lines[:3] == [lines[0], "status=2", "status=0"], run.stderr[-3000:]
+    assert lines[0].startswith(f"error: {disk}/work/") and lines[0].endswith(": no space left on device"), lines
+    assert outputs(copy) == outputs(reference["test.py"])

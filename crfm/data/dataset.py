@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from crfm.data.index import IGNORE_INDEX, DatasetError, IndexItem
-from crfm.utils.errors import unreadable
+from crfm.utils.errors import one_line, unreadable
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -74,6 +74,55 @@ def load_index_images(index_file: str | Path, resolution: int) -> tuple[torch.Te
     return torch.stack(images), [item.prompt for item in items]
 
 
+def load_pair(data_root: str | Path, item: IndexItem, num_cls: int | None = None) -> tuple[Image.Image, np.ndarray]:
+    """An item's RGB image and uint8 label, checked as every crfm reader needs them: both decodable, the label a
+    single-channel class-index map (ids < `num_cls` or 255), image and label of one size. A fault is a
+    `DatasetError` naming the index line first (`index.jsonl:2 (img/x.png): label ... has class id(s) [9] ...`)."""
+    data_root = Path(data_root)
+    try:
+        image = load_image(data_root / item.target)
+        label = load_label(data_root / item.source, num_cls)
+    except DatasetError as exc:
+        raise DatasetError(f"{item.where()}: {exc}") from exc
+    if image.size != (label.shape[1], label.shape[0]):
+        raise DatasetError(
+            f"{item.where()}: image size {image.size} differs from label size {(label.shape[1], label.shape[0])}"
+        )
+    return image, label
+
+
+def check_index_pairs(
+    data_root: str | Path, json_file: str, num_cls: int | None = None, progress: bool = False
+) -> list[IndexItem]:
+    """Read the index `data_root/json_file` and open every pair of it as `load_pair` does, before a job writes
+    anything or loads a model: its items, or one `DatasetError` line naming the first bad item (and how many
+    more are bad), so a colour mask or a class id >= num_cls is never found by a traceback half-way."""
+    from tqdm.auto import tqdm
+
+    from crfm.data.index import read_index
+
+    items = read_index(Path(data_root) / json_file, data_root)
+    bad: list[str] = []
+    for item in tqdm(items, desc=f"checking {json_file}", unit="pair", leave=False, disable=not progress):
+        try:
+            load_pair(data_root, item, num_cls)
+        except DatasetError as exc:
+            bad.append(one_line(exc))
+    if bad:
+        more = f" (and {len(bad) - 1} more bad pair(s) in this index)" if len(bad) > 1 else ""
+        raise DatasetError(bad[0] + more)
+    return items
+
+
+def check_indexes_pairs(
+    indexes: Iterable[tuple[str | Path | None, str]], num_cls: int | None = None, progress: bool = False
+) -> None:
+    """`check_index_pairs` on each (data root, index file) of a job that reads several (a root of None: not given)."""
+    for data_root, json_file in indexes:
+        if data_root is not None:
+            check_index_pairs(data_root, json_file, num_cls, progress)
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Image–mask–prompt triples from an index; optionally with the prompt vectors made by vectorize.
 
@@ -101,16 +150,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict:
         item = self.items[position]
-        try:
-            image = load_image(self.data_root / item.target)
-            label_array = load_label(self.data_root / item.source, self.num_cls)
-        except DatasetError as exc:
-            raise DatasetError(f"item {item.where()}: {exc}") from exc
-        if image.size != (label_array.shape[1], label_array.shape[0]):
-            raise DatasetError(
-                f"item {item.where()}: image size {image.size} differs from label size "
-                f"{(label_array.shape[1], label_array.shape[0])}"
-            )
+        image, label_array = load_pair(self.data_root, item, self.num_cls)
         label = Image.fromarray(label_array)
         pixels = image_to_tensor(image, self.resolution)
         if self.resolution is not None:

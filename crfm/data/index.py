@@ -49,7 +49,7 @@ def read_index(
     """
     index_file = Path(index_file)
     if not index_file.is_file():
-        raise DatasetError(f"index file not found: {index_file}")
+        raise DatasetError(f"{index_file}: index file not found")
     root = Path(data_root) if data_root is not None else index_file.parent
     items: list[IndexItem] = []
     problems: list[str] = []

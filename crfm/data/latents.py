@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from crfm.data.index import DatasetError, IndexItem
 from crfm.utils.constants import WEIGHT_SUFFIXES
-from crfm.utils.fileio import atomic_path, read_json
+from crfm.utils.fileio import atomic_path, read_json, sha256_of_files
 from crfm.utils.flags import UsageError, one_line
 
 MANIFEST_FILE = "latents.json"
@@ -51,16 +51,6 @@ def item_latent_path(latents_dir: str | Path, position: int) -> Path:
     return Path(latents_dir) / f"{position}.safetensors"
 
 
-def _sha256_of_files(paths: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def vae_identity(pretrained: str | Path) -> dict[str, str]:
     """Digests of the base's VAE: its architecture (config.json without diffusers' private keys such as the
     version that saved it) and the bytes of its weight files. Content, not paths or times, so a copied folder
@@ -71,7 +61,7 @@ def vae_identity(pretrained: str | Path) -> dict[str, str]:
     weights = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     return {
         "config_sha256": hashlib.sha256(architecture.encode()).hexdigest(),
-        "weights_sha256": _sha256_of_files(weights),
+        "weights_sha256": sha256_of_files(weights),
     }
 
 
@@ -130,7 +120,7 @@ def check_latent_cache(
 def item_signature(data_root: str | Path, item: IndexItem) -> dict[str, str]:
     """The item a cached file belongs to: its image and label paths and a digest of their bytes."""
     files = [Path(data_root) / item.target, Path(data_root) / item.source]
-    return {"target": item.target, "source": item.source, "sha256": _sha256_of_files(files)}
+    return {"target": item.target, "source": item.source, "sha256": sha256_of_files(files)}
 
 
 def stored_signature(path: str | Path, keys: Sequence[str]) -> dict[str, str] | None:
@@ -158,7 +148,7 @@ def load_item_latents(
     path = item_latent_path(latents_dir, position)
     fix = f"run {CACHE_COMMAND} on this index with --work_dir {latents_dir} (it re-encodes missing and damaged files)"
     if not path.is_file():
-        raise DatasetError(f"item {item.where()}: cached latents {path} are missing: {fix}")
+        raise DatasetError(f"{item.where()}: cached latents {path} are missing: {fix}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
@@ -170,7 +160,7 @@ def load_item_latents(
         ) from exc
     if (meta.get("target"), meta.get("source")) != (item.target, item.source):
         raise DatasetError(
-            f"item {item.where()}: cached latents {path} belong to {meta.get('target')!r}, not to this item: "
+            f"{item.where()}: cached latents {path} belong to {meta.get('target')!r}, not to this item: "
             "the cache was made from another index"
         )
     return tensors

@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from crfm.data.dataset import load_label
-from crfm.data.index import CLASSES_FILE, DatasetError, describe_label, read_classes_json, read_index
+from crfm.data.dataset import check_index_pairs, load_pair
+from crfm.data.index import CLASSES_FILE, DatasetError, describe_label, read_classes_json
 from crfm.utils.fileio import atomic_path, write_jsonl_atomic, write_text_atomic
 from crfm.utils.flags import add_data_flags, add_run_flags, entry_point, positive_int
 
@@ -78,20 +78,14 @@ def write_layouts(
     progress: bool = True,
 ) -> Path:
     """Write `num_layouts` mosaics of the labelled masks (and images) and their index into `work_dir`."""
-    items = read_index(data_root / json_file, data_root)
     classes_file = (data_root / json_file).parent / CLASSES_FILE
     if not classes_file.is_file():
         raise DatasetError(f"{classes_file} not found: layouts need the class names to write their prompts")
     class_names = [str(c) for c in read_classes_json(classes_file)["classes"]]
-    labels = [load_label(data_root / item.source, len(class_names)) for item in items]
-    images = None
-    if with_images:
-        images = []
-        for item, label in zip(items, labels, strict=True):
-            with Image.open(data_root / item.target) as img:
-                images.append(np.asarray(img.convert("RGB")))
-            if images[-1].shape[:2] != label.shape:
-                raise DatasetError(f"{item.where()}: image {images[-1].shape[:2]} and label {label.shape} differ")
+    items = check_index_pairs(data_root, json_file, len(class_names))  # every pair sound before any file is written
+    pairs = [load_pair(data_root, item, len(class_names)) for item in items]
+    labels = [label for _, label in pairs]
+    images = [np.asarray(image) for image, _ in pairs] if with_images else None
     rng = np.random.default_rng(seed)
     records = []
     for number in tqdm(range(num_layouts), desc="layouts", unit="layout", disable=not progress):

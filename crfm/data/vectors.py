@@ -59,13 +59,13 @@ def load_item_vectors(vectors_dir: str | Path, item: IndexItem) -> dict[str, tor
     """Vectors of one index item; the index must be the one written by vectorize (it has `index`)."""
     if "index" not in item.record:
         raise DatasetError(
-            f"item {item.where()}: no 'index' field. Use the index written by preprocess/vectorize.py "
+            f"{item.where()}: no 'index' field. Use the index written by preprocess/vectorize.py "
             "(its --out_json_file), whose 'index' names the vector file."
         )
     path = item_vector_path(vectors_dir, int(item.record["index"]))
     if not path.is_file():
         raise DatasetError(
-            f"item {item.where()}: vector file {path} is missing. Run preprocess/vectorize.py on this index "
+            f"{item.where()}: vector file {path} is missing. Run preprocess/vectorize.py on this index "
             f"with --work_dir {vectors_dir} first."
         )
     return load_vectors(path)

@@ -2,7 +2,8 @@
 and how faithful few-step sampling is.
 
 - `pairs`: reflow pairs, the trained (optionally CRFM-guided) flow's noise → latent couplings (`python -m crfm.reflow`);
-- `objective`: training on pairs, 2-rectified flow, k-SeqRF and distillation (`train.py --reflow_pairs`);
+- `pair_dataset`: the pairs read back for training (their record, segment boundaries, `ReflowPairs`); the loss on
+  them, 2-rectified flow, k-SeqRF and distillation, is `training/reflow.py` (`train.py --reflow_pairs`);
 - `straightness`: S_K of a flow along its own sampling paths;
 - `evaluate`: judge fidelity, NFE, images/s and straightness per sampler run (`python -m crfm.evaluate_sampling`).
 """

@@ -26,6 +26,7 @@ from crfm.data.dataset import PairDataset
 from crfm.data.index import read_index
 from crfm.sampling.rectify import CRFMConfig, attach_guide, check_guide_flags
 from crfm.sampling.sampler import SOLVERS, SolverConfig
+from crfm.utils.base_folder import check_resolution
 from crfm.utils.fileio import write_text_atomic
 from crfm.utils.flags import (
     UsageError,
@@ -136,6 +137,7 @@ def evaluate_sampling(args: argparse.Namespace) -> dict:
 
     runs = [parse_run(text, args) for text in args.runs]  # bad runs are refused before any model loads
     check_guide_flags(args)
+    check_resolution(args.pretrained_model_name_or_path, args.resolution)
     samples = load_masks(args)
     device = resolve_device(args.device)
     pipe = MaskToImagePipeline.from_checkpoint(

@@ -16,7 +16,6 @@ noise is not stored: it is `initial_noise([noise_id], seed)`, redrawn exactly fr
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -24,9 +23,9 @@ from safetensors.torch import save_file
 
 from crfm.sampling.pipeline import MaskToImageOutput
 from crfm.sampling.synthesis import build_parser as build_synthesis_parser
-from crfm.sampling.synthesis import noise_id, run_units, unit_name
+from crfm.sampling.synthesis import noise_id, run_units, sampling_settings, unit_name
 from crfm.utils.errors import reading
-from crfm.utils.fileio import atomic_path, refuse_changed_settings, write_text_atomic
+from crfm.utils.fileio import atomic_path
 from crfm.utils.flags import UsageError, entry_point, positive_int
 
 PAIRS_META = "reflow_pairs.json"
@@ -61,28 +60,7 @@ def segment_indices(num_inference_steps: int, segments: int) -> tuple[int, ...]:
 
 def pairs_settings(args: argparse.Namespace) -> dict:
     """What makes two pair sets the same (a resumed run must match); train.py reads it back."""
-    from crfm.sampling.rectify import CRFMConfig
-    from crfm.sampling.sampler import SolverConfig
-
-    crfm = CRFMConfig.from_args(args).record() if args.mmseg_config is not None else None
-    return {
-        "format": PAIRS_FORMAT,
-        "checkpoint": str(Path(args.lora_ckpt).resolve()),
-        "base_model": str(Path(args.pretrained_model_name_or_path).resolve()),
-        "data_root": str(Path(args.data_root).resolve()),
-        "json_file": args.json_file,
-        "vectors_path": str(Path(args.vectors_path).resolve()),
-        "num_cls": args.num_cls,
-        "resolution": args.resolution,
-        "seed": args.seed,
-        "num_per_mask": args.num_per_mask,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-        "solver": SolverConfig.from_args(args).__dict__,
-        "segments": args.segments,
-        "crfm": crfm,
-        "segmentor": None if crfm is None else str(Path(args.mmseg_ckpt).resolve()),
-    }
+    return {"format": PAIRS_FORMAT, **sampling_settings(args), "segments": args.segments}
 
 
 class LatentWriter:
@@ -90,16 +68,13 @@ class LatentWriter:
 
     name = "reflow"
     folders = (PAIRS_FOLDER,)
+    settings_file = PAIRS_META
+    what = "pairs"
 
     def __init__(self, args: argparse.Namespace, settings: dict) -> None:
         self.args = args
         self.settings = settings
         self.save_at = segment_indices(args.num_inference_steps, args.segments)
-
-    def start(self, work_dir: Path) -> None:
-        """The pairs' record, before the first pair (`check_settings` has refused a record of other settings)."""
-        if not (work_dir / PAIRS_META).is_file():
-            write_text_atomic(work_dir / PAIRS_META, json.dumps(self.settings, indent=2) + "\n")
 
     def outputs(self, record: dict) -> list[str]:
         return [record["file"]]
@@ -128,18 +103,16 @@ class LatentWriter:
 
 
 def check_settings(args: argparse.Namespace) -> dict:
-    """The run's settings (`LatentWriter.start` writes them to `reflow_pairs.json`); a work dir holding other pairs
-    is refused."""
+    """The run's settings (`run_units` refuses a work dir holding pairs of other settings, and records them in
+    `reflow_pairs.json` before the first pair)."""
     if args.num_per_mask_file is not None:  # the pairs' settings and noise ids are per --num_per_mask
-        raise UsageError("crfm.reflow takes --num_per_mask, not --num_per_mask_file")
+        raise UsageError("--num_per_mask_file: crfm.reflow takes --num_per_mask instead (its noise ids follow it)")
     if args.segments > 1 and args.sigma_grid != "uniform":
         raise UsageError("--segments > 1 needs --sigma_grid uniform (the segment boundaries are its grid points)")
     if args.debug:
         raise UsageError("--debug writes image panels; crfm.reflow keeps latents only")
     segment_indices(args.num_inference_steps, args.segments)
-    settings = pairs_settings(args)
-    refuse_changed_settings(Path(args.work_dir) / PAIRS_META, settings, "pairs", "use another --work_dir")
-    return settings
+    return pairs_settings(args)
 
 
 def make_pairs(args: argparse.Namespace) -> dict:

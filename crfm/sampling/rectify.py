@@ -49,7 +49,9 @@ class CRFMConfig:
     rectified_step: int = option(
         12, "CRFM corrects the first N sampling steps (the paper's scripts: 4 of 23)", kind=bounded(int, 0)
     )
-    max_step_size: float = option(30.0, "eta_max of the CRFM step-size scheme (the paper's scripts: 0.1)")
+    max_step_size: float = option(
+        30.0, "eta_max of the CRFM step-size scheme (the paper's scripts: 0.1)", kind=bounded(float, 0.0)
+    )
     step_scheme: str = option("LD", "eta schedule: linear decreasing, increasing, constant", choices=STEP_SCHEMES)
     num_rectified: int = option(3, "CRFM passes per rectified step (the paper's scripts: 1)", kind=positive_int)
     l2_norm: bool = option(True, "L2-normalise the CRFM gradient per image (the paper's scripts: no)")
@@ -99,7 +101,7 @@ class CRFMConfig:
 def check_guide_flags(args: argparse.Namespace) -> None:
     """The guide segmentor's two flags come together (before anything is read or loaded)."""
     if (args.mmseg_config is None) != (args.mmseg_ckpt is None):
-        raise UsageError("CRFM needs both --mmseg_config and --mmseg_ckpt")
+        raise UsageError("--mmseg_config, --mmseg_ckpt: CRFM needs both")
 
 
 def attach_guide(pipe, args: argparse.Namespace, device: str | torch.device) -> CRFMConfig | None:

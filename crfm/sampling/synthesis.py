@@ -10,10 +10,11 @@ skipping finished units and never leaves a line without its files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -25,10 +26,21 @@ from PIL import Image
 from crfm.data.dataset import load_image, load_label, resize_center_crop
 from crfm.data.index import CLASSES_FILE, DatasetError, IndexItem, read_classes_json, read_index
 from crfm.data.vectors import load_item_vectors
+from crfm.models.trained_weights import CHECKPOINT_META, CHECKPOINT_WEIGHTS, EMA_WEIGHTS
 from crfm.sampling.pipeline import MaskToImageOutput, MaskToImagePipeline, negative_prompt_kwargs
 from crfm.sampling.rectify import CRFMConfig, attach_guide, check_guide_flags
 from crfm.sampling.sampler import SolverConfig, to_uint8
-from crfm.utils.fileio import atomic_path, write_jsonl_atomic, write_text_atomic
+from crfm.utils.base_folder import check_resolution
+from crfm.utils.fileio import (
+    append_records,
+    atomic_path,
+    folder_lock,
+    read_records,
+    refuse_changed_settings,
+    sha256_of_files,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from crfm.utils.flags import (
     UsageError,
     add_data_flags,
@@ -43,6 +55,8 @@ from crfm.utils.flags import (
 )
 
 SHARD_PATTERN = "index.rank{rank}.jsonl"
+SETTINGS_FILE = "synthesis.json"  # how every image of a work dir was made
+SYNTHESIS_FORMAT = "crfm-synthesis/1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,13 +104,11 @@ def image_outputs(record: dict) -> list[str]:
 
 
 def read_done(work_dir: Path, outputs: Callable[[dict], list[str]] = image_outputs) -> dict[str, dict]:
-    """Finished units from every rank's shard: name -> output record (only those whose `outputs` files exist)."""
+    """Finished units from every rank's shard: name -> output record (only those whose `outputs` files exist; a
+    line cut by a kill or a full disk is dropped by `read_records`, so its unit is made again)."""
     done: dict[str, dict] = {}
     for shard in sorted(work_dir.glob(SHARD_PATTERN.format(rank="*"))):
-        for line in shard.read_text().splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
+        for record in read_records(shard):
             if all((work_dir / path).is_file() for path in outputs(record)):
                 done[record["unit"]] = record
     return done
@@ -141,19 +153,64 @@ def merge_shards(
 
 
 class UnitWriter(Protocol):
-    """What a run over (mask, variant) units keeps of each batch: `start` writes what precedes the first file (once
-    everything is loaded, so a run that fails to load writes nothing), `write` stores a batch's files atomically
-    and returns one index record per unit (with its "unit" name); `outputs` lists a record's files."""
+    """What a run over (mask, variant) units keeps of each batch: `write` stores a batch's files atomically and
+    returns one index record per unit (with its "unit" name); `outputs` lists a record's files. `settings` (what
+    every unit is made with) go to `settings_file` before the first unit; a work dir holding units made with other
+    settings is refused, naming what it holds (`what`)."""
 
     name: str
     save_at: tuple[int, ...]
     folders: tuple[str, ...]
-
-    def start(self, work_dir: Path) -> None: ...
+    settings: dict
+    settings_file: str
+    what: str
 
     def write(self, work_dir: Path, batch: list, out: MaskToImageOutput) -> list[dict]: ...
 
     def outputs(self, record: dict) -> list[str]: ...
+
+
+def checkpoint_digest(ckpt: str | Path) -> str | None:
+    """The trained weights' identity: a digest of the checkpoint's weight files and record (a copied checkpoint is
+    the same, a retrained one is not); None where there is no such folder (the loader names it)."""
+    files = [Path(ckpt) / name for name in (CHECKPOINT_META, CHECKPOINT_WEIGHTS, EMA_WEIGHTS)]
+    return sha256_of_files([f for f in files if f.is_file()]) if Path(ckpt).is_dir() else None
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    """What makes two sets of units the same (test.py's `synthesis.json`, crfm.reflow's `reflow_pairs.json`)."""
+    crfm = CRFMConfig.from_args(args).record() if args.mmseg_config is not None else None
+    return {
+        "checkpoint": str(Path(args.lora_ckpt).resolve()),
+        "base_model": str(Path(args.pretrained_model_name_or_path).resolve()),
+        "data_root": str(Path(args.data_root).resolve()),
+        "json_file": args.json_file,
+        "vectors_path": str(Path(args.vectors_path).resolve()),
+        "num_cls": args.num_cls,
+        "resolution": args.resolution,
+        "seed": args.seed,
+        "num_per_mask": args.num_per_mask,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "solver": SolverConfig.from_args(args).__dict__,
+        "crfm": crfm,
+        "segmentor": None if crfm is None else str(Path(args.mmseg_ckpt).resolve()),
+    }
+
+
+def synthesis_settings(args: argparse.Namespace) -> dict:
+    """test.py's record: `sampling_settings`, the checkpoint's content, the counts file's and what else changes a
+    pixel (compute dtype, tiled decoding, the mask encoding asked for)."""
+    counts = args.num_per_mask_file
+    return {
+        "format": SYNTHESIS_FORMAT,
+        **sampling_settings(args),
+        "checkpoint_sha256": checkpoint_digest(args.lora_ckpt),
+        "num_per_mask_file": None if counts is None else sha256_of_files([Path(counts)]),
+        "mask_encoding": args.mask_encoding,
+        "mixed_precision": str(resolve_dtype(args.mixed_precision)).removeprefix("torch."),
+        "vae_tiling": args.vae_tiling,
+    }
 
 
 class ImageWriter:
@@ -161,13 +218,15 @@ class ImageWriter:
 
     name = "synthesize"
     save_at: tuple[int, ...] = ()
+    settings_file = SETTINGS_FILE
+    what = "synthesized images"
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.folders = ("img", "label", *(("debug",) if args.debug else ()))
-
-    def start(self, work_dir: Path) -> None:
-        pass  # the images' index lines say how they were made
+        if args.num_per_mask_file is not None and not Path(args.num_per_mask_file).is_file():
+            raise UsageError(f"--num_per_mask_file: no such file: {args.num_per_mask_file}")
+        self.settings = synthesis_settings(args)
 
     def outputs(self, record: dict) -> list[str]:
         return image_outputs(record)
@@ -257,8 +316,7 @@ def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
 def write_batch(work_dir: Path, shard: Path, writer: UnitWriter, batch: list, out: MaskToImageOutput) -> list[dict]:
     """Write: the batch's files (atomically, by `writer`), then their index lines: a line never lacks its files."""
     records = writer.write(work_dir, batch, out)
-    with shard.open("a") as handle:
-        handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    append_records(shard, records)
     return records
 
 
@@ -302,24 +360,61 @@ def sample_units(
     return report
 
 
+def refuse_other_settings(work_dir: Path, writer: UnitWriter) -> bool:
+    """A work dir holding units made with other settings than `writer.settings` is refused in one line naming each
+    changed key; returns whether it holds a record."""
+    fix = "use another --work_dir, or the flags it was made with"
+    return refuse_changed_settings(work_dir / writer.settings_file, writer.settings, writer.what, fix)
+
+
+@contextlib.contextmanager
+def claim_work_dir(work_dir: Path, writer: UnitWriter, state) -> Iterator[None]:
+    """Hold the work dir for this run: the main process takes its lock (a second live run is refused, a dead one's
+    lock taken over), checks the settings again under it (a run may have finished there meanwhile) and records
+    them before any unit is written; every process refuses alike."""
+    from accelerate.utils import broadcast_object_list
+
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if state.is_main_process:
+            try:
+                stack.enter_context(folder_lock(work_dir))
+                if not refuse_other_settings(work_dir, writer):
+                    write_text_atomic(work_dir / writer.settings_file, json.dumps(writer.settings, indent=2) + "\n")
+            except UsageError as exc:
+                refusal = str(exc)
+        refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise UsageError(refusal)
+        yield
+
+
 def run_units(args: argparse.Namespace, writer: UnitWriter) -> dict:
     """Sample every (mask, variant) unit of the index not finished yet (this process's share) and keep what
-    `writer` keeps; returns a summary. The one sampling loop of test.py and crfm.reflow: plan, load, loop (each
-    batch written as it is done), then the main process merges every process's index lines."""
+    `writer` keeps; returns a summary. The one sampling loop of test.py and crfm.reflow: check (flags, settings,
+    index: before any model loads or anything is written), load, claim the work dir, loop (each batch written as
+    it is done), then the main process merges every process's index lines."""
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     work_dir = Path(args.work_dir)
     check_guide_flags(args)
-    plan = plan_run(args, writer, rank, world)
+    check_resolution(args.pretrained_model_name_or_path, args.resolution)
+    refuse_other_settings(work_dir, writer)
+    plan = plan_run(args, writer, rank, world)  # bad index lines and counts named before the model loads
     sampler = load_sampler(args, state.device)
-    if state.is_main_process:
-        writer.start(work_dir)
-    for sub in writer.folders:
-        (work_dir / sub).mkdir(parents=True, exist_ok=True)
-    loop = sample_units(args, writer, plan, sampler, rank)
-    state.wait_for_everyone()
+    with claim_work_dir(work_dir, writer, state):
+        plan = plan_run(args, writer, rank, world)  # under the lock: what a run before this one finished
+        for sub in writer.folders:
+            (work_dir / sub).mkdir(parents=True, exist_ok=True)
+        loop = sample_units(args, writer, plan, sampler, rank)
+        state.wait_for_everyone()
+        if loop.traces:
+            append_records(work_dir / f"crfm_trace.rank{rank}.jsonl", loop.traces)
+        records = (
+            merge_shards(work_dir, plan.units, Path(args.data_root), writer.outputs) if state.is_main_process else []
+        )
 
     finished = loop.finished
     summary = {
@@ -332,16 +427,14 @@ def run_units(args: argparse.Namespace, writer: UnitWriter) -> dict:
         "solver": sampler.solver.describe(args.num_inference_steps),
         "crfm": sampler.crfm is not None,
     }
-    if loop.traces:
-        with (work_dir / f"crfm_trace.rank{rank}.jsonl").open("a") as handle:
-            handle.write("".join(json.dumps(t) + "\n" for t in loop.traces))
     if state.is_main_process:
-        records = merge_shards(work_dir, plan.units, Path(args.data_root), writer.outputs)
+        rate = (
+            f"{loop.seconds / finished:.2f} s/image, {loop.evaluations / finished:.1f} NFE/image " if finished else ""
+        )  # nothing sampled: no rate
         print(
             f"[{writer.name}] {len(records)}/{len(plan.units)} units in {work_dir} ({finished} now, "
-            f"{len(plan.done)} before, {len(loop.failures)} failed on rank 0); {summary['seconds_per_image']:.2f} "
-            f"s/image, {summary['nfe_per_image']:.1f} NFE/image ({summary['solver']}); "
-            f"CRFM {'on' if sampler.crfm else 'off'}"
+            f"{len(plan.done)} before, {len(loop.failures)} failed on rank 0); {rate}({summary['solver']}); "
+            f"CRFM {'on' if sampler.crfm else 'off'}; {resolve_dtype(args.mixed_precision)} on {state.device}"
         )
     return summary
 

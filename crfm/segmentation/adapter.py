@@ -3,6 +3,7 @@ images to per-class logits, built from an mmseg config and a safely loaded check
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -151,6 +152,8 @@ def load_segmentor(
     from mmengine.runner import load_state_dict
     from mmseg.apis import init_model
 
+    if not Path(config).is_file():  # mmengine's own message names no file first
+        raise FileNotFoundError(errno.ENOENT, "no such mmseg config", str(config))
     model = init_model(str(config), checkpoint=None, device=str(device))
     if checkpoint is not None:
         obj = load_checkpoint_file(checkpoint)
@@ -167,6 +170,8 @@ def load_segmentor(
             f"checkpoint dataset_meta names {len(meta_classes)} classes but decode_head.num_classes={model_classes}"
         )
     if num_cls is not None and num_cls != model_classes:
-        raise ValueError(f"num_cls={num_cls} differs from the segmentor's {model_classes} classes ({config})")
+        raise ValueError(
+            f"--num_cls: num_cls={num_cls} differs from the segmentor's {model_classes} classes ({config})"
+        )
     adapter = SegmentorAdapter.from_mmseg(model)
     return adapter.to(device)

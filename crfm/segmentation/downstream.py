@@ -25,6 +25,14 @@ load it with) and `metrics.json` (validation mIoU/aAcc/mAcc, and `IoU.<class>` w
 `PerClassIoUMetric`; the data mix, iterations requested and run, the expected draws of each real and each synthetic
 image, timings).
 
+The work dir records the data and settings it was trained with (`downstream_settings.json`: the indexes and their
+digests, synthetic root and file, ratio, repeat, exposure matching, config, batch, size, learning rate, seed; not
+the iterations, so a finished run can be resumed to train longer); a later run there with others is refused in one
+line naming each change, before anything is written (use another `--work_dir`, or `--no_resume` to start afresh).
+The console shows one progress line (loss, learning rate, ETA) every 1/20 of the run, at most every 50 iterations;
+mmengine's start-up dumps (environment, config, parameter groups) go to the run's log file only
+(`<work_dir>/<timestamp>/`).
+
 Resuming: if the work dir holds a checkpoint from an earlier run (mmengine's `last_checkpoint` marker), the
 run resumes from it. mmengine calls `torch.load` without `weights_only`, which torch >= 2.6 treats as True;
 this process additionally forces weights-only loading and supplies the small allowlist of mmengine objects
@@ -36,21 +44,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from crfm.data.dataset import check_indexes_pairs
 from crfm.data.index import read_index
-from crfm.utils.fileio import write_text_atomic
+from crfm.utils.fileio import refuse_changed_settings, sha256_of_files, write_text_atomic
 from crfm.utils.flags import UsageError, add_data_flags, add_run_flags, entry_point, resolve_device
 
 if TYPE_CHECKING:
     from mmengine.config import Config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_segformer.py"  # package data
+SETTINGS_FILE = "downstream_settings.json"  # the work dir's record of what it was trained on
+LOG_LINES = 20  # progress lines per run (at most one every config's logger interval)
+# mmengine's start-up dumps, kept in the run's log file but not on the console: the environment, the whole config
+# (config.py holds it), the hook order, one line per parameter group (hundreds for a SegFormer), and the notices
+# mmengine's own hooks and metrics trigger (a FileClient, a backend alias, a metric without a prefix: nothing a
+# user can change).
+FILE_ONLY = re.compile(
+    "|".join(
+        (
+            r"^\n-+\nSystem environment",
+            r"^Config:\n",
+            r"^Hooks will be executed",
+            r"^paramwise_options -- ",
+            r'^"FileClient" will be deprecated',
+            r'^"HardDiskBackend" is the alias of "LocalBackend"',
+            r"^The prefix is not set in metric class",
+        )
+    )
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,23 +180,36 @@ def segmentor_device(device: str | int | None) -> torch.device:
 
 
 def _scale_schedule(schedulers: list, old_iters: int, new_iters: int) -> list:
-    """Stretch iteration-based param schedulers from `old_iters` to `new_iters` (warm-up keeps its share)."""
+    """Stretch iteration-based param schedulers from `old_iters` to `new_iters` (warm-up keeps its share).
+
+    mmengine's LinearLR reaches its end factor at step end - begin - 1, so a warm-up scaled to one iteration would
+    stay at its start factor for the whole run (LoveDA's 1500 of 40k at 20 iterations: a peak of 6e-11): an inner
+    boundary lands on iteration 2 or later, which every run of 3 or more iterations reaches."""
+
+    def scale(step: int) -> int:
+        if step <= 0:
+            return 0
+        if step >= old_iters:
+            return new_iters
+        return min(max(round(step * new_iters / old_iters), 2), new_iters - 1)
+
     out = []
     for sched in schedulers:
         sched = dict(sched)
-        begin = round(sched.get("begin", 0) * new_iters / old_iters)
-        end = sched.get("end", old_iters)
-        end = new_iters if end >= old_iters else round(end * new_iters / old_iters)
+        begin, end = scale(sched.get("begin", 0)), scale(sched.get("end", old_iters))
         sched["begin"], sched["end"] = min(begin, new_iters - 1), max(end, begin + 1)
         out.append(sched)
     return out
 
 
 def _set_resize(pipeline: list, size: tuple[int, int]) -> None:
-    """Every resize of a pipeline, also those inside wrappers (`CachedCompose`, mmcv's `Compose`)."""
+    """Every resize and crop of a pipeline, also those inside wrappers (`CachedCompose`, mmcv's `Compose`): a crop
+    larger than the resized image would leave batches of unequal sizes (LoveDA's 512 px crop at --img_size 64)."""
     for step in pipeline:
         if step.get("type") in ("Resize", "RandomResize"):
             step["scale"] = size
+        if step.get("type") == "RandomCrop":
+            step["crop_size"] = size
         _set_resize(step.get("transforms", []), size)
 
 
@@ -264,6 +307,16 @@ def _build_config(args: argparse.Namespace) -> tuple[Config, int]:
     cfg.param_scheduler = _scale_schedule(list(cfg.param_scheduler), old_iters, max_iters)
     ckpt = cfg.default_hooks.checkpoint
     ckpt.interval = min(int(ckpt.get("interval", max_iters)), max_iters)
+    logger = cfg.default_hooks.get("logger")
+    if logger is not None:  # a line with the loss and ETA every 1/LOG_LINES of the run, however short
+        logger.interval = max(1, min(int(logger.get("interval", 50)), max_iters // LOG_LINES))
+    if not cfg.default_hooks.get("visualization", {}).get("draw", False):
+        cfg.default_hooks.pop("visualization", None)  # it draws nothing and only warns so at start-up
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        workers = min(int(cfg[loader].get("num_workers", 0)), cores)  # more than the cores only contend
+        cfg[loader].num_workers = workers
+        cfg[loader].persistent_workers = bool(workers and cfg[loader].get("persistent_workers", False))
     if args.img_size is not None:
         size = (args.img_size, args.img_size)
         for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
@@ -297,27 +350,90 @@ def _has_checkpoint(work_dir: Path) -> bool:
     return marker.is_file() and Path(marker.read_text().strip()).is_file()
 
 
+def run_settings(args: argparse.Namespace, cfg: Config) -> dict[str, object]:
+    """What a work dir's segmentor is trained on and how: a resume with anything else would mix two runs. The
+    iterations are not among them: a finished run resumed with more continues its schedule."""
+    real = Path(args.data_root) / args.json_file
+    settings: dict[str, object] = {
+        "index": str(real.resolve()),
+        "index_digest": sha256_of_files([real]),
+        "val_file": args.val_file,
+        "synth_root": None,
+        "synth_file": None,
+        "synth_digest": None,
+        "synth_ratio": args.synth_ratio,
+        "real_repeat": args.real_repeat,
+        "match_real_exposure": args.match_real_exposure,
+        "config": str(Path(args.mmseg_config).resolve()),
+        "config_digest": sha256_of_files([Path(args.mmseg_config)]),
+        "batch_size": int(cfg.train_dataloader.batch_size),
+        "img_size": args.img_size,
+        "lr": args.lr,
+        "seed": args.seed,
+    }
+    if args.synth_root is not None:
+        synthetic = Path(args.synth_root) / args.synth_file
+        settings.update(
+            synth_root=str(Path(args.synth_root).resolve()),
+            synth_file=args.synth_file,
+            synth_digest=sha256_of_files([synthetic]),
+        )
+    return settings
+
+
+def _keep_dumps_off_the_console(record: logging.LogRecord) -> bool:
+    return not FILE_ONLY.match(record.getMessage())
+
+
+def _runner_class():
+    """mmengine's Runner whose console handler leaves out the start-up dumps (its log file keeps them)."""
+    from mmengine.runner import Runner
+
+    class QuietRunner(Runner):
+        def build_logger(self, *args, **kwargs):
+            logger = super().build_logger(*args, **kwargs)
+            for handler in logger.handlers:
+                if not isinstance(handler, logging.FileHandler):
+                    handler.addFilter(_keep_dumps_off_the_console)
+            return logger
+
+    return QuietRunner
+
+
 def train(args: argparse.Namespace) -> int:
     """Train, validate once, write segmentor.pth, config.py and metrics.json into --work_dir."""
     check_args(args)
-    check_sources(args)  # before mmengine is imported: a wrong path fails fast
+    indexes = ((args.data_root, args.json_file), (args.data_root, args.val_file), (args.synth_root, args.synth_file))
+    check_indexes_pairs(indexes, check_sources(args), progress=not args.no_progress)  # before mmengine: fails fast
     segmentor_device(args.device)
-
-    from mmengine.runner import Runner
 
     from crfm.segmentation.safe_load import mmengine_safe_globals, weights_only_environment
 
     weights_only_environment()
     cfg, requested = _build_config(args)
     work_dir = Path(cfg.work_dir)
+    settings = run_settings(args, cfg)
+    if not args.no_resume:
+        refuse_changed_settings(
+            work_dir / SETTINGS_FILE,
+            settings,
+            "a segmentor",
+            "use another --work_dir (one per row), or --no_resume to start afresh",
+        )
     work_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(work_dir / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
     cfg.resume = not args.no_resume and _has_checkpoint(work_dir)
     if cfg.resume:
         print(f"resuming from {(work_dir / 'last_checkpoint').read_text().strip()}")
     cfg.dump(str(work_dir / "config.py"))
+    amp = "Amp" in str(cfg.optim_wrapper.get("type", ""))  # mmengine's AmpOptimWrapper: autocast; else fp32
+    print(
+        f"training {cfg.train_cfg.max_iters} iterations, {'mixed precision (AMP)' if amp else 'fp32'}; start-up "
+        f"log in {work_dir}/<timestamp>/"
+    )
 
     start = time.perf_counter()
-    runner = Runner.from_cfg(cfg)
+    runner = _runner_class().from_cfg(cfg)
     with mmengine_safe_globals():  # only in effect for mmengine's resume load
         runner.train()
     train_s = time.perf_counter() - start

@@ -3,9 +3,15 @@
     python -m crfm.segmentation.evaluate --data_root work_dirs/synth --json_file index.jsonl \
         --mmseg_config work_dirs/seg/config.py --mmseg_ckpt work_dirs/seg/segmentor.pth --num_cls 6
 
-Prints per-class IoU, mIoU and pixel accuracy (aAcc) as a table and writes them as JSON (`--out`, default
-`<data_root>/mask_fidelity.json`). This is how the paper judges synthesis: a good synthetic image is one in
-which a segmentor trained on real data finds the mask it was drawn from. The IoU arithmetic is mmseg's own.
+Prints per-class IoU, mIoU and pixel accuracy (aAcc) as a table (in %) and writes them as JSON (`--out`, default
+`<data_root>/mask_fidelity.json`; fractions in 0..1, where mmseg's `metrics.json` has percentages). This is how the
+paper judges synthesis: a good synthetic image is one in which a segmentor trained on real data finds the mask it
+was drawn from. The IoU arithmetic is mmseg's own.
+
+The score means little when the segmentor is the one that guided CRFM: sampling lowered that segmentor's loss on
+these very images, so it finds their masks more readily than any other would. The JSON's `scorer` says which it
+was: `judge` (never guided these images, per the synthesis record `synthesis.json`), `guide` (it did: the number is
+inflated, not a measure of fidelity) or `unknown` (no record), and the table says so too.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 
 from crfm.data.dataset import PairDataset
 from crfm.data.index import IGNORE_INDEX, read_index
-from crfm.utils.fileio import write_text_atomic
+from crfm.utils.fileio import read_json, write_text_atomic
 from crfm.utils.flags import (
     add_data_flags,
     add_run_flags,
@@ -68,6 +74,25 @@ def format_table(result: dict, class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+# test.py's record of how a work dir's images were made (crfm.sampling.synthesis; its "segmentor": the guide)
+SYNTHESIS_RECORD = "synthesis.json"
+SCORER_NOTES = {
+    "judge": "scored by an independent judge: this segmentor never guided these images",
+    "guide": "scored by the CRFM guide that steered these images: inflated, not a fidelity measure (CRFM lowered "
+    "this segmentor's loss on them); score with a segmentor that never guided sampling",
+    "unknown": f"no {SYNTHESIS_RECORD} here: if this segmentor guided CRFM, the number is inflated",
+}
+
+
+def scorer_role(data_root: Path, mmseg_ckpt: str | Path) -> str:
+    """`judge`, `guide` or `unknown`: whether the segmentor at `mmseg_ckpt` guided the sampling of `data_root`."""
+    record = data_root / SYNTHESIS_RECORD
+    if not record.is_file():
+        return "unknown"
+    guide = read_json(record, "the synthesis record").get("segmentor")
+    return "guide" if guide is not None and Path(guide).resolve() == Path(mmseg_ckpt).resolve() else "judge"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m crfm.segmentation.evaluate", description=__doc__.split("\n\n")[0])
     add_data_flags(
@@ -98,7 +123,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, object]:
     result = mask_fidelity(segmentor, dataset, args.num_cls, args.batch_size, progress=not args.no_progress)
     names = list(segmentor.class_names or [f"class {i}" for i in range(args.num_cls)])
     result["classes"] = names
+    role = scorer_role(data_root, args.mmseg_ckpt)
+    result["scorer"] = {"role": role, "mmseg_config": str(args.mmseg_config), "mmseg_ckpt": str(args.mmseg_ckpt)}
     print(format_table(result, names))
+    print(f"{args.mmseg_ckpt}: {SCORER_NOTES[role]}")
     out = Path(args.out) if args.out else data_root / "mask_fidelity.json"
     write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

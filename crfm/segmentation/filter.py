@@ -37,15 +37,24 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from crfm.data.dataset import PairDataset
-from crfm.data.index import CLASSES_FILE, IGNORE_INDEX, IndexItem, read_classes_json, read_index
-from crfm.utils.fileio import atomic_path, remove_stale_temporaries, write_jsonl_atomic, write_text_atomic
+from crfm.data.dataset import PairDataset, check_index_pairs
+from crfm.data.index import CLASSES_FILE, IGNORE_INDEX, IndexItem, read_classes_json
+from crfm.utils.fileio import (
+    append_records,
+    atomic_path,
+    read_records,
+    remove_stale_temporaries,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from crfm.utils.flags import (
     UsageError,
     add_data_flags,
     add_run_flags,
     add_segmentor_flags,
     entry_point,
+    positive_float,
+    positive_int,
     resolve_device,
 )
 
@@ -66,18 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work_dir", required=True, help="output dataset (filtered masks, index.jsonl, report)")
     parser.add_argument(
         "--tolerance_margin",
-        type=float,
+        type=positive_float,
         default=1.25,
         help="a synthetic pixel is ignored when its loss exceeds this times its class's real mean loss (> 0)",
     )
     parser.add_argument(
         "--resolution",
-        type=int,
+        type=positive_int,
         default=None,
         help="resize the real pairs (short side + centre crop) first, e.g. to the synthesis --resolution; "
         "synthetic pairs are scored at their own size",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="images per segmentor call")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="images per segmentor call")
     add_run_flags(parser, seed_help=None, device=True)
     return parser
 
@@ -217,34 +226,15 @@ def filter_item(target: FilterTarget, item: IndexItem, sample: dict, losses: np.
     }
 
 
-def read_records(work_dir: Path, key: str) -> dict[str, dict]:
-    """Finished items (unit -> record): made with the settings `key`, and their files still there."""
-    shard = work_dir / RECORDS
+def finished_items(work_dir: Path, key: str) -> dict[str, dict]:
+    """Finished items (unit -> record): made with the settings `key`, and their files still there (a record cut by
+    a kill or a full disk is dropped by `read_records`, so its item is redone)."""
     done: dict[str, dict] = {}
-    if not shard.is_file():
-        return done
-    for line in shard.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill: that item is redone
-            continue
+    for record in read_records(work_dir / RECORDS):
         files = (record["record"]["source"], record["record"]["target"])
         if record.get("settings") == key and all((work_dir / f).is_file() for f in files):
             done[record["unit"]] = record
     return done
-
-
-def append_records(shard: Path, records: Sequence[dict]) -> None:
-    """Append JSON lines; a last line cut by a killed run is ended first, so it cannot swallow the next record."""
-    cut = False
-    if shard.is_file() and shard.stat().st_size > 0:
-        with shard.open("rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            cut = handle.read(1) != b"\n"
-    with shard.open("a", encoding="utf-8") as handle:
-        handle.write("\n" * cut + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _stamp(path: str | Path) -> dict:
@@ -272,18 +262,8 @@ def cached_class_means(work_dir: Path, inputs: dict) -> list[float | None] | Non
     return cached.get("class_mean_loss") if cached.get("inputs") == inputs else None
 
 
-def check_sizes(args: argparse.Namespace, names: Sequence[str] = ("num_cls", "batch_size", "resolution")) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name} must be >= 1")
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Flags argparse cannot check, and the inputs' presence: before anything is loaded or written."""
-    if not args.tolerance_margin > 0:
-        raise UsageError(f"--tolerance_margin must be > 0, got {args.tolerance_margin}")
-    check_sizes(args)
     work_dir = Path(args.work_dir).resolve()
     for flag in ("data_root", "synth_root"):
         if work_dir == Path(getattr(args, flag)).resolve():
@@ -391,8 +371,9 @@ def filter_synthetic(args: argparse.Namespace) -> dict:
 
     check_args(args)
     data_root, synth_root, work_dir = Path(args.data_root), Path(args.synth_root), Path(args.work_dir)
-    real_items = read_index(data_root / args.json_file, data_root)  # bad lines named before any model loads
-    synth_items = read_index(synth_root / args.synth_file, synth_root)
+    # Every pair opened (bad lines, colour masks, class ids >= num_cls named) before any model loads.
+    real_items = check_index_pairs(data_root, args.json_file, args.num_cls, progress=not args.no_progress)
+    synth_items = check_index_pairs(synth_root, args.synth_file, args.num_cls, progress=not args.no_progress)
     check_outputs(synth_items)
 
     from crfm.segmentation.adapter import load_segmentor
@@ -404,7 +385,7 @@ def filter_synthetic(args: argparse.Namespace) -> dict:
     for folder in ("img", "label"):
         remove_stale_temporaries(work_dir / folder)
 
-    done = read_records(work_dir, target.key)
+    done = finished_items(work_dir, target.key)
     done_before = sum(item.target in done for item in synth_items)
     pending = [pos for pos, item in enumerate(synth_items) if item.target not in done]
     if pending:  # an index (and report) stands only for a finished run with these settings

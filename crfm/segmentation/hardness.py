@@ -26,16 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
-from crfm.data.dataset import PairDataset
-from crfm.data.index import read_index
-from crfm.segmentation.filter import ClassLosses, check_sizes, class_mean_losses
+from crfm.data.dataset import PairDataset, check_index_pairs
+from crfm.segmentation.filter import ClassLosses, class_mean_losses
 from crfm.utils.fileio import write_text_atomic
 from crfm.utils.flags import (
     UsageError,
     add_data_flags,
     add_run_flags,
     add_segmentor_flags,
+    bounded,
     entry_point,
+    positive_int,
     resolve_device,
 )
 
@@ -45,12 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(parser, "index.jsonl", "real labelled index (the masks to rank)", data_root_help="real dataset root")
     add_segmentor_flags(parser, required=True, purpose="of a segmentor trained on the real set")
     parser.add_argument("--out", required=True, help="counts JSON to write (test.py's --num_per_mask_file)")
-    parser.add_argument("--min_per_mask", type=int, default=1, help="synthetic images for the easiest mask")
-    parser.add_argument("--max_per_mask", type=int, default=5, help="synthetic images for the hardest mask")
+    parser.add_argument("--min_per_mask", type=bounded(int, 0), default=1, help="synthetic images for the easiest mask")
+    parser.add_argument("--max_per_mask", type=positive_int, default=5, help="synthetic images for the hardest mask")
     parser.add_argument(
-        "--resolution", type=int, default=None, help="resize (short side + centre crop) first, e.g. to the synthesis's"
+        "--resolution",
+        type=positive_int,
+        default=None,
+        help="resize (short side + centre crop) first, e.g. to the synthesis's",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="images per segmentor call")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="images per segmentor call")
     add_run_flags(parser, seed_help=None, device=True)
     return parser
 
@@ -87,16 +91,16 @@ def format_table(sources: Sequence[str], hardness: np.ndarray, counts: np.ndarra
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.min_per_mask < 0 or args.max_per_mask < args.min_per_mask:
-        raise UsageError(f"need 0 <= --min_per_mask <= --max_per_mask, got {args.min_per_mask}, {args.max_per_mask}")
-    check_sizes(args)
+    if args.max_per_mask < args.min_per_mask:
+        raise UsageError(f"--max_per_mask: must be >= --min_per_mask {args.min_per_mask}, got {args.max_per_mask}")
 
 
 def rank_masks(args: argparse.Namespace) -> dict:
     """Rank the real masks by expected difficulty, write `--out`, print the hardest and easiest; the result."""
     check_args(args)
     data_root = Path(args.data_root)
-    items = read_index(data_root / args.json_file, data_root)  # before any model loads
+    # Every pair opened (colour masks, class ids >= num_cls named) before any model loads.
+    items = check_index_pairs(data_root, args.json_file, args.num_cls, progress=not args.no_progress)
     dataset = PairDataset(items, data_root, resolution=args.resolution, num_cls=args.num_cls)
 
     from crfm.segmentation.adapter import load_segmentor

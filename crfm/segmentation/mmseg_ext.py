@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from torch.utils.data import Sampler
 from crfm.data.index import CLASSES_FILE, IGNORE_INDEX, read_classes_json, read_index
 
 MMSEG_EXTENSIONS = __name__  # what a config lists in custom_imports to get these registrations
+# mmseg's own decode heads build their losses through its deprecated `build_loss`, warning once per process that
+# builds a model: nothing a config or a user can change, so it is dropped here, where every crfm config imports.
+warnings.filterwarnings("ignore", message=r"``build_loss`` would be deprecated", category=UserWarning)
 
 
 @DATASETS.register_module()

@@ -80,7 +80,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
     """The whole checkpoint object (weights-only unpickling); `.safetensors` files give {"state_dict": ...}."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -89,7 +89,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
         # Explicit weights_only=True also wins over TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD in the environment.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (a state dict)")
+        raise ValueError(f"{path}: the checkpoint holds a {type(obj).__name__}, expected a dict (a state dict)")
     return obj
 
 
@@ -101,7 +101,7 @@ def _extract_state_dict(obj: dict, path: str | Path) -> dict[str, torch.Tensor]:
             break
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"checkpoint {path} is not a state dict: entries {bad[:5]} are not named tensors")
+        raise ValueError(f"{path}: the checkpoint is not a state dict: entries {bad[:5]} are not named tensors")
     if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel/DDP wrapper
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return dict(state)

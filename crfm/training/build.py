@@ -9,38 +9,35 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from crfm.data.dataset import PairDataset
-from crfm.data.index import read_index
-from crfm.training.objective import TrainTimesteps
+from crfm.training.objective import FlowMatchingObjective, Objective, TrainTimesteps
+from crfm.training.reflow import ReflowObjective
 from crfm.utils.flags import UsageError
+
+if TYPE_CHECKING:  # the model's module loads diffusers' transformers: imported where a model is built
+    from crfm.models.mmdit import MaskSD3Transformer2DModel
+
+# Every objective's flags are train.py's, in this order; `objective_for` picks the run's.
+OBJECTIVES = (FlowMatchingObjective, ReflowObjective)
 
 # --optimizer: torch's AdamW; bitsandbytes' 8-bit AdamW (CUDA only; 2 bytes of state per trained parameter
 # instead of 8); transformers' Adafactor (factored second moment, no first moment: almost no state).
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 
 
-def check_run(args: argparse.Namespace) -> None:
-    """Refuse, before anything is built or written, a latent cache that does not fit the run and an optimizer
-    this machine cannot run."""
-    if args.latents_path is not None:
-        from crfm.data.latents import check_latent_cache
+def objective_for(args: argparse.Namespace) -> Objective:
+    """The run's objective: the reflow family on --reflow_pairs, SD3's flow matching otherwise."""
+    return (FlowMatchingObjective if args.reflow_pairs is None else ReflowObjective)(args)
 
-        if args.reflow_pairs is not None:
-            raise UsageError("--latents_path serves the flow-matching objective; --reflow_pairs brings its own latents")
-        if args.rot90:
-            raise UsageError("--rot90 turns pixels before encoding; a latent cache holds no turned pairs: drop one")
-        check_latent_cache(
-            args.latents_path,
-            args.pretrained_model_name_or_path,
-            args.resolution,
-            args.mask_encoding,
-            args.num_cls,
-            args.flip_prob,
-        )
+
+def check_run(args: argparse.Namespace, objective: Objective) -> None:
+    """Refuse, before anything is built or written, inputs the objective cannot use (e.g. a latent cache that does
+    not fit the run) and an optimizer this machine cannot run."""
+    objective.check()
     if args.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
             raise UsageError("--optimizer adamw8bit needs CUDA (bitsandbytes' 8-bit AdamW): use adamw or adafactor")
@@ -66,7 +63,7 @@ def build_accelerator(args: argparse.Namespace, work_dir: Path):
     )
 
 
-def check_items(dataset: PairDataset, progress: bool = True) -> None:
+def check_items(dataset: torch.utils.data.Dataset, progress: bool = True) -> None:
     """Open every item once before training, so bad data stops the run with its name, not silently later.
 
     Loading an item decodes image and mask (sizes, class ids) and reads its prompt vectors (a missing `index`
@@ -78,27 +75,14 @@ def check_items(dataset: PairDataset, progress: bool = True) -> None:
 
 
 def build_data(
-    args: argparse.Namespace, num_processes: int, progress: bool
-) -> tuple[PairDataset, torch.utils.data.DataLoader, dict[str, torch.Tensor]]:
-    """The dataset (every item checked unless --skip_data_check), its loader and the empty prompt's vectors.
-    With --reflow_pairs the items are the pairs (their masks and prompts from --data_root / --vectors_path); with
-    --latents_path the cached latents of the index's items (no image or label is decoded)."""
-    from crfm.data.latents import LatentPairDataset
+    args: argparse.Namespace, objective: Objective, num_processes: int, progress: bool
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.DataLoader, dict[str, torch.Tensor]]:
+    """The objective's dataset (every item checked unless --skip_data_check), its loader and the empty prompt's
+    vectors."""
     from crfm.data.vectors import load_empty_prompt_vectors
-    from crfm.fewstep.objective import ReflowPairs
 
-    data_root, vectors_dir = Path(args.data_root), Path(args.vectors_path)
-    if args.reflow_pairs is not None:
-        dataset = ReflowPairs(
-            args.reflow_pairs, data_root, vectors_dir, args.num_cls, args.resolution, args.seqrf_segments
-        )
-    elif args.latents_path is not None:
-        items = read_index(data_root / args.json_file, data_root, check_files=False)
-        dataset = LatentPairDataset(items, args.latents_path, vectors_dir, flips=args.flip_prob > 0)
-    else:
-        items = read_index(data_root / args.json_file, data_root)
-        dataset = PairDataset(items, data_root, args.resolution, num_cls=args.num_cls, vectors_dir=vectors_dir)
-    empty = load_empty_prompt_vectors(vectors_dir)
+    dataset = objective.dataset()
+    empty = load_empty_prompt_vectors(Path(args.vectors_path))
     if not args.skip_data_check:
         check_items(dataset, progress=progress)
     loader = torch.utils.data.DataLoader(
@@ -118,8 +102,6 @@ def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: to
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
     from crfm.data.latents import VAEConfig
-    from crfm.models.mmdit import MaskSD3Transformer2DModel
-    from crfm.models.trained_weights import configure_training
 
     pretrained = args.pretrained_model_name_or_path
     if args.latents_path is not None:
@@ -129,9 +111,26 @@ def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: to
         vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", dtype=torch.float32).requires_grad_(False)
         vae.eval().to(device)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    model = MaskSD3Transformer2DModel.from_sd3(
-        pretrained, mask_init=args.mask_init, mask_encoding=args.mask_encoding, num_cls=args.num_cls
+    model = mask_model(args, pretrained)
+    counts = configure_model(model, args, weight_dtype)
+    return model, vae, TrainTimesteps.from_scheduler(scheduler), counts
+
+
+def mask_model(args: argparse.Namespace, base) -> MaskSD3Transformer2DModel:
+    """The MM-DiT of `base` (a pipeline folder or an `SD3Transformer2DModel`) with the mask branch the flags ask
+    for (--mask_init, --mask_encoding, --num_cls)."""
+    from crfm.models.mmdit import MaskSD3Transformer2DModel
+
+    return MaskSD3Transformer2DModel.from_sd3(
+        base, mask_init=args.mask_init, mask_encoding=args.mask_encoding, num_cls=args.num_cls
     )
+
+
+def configure_model(model: MaskSD3Transformer2DModel, args: argparse.Namespace, weight_dtype: torch.dtype) -> dict:
+    """`model` set up for training as the flags say (train mode and LoRA rank, --init_ckpt, --no_mask, frozen
+    weights in `weight_dtype`, gradient checkpointing, xformers); returns its parameter counts."""
+    from crfm.models.trained_weights import configure_training
+
     counts = configure_training(model, args.train_mode, args.lora_rank)
     if args.init_ckpt is not None:
         init_from_checkpoint(model, args)
@@ -144,7 +143,7 @@ def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: to
         model.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         model.enable_xformers()
-    return model, vae, TrainTimesteps.from_scheduler(scheduler), counts
+    return counts
 
 
 def cast_frozen(model: torch.nn.Module, weight_dtype: torch.dtype) -> None:
@@ -182,18 +181,7 @@ def checkpoint_meta(args: argparse.Namespace) -> dict:
         "resolution": args.resolution,
         "optimizer": args.optimizer,
         **({"ema_decay": args.ema_decay} if args.use_ema else {}),
-        **({"reflow": reflow_record(args)} if args.reflow_pairs is not None else {}),
-    }
-
-
-def reflow_record(args: argparse.Namespace) -> dict:
-    """How a reflow student was trained (its segments follow the uniform grid: sample it with --sigma_grid uniform)."""
-    return {
-        "pairs": str(Path(args.reflow_pairs).resolve()),
-        "init_ckpt": None if args.init_ckpt is None else str(Path(args.init_ckpt).resolve()),
-        "t_schedule": args.t_schedule,
-        "loss": args.reflow_loss,
-        "segments": args.seqrf_segments,
+        **objective_for(args).record(),
     }
 
 

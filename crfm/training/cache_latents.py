@@ -83,10 +83,11 @@ def cache_latents(args: argparse.Namespace) -> CacheReport:
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
-    from crfm.utils.base_folder import check_base_folder
+    from crfm.utils.base_folder import check_base_folder, check_resolution
 
     state = PartialState(cpu=not torch.cuda.is_available())
     check_base_folder(args.pretrained_model_name_or_path, ("vae",))
+    check_resolution(args.pretrained_model_name_or_path, args.resolution)  # before latents.json is written
     data_root, latents_dir = Path(args.data_root), Path(args.work_dir)
     items = read_index(data_root / args.json_file, data_root)
     flips = args.flip_prob > 0
@@ -109,7 +110,7 @@ def cache_latents(args: argparse.Namespace) -> CacheReport:
         try:
             signature = item_signature(data_root, item)
         except OSError as exc:  # read_index saw the files; they may still be unreadable or gone
-            failures.append(f"item {item.where()}: cannot read {exc.filename}: {exc.strerror}")
+            failures.append(f"{item.where()}: cannot read {exc.filename}: {exc.strerror}")
             report_error(failures[-1])
             continue
         if not args.overwrite and stored_signature(item_latent_path(latents_dir, position), keys) == signature:

@@ -3,7 +3,7 @@
 `work_dir/checkpoints/checkpoint-<step>/` holds accelerate's state (optimizer, LR scheduler, RNG, sampler) and,
 through the save/load pre-hooks registered here, the model's trained weights only (`save_trained`), not the
 frozen base. A checkpoint is written under a temporary name and renamed when complete, so `latest` never
-picks up a half-written one.
+picks up a half-written one; a full disk while writing one ends the run in one line naming the folder.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+
+from crfm.utils.fileio import writing
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
@@ -104,7 +106,12 @@ def save_checkpoint(accelerator, work_dir: Path, step: int, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        with writing(folder):  # a full disk is named in one line, whatever the library writing says
+            accelerator.save_state(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays usable
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():

@@ -11,8 +11,9 @@ uninterrupted one would.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -25,7 +26,7 @@ from crfm.models.conditioning import (
     encode_mask_condition,
     scaled_posterior_sample,
 )
-from crfm.utils.flags import add_settings_flags, option, positive_float, probability, settings_from_args
+from crfm.utils.flags import UsageError, add_settings_flags, option, positive_float, probability, settings_from_args
 
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 
@@ -283,3 +284,83 @@ def mask_following_losses(
             totals[key] += (pred.float() - target).pow(2).mean().item()
         count += 1
     return {key: value / count for key, value in totals.items()}
+
+
+LossFn = Callable[[Mapping[str, torch.Tensor], torch.Generator], torch.Tensor]
+
+
+class Objective:
+    """What the training loop needs from an objective, so the loop holds no objective's branches: its flags, the
+    checks of its inputs, anything it loads that can fail, its dataset, its entry in the checkpoint record and its
+    loss of a batch. Built from the parsed flags; `crfm.training.build.objective_for` picks the run's."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse flags that cannot work, before anything is built or written."""
+
+    def prepare(self, device) -> None:
+        """Load what the loss needs besides the model (before the seed is set: its draws change no run)."""
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+    def record(self) -> dict:
+        """Entries of the checkpoint's record (`crfm_checkpoint.json`) that say how the weights were trained."""
+        return {}
+
+    def loss(self, model, vae, schedule: TrainTimesteps, empty: Mapping, dtype: torch.dtype) -> LossFn:
+        """(batch, generator) -> the scalar loss to back-propagate."""
+        raise NotImplementedError
+
+
+class FlowMatchingObjective(Objective):
+    """SD3's rectified-flow objective on image–mask pairs (`flow_matching_loss`), from pixels or a latent cache."""
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        FlowMatchingConfig.add_flags(parser)
+
+    def check(self) -> None:
+        args = self.args
+        if args.latents_path is None:
+            return
+        from crfm.data.latents import check_latent_cache
+
+        if args.rot90:
+            raise UsageError("--rot90 turns pixels before encoding; a latent cache holds no turned pairs: drop one")
+        check_latent_cache(
+            args.latents_path,
+            args.pretrained_model_name_or_path,
+            args.resolution,
+            args.mask_encoding,
+            args.num_cls,
+            args.flip_prob,
+        )
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        """With --latents_path the cached latents of the index's items (no image or label is decoded)."""
+        from crfm.data.dataset import PairDataset
+        from crfm.data.index import read_index
+        from crfm.data.latents import LatentPairDataset
+
+        args = self.args
+        data_root, vectors_dir = Path(args.data_root), Path(args.vectors_path)
+        if args.latents_path is not None:
+            items = read_index(data_root / args.json_file, data_root, check_files=False)
+            return LatentPairDataset(items, args.latents_path, vectors_dir, flips=args.flip_prob > 0)
+        items = read_index(data_root / args.json_file, data_root)
+        return PairDataset(items, data_root, args.resolution, num_cls=args.num_cls, vectors_dir=vectors_dir)
+
+    def loss(self, model, vae, schedule: TrainTimesteps, empty: Mapping, dtype: torch.dtype) -> LossFn:
+        config = FlowMatchingConfig.from_args(self.args)
+
+        def objective(batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+            return flow_matching_loss(model, vae, batch, generator, config, schedule, empty, dtype).loss
+
+        return objective

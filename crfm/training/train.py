@@ -1,9 +1,10 @@
 """Rectified-flow fine-tuning of the mask-conditioned MM-DiT with accelerate (stage (a) of the paper).
 
-The loop follows diffusers' SD3 training examples; the objective is `crfm.training.objective`, the pieces of a
-run are built by `crfm.training.build` and checkpointed by `crfm.training.checkpoints`. Every random draw of a
-step comes from a generator seeded by (seed, rank, micro-step), and the data order from accelerate's seedable
-sampler, so a run resumed from a checkpoint continues with the same losses as an uninterrupted one.
+The loop follows diffusers' SD3 training examples and holds no objective's branches: `crfm.training.build` picks
+the run's objective (SD3's flow matching, `crfm.training.objective`, or on --reflow_pairs the reflow family,
+`crfm.training.reflow`) and builds the other pieces of a run; `crfm.training.checkpoints` saves them. Every random
+draw of a step comes from a generator seeded by (seed, rank, micro-step), and the data order from accelerate's
+seedable sampler, so a run resumed from a checkpoint continues with the same losses as an uninterrupted one.
 
     python train.py --pretrained_model_name_or_path ... --data_root ... --vectors_path ... --num_cls N
     python -m crfm.training.train ...   (the same; `accelerate launch train.py ...` for several processes)
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from crfm.fewstep.objective import ReflowConfig, build_reflow_loss, load_lpips
 from crfm.training.build import (
+    OBJECTIVES,
     OPTIMIZERS,
     build_accelerator,
     build_data,
@@ -30,12 +31,13 @@ from crfm.training.build import (
     build_optimizer,
     check_run,
     checkpoint_meta,
+    objective_for,
 )
 from crfm.training.checkpoints import register_checkpoint_hooks, resume_state, save_checkpoint
-from crfm.training.objective import FlowMatchingConfig, flow_matching_loss, step_generator
-from crfm.utils.base_folder import check_base_folder
+from crfm.training.objective import LossFn, step_generator
+from crfm.utils.base_folder import check_base_folder, check_resolution
 from crfm.utils.constants import MASK_INITS, TRAIN_MODES
-from crfm.utils.fileio import write_text_atomic
+from crfm.utils.fileio import append_records, read_records, write_jsonl_atomic, write_text_atomic
 from crfm.utils.flags import (
     DTYPES,
     add_data_flags,
@@ -106,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--skip_data_check", action="store_true", help="skip the pre-flight check of every item")
     add("--record_batches", action="store_true", help="write each rank's item positions and weight digest")
     add_run_flags(parser, seed_help="seed of every random draw (with rank and step)", mixed_precision=True)
-    FlowMatchingConfig.add_flags(parser)
-    ReflowConfig.add_flags(parser)
+    for objective in OBJECTIVES:
+        objective.add_flags(parser)
     return parser
 
 
@@ -117,10 +119,10 @@ def train(args: argparse.Namespace) -> dict:
 
     # The base and the data are validated before anything is written or any model is loaded.
     check_base_folder(args.pretrained_model_name_or_path, ("transformer", "vae", "scheduler"))
-    check_run(args)
-    perceptual = None
-    if args.reflow_pairs is not None and args.reflow_loss.startswith("lpips"):
-        perceptual = load_lpips(args.lpips_weights, "cuda" if torch.cuda.is_available() else "cpu")
+    check_resolution(args.pretrained_model_name_or_path, args.resolution)
+    objective = objective_for(args)
+    check_run(args, objective)
+    objective.prepare("cuda" if torch.cuda.is_available() else "cpu")
     work_dir = Path(args.work_dir)
     accelerator = build_accelerator(args, work_dir)
     main = accelerator.is_main_process
@@ -128,13 +130,16 @@ def train(args: argparse.Namespace) -> dict:
     # What accelerate settled on (flag or config); fp8 and others keep frozen weights in fp32.
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
 
-    dataset, loader, empty = build_data(args, accelerator.num_processes, progress=main and not args.no_progress)
+    dataset, loader, empty = build_data(
+        args, objective, accelerator.num_processes, progress=main and not args.no_progress
+    )
     model, vae, schedule, counts = build_model(args, accelerator.device, weight_dtype)
     if main:
         print(
             f"[train] mode {args.train_mode}: {counts['trainable'] / 1e6:.2f} M trainable / "
             f"{counts['total'] / 1e6:.2f} M parameters ({counts['frozen'] / 1e6:.2f} M frozen); "
-            f"{len(dataset)} items, {accelerator.num_processes} process(es)"
+            f"{len(dataset)} items, {accelerator.num_processes} process(es) on {accelerator.device}, mixed precision "
+            f"{accelerator.mixed_precision}"
         )
     meta = checkpoint_meta(args)
     trainable, optimizer, lr_scheduler = build_optimizer(args, model, accelerator.num_processes)
@@ -153,13 +158,7 @@ def train(args: argparse.Namespace) -> dict:
         start_logs(accelerator, args, loss_log, global_step)
 
     empty = {key: value.to(accelerator.device, weight_dtype) for key, value in empty.items()}
-    if args.reflow_pairs is not None:
-        objective = build_reflow_loss(args, dataset, model, vae, empty, weight_dtype, perceptual)
-    else:
-        config = FlowMatchingConfig.from_args(args)
-
-        def objective(batch: dict, gen: torch.Generator) -> torch.Tensor:
-            return flow_matching_loss(model, vae, batch, gen, config, schedule, empty, weight_dtype).loss
+    loss_of = objective.loss(model, vae, schedule, empty, weight_dtype)
 
     bar = tqdm(
         total=args.max_train_steps, initial=global_step, desc="train", unit="step", disable=not main or args.no_progress
@@ -170,14 +169,9 @@ def train(args: argparse.Namespace) -> dict:
     for micro_step, batch in micro_batches(accelerator, loader, args, global_step):
         gen = step_generator(args.seed, accelerator.process_index, micro_step)
         seen_positions.append(batch["position"].tolist())
-        with accelerator.accumulate(model):
-            loss = objective(batch, gen)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss = train_step(
+            accelerator, model, loss_of, batch, gen, trainable, optimizer, lr_scheduler, args.max_grad_norm
+        )
         if not accelerator.sync_gradients:
             continue
         if ema is not None:
@@ -207,6 +201,23 @@ def train(args: argparse.Namespace) -> dict:
     return summary
 
 
+def train_step(
+    accelerator, model, loss_of: LossFn, batch: dict, generator: torch.Generator, trainable: list, optimizer,
+    lr_scheduler, max_grad_norm: float,
+) -> torch.Tensor:  # fmt: skip
+    """One micro-step of train.py (bench/gpu_check.py times this one): the objective's loss, backward, clipping on
+    an optimizer step, the optimizer and LR steps (accelerate holds them back while it accumulates)."""
+    with accelerator.accumulate(model):
+        loss = loss_of(batch, generator)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def micro_batches(accelerator, loader, args: argparse.Namespace, global_step: int) -> Iterator[tuple[int, dict]]:
     """(micro-step, batch) from optimizer step `global_step` on, epoch after epoch, until the step budget's
     epochs are done (the caller stops at the budget). A run resumed at its budget gets nothing."""
@@ -222,10 +233,7 @@ def micro_batches(accelerator, loader, args: argparse.Namespace, global_step: in
             yield epoch * len(loader) + batch_index, batch
 
 
-def read_loss_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+read_loss_log = read_records  # loss.jsonl's steps; a line cut by a kill or a full disk is dropped (bench/ reads it)
 
 
 def start_logs(accelerator, args: argparse.Namespace, loss_log: Path, global_step: int) -> None:
@@ -233,7 +241,7 @@ def start_logs(accelerator, args: argparse.Namespace, loss_log: Path, global_ste
     loss_log.parent.mkdir(parents=True, exist_ok=True)
     # Steps after the checkpoint were lost with the interrupted run; their log lines go too.
     kept = [r for r in read_loss_log(loss_log) if r["step"] <= global_step]
-    write_text_atomic(loss_log, "".join(json.dumps(r) + "\n" for r in kept))
+    write_jsonl_atomic(loss_log, kept)
     accelerator.init_trackers("crfm", config={k: v for k, v in vars(args).items() if v is not None})
 
 
@@ -242,8 +250,7 @@ def log_step(accelerator, loss_log: Path, bar, step: int, loss: torch.Tensor, lr
     value = accelerator.gather(loss.detach()[None]).mean().item()
     accelerator.log({"loss": value, "lr": lr}, step=step)
     if accelerator.is_main_process:
-        with loss_log.open("a") as handle:
-            handle.write(json.dumps({"step": step, "loss": value, "lr": lr}) + "\n")
+        append_records(loss_log, [{"step": step, "loss": value, "lr": lr}])
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
     bar.update(1)
     return value

@@ -23,7 +23,11 @@ class DatasetError(ValueError):
 
 
 def one_line(error: BaseException | str) -> str:
-    """An error message on one line (multi-line messages, e.g. lists of bad index lines, joined with '; ')."""
+    """An error message on one line (multi-line messages, e.g. lists of bad index lines, joined with '; '). An
+    OSError of a file names the file first, as every crfm error does: `<path>: no space left on device`."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        where = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else f"{error.filename}"
+        error = f"{where}: {error.strerror[:1].lower()}{error.strerror[1:]}"
     parts = [part.strip() for part in str(error).splitlines() if part.strip()]
     return "; ".join(parts) or type(error).__name__
 

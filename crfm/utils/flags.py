@@ -151,7 +151,7 @@ def resolve_dtype(mixed_precision: str | None) -> torch.dtype:
     if mixed_precision is None:
         mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mixed_precision not in DTYPES:
-        raise UsageError(f"mixed precision {mixed_precision!r} is not one of {sorted(DTYPES)}")
+        raise UsageError(f"--mixed_precision: {mixed_precision!r} is not one of {sorted(DTYPES)}")
     return DTYPES[mixed_precision]
 
 
@@ -245,7 +245,7 @@ def add_run_flags(
     """`seed_help=None`: the command draws nothing at random and has no --seed."""
     group = parser.add_argument_group("run")
     if seed_help is not None:
-        group.add_argument("--seed", type=int, default=seed_default, help=seed_help)
+        group.add_argument("--seed", type=bounded(int, 0), default=seed_default, help=seed_help)  # numpy's need >= 0
     if device:
         group.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N or a GPU number")
     if mixed_precision:

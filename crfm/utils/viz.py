@@ -217,6 +217,33 @@ def colourise_mask(label: np.ndarray, palette: Sequence[tuple[int, int, int]]) -
     return lut[label.astype(np.intp)]
 
 
+def class_legend(
+    names: Sequence[str], palette: Sequence[tuple[int, int, int]], width: int, swatch: int = 10
+) -> Image.Image:
+    """A white strip `width` px wide: a colour swatch and the name of each class, wrapped onto as many lines as
+    needed, and ignore (black) last."""
+    font = ImageFont.load_default()
+    _, top, _, bottom = font.getbbox("Ag")
+    line = max(swatch, bottom - top) + 4
+    entries = [*zip(names, palette, strict=False), ("ignore", (0, 0, 0))]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [swatch + 4 + int(probe.textlength(str(name), font=font)) + 12 for name, _ in entries]
+    places, x, y = [], 0, 0
+    for entry_width in widths:
+        if x and x + entry_width > width:
+            x, y = 0, y + line
+        places.append((x, y))
+        x += entry_width
+    canvas = Image.new("RGB", (width, y + line), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    for (name, colour), (x, y) in zip(entries, places, strict=True):
+        draw.rectangle(
+            (x, y + 2, x + swatch - 1, y + 1 + swatch), fill=tuple(int(v) for v in colour), outline=(0, 0, 0)
+        )
+        draw.text((x + swatch + 4, y + 2 - top), str(name), fill=(0, 0, 0), font=font)
+    return canvas
+
+
 def plot_fidelity_vs_nfe(
     series: dict[str, list[dict]], out_png: str | Path, title: str = "mask fidelity vs sampling cost"
 ) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,41 @@ def test_parse_remap_rejects_bad_entries():
     for bad in ("0-1", "0:256", "a:b"):
         with pytest.raises(ValueError, match="bad --remap entry"):
             parse_remap(bad)
+
+
+def test_remap_on_labels_already_remapped_is_refused(rs_samples, tmp_path, capsys):
+    """The LoveDA remap on labels that already hold class ids 0..6 (the samples' own) would turn background into
+    ignore and every class into the next one: refused in one line, nothing written."""
+    shutil.copytree(rs_samples / "loveda", tmp_path / "loveda")
+    argv = [str(tmp_path / "loveda"), "--classes", "loveda", "--remap", "0:255,1:0,2:1,3:2,4:3,5:4,6:5,7:6"]
+    assert main([*argv, "--no_progress"]) == 2
+    line = _error_line(capsys)
+    assert re.fullmatch(
+        r"error: .*loveda/label: the labels already hold class ids 0\.\.6 \(ids present: \[0, 1, 2, 3, 5, 6\]\); "
+        r"--remap sends id 0 \(\d+\.\d% of the pixels\) to ignore and leaves water, agriculture without a pixel: "
+        r"leave --remap out",
+        line,
+    ), line
+    assert sorted(p.name for p in (tmp_path / "loveda").iterdir()) == ["README.md", "img", "label"]
+    # Without the remap the same labels index as they are, and the histogram counts what was written.
+    assert main([str(tmp_path / "loveda"), "--classes", "loveda", "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    labels = [load_label(p) for p in sorted((tmp_path / "loveda" / "label").glob("*.png"))]
+    counts = np.bincount(np.concatenate([label.ravel() for label in labels]), minlength=256)
+    assert f"| 6 agriculture | {counts[6]} |" in out and "| 4 barren | 0 | 0.00% |" in out
+
+
+def test_a_bad_label_late_in_the_folder_leaves_nothing_written(tmp_path, capsys):
+    classes = _dataset(tmp_path, n=4)
+    label = load_label(tmp_path / "label" / "003.png")
+    label[0, 0] = 9  # an id the remap does not map, in the last pair
+    Image.fromarray(label).save(tmp_path / "label" / "003.png")
+    assert main([str(tmp_path), "--classes", str(classes), "--remap", "0:255,1:0,2:1,3:2", "--no_progress"]) == 2
+    assert re.fullmatch(r"error: .*003.png has id\(s\) \[9\] that --remap does not map", _error_line(capsys))
+    assert not (tmp_path / "label_remapped").exists() and not (tmp_path / "index.jsonl").exists()
+
+
+def test_unknown_class_list_name_is_one_line(tmp_path, capsys):
+    _dataset(tmp_path, n=2)
+    assert main([str(tmp_path), "--classes", "lovedaa", "--no_progress"]) == 2
+    assert _error_line(capsys) == "error: --classes lovedaa: no such file, nor a shipped class list (loveda)"

@@ -40,7 +40,7 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(np.int16)
 
 
-def test_output_is_a_training_dataset_and_resumes(setup, tmp_path):
+def test_output_is_a_training_dataset_and_resumes(setup, tmp_path, capsys):
     work = tmp_path / "out"
     summary = run(setup, work, "--num_per_mask", "2", "--batch_size", "3", "--guidance_scale", "2.0", "--debug")
     assert summary["synthesized"] == 10 and not summary["failures"]
@@ -56,8 +56,11 @@ def test_output_is_a_training_dataset_and_resumes(setup, tmp_path):
         assert (work / "debug" / Path(item.target).name).is_file()
     assert (work / "classes.json").is_file()
 
+    capsys.readouterr()
     again = run(setup, work, "--num_per_mask", "2", "--batch_size", "3", "--guidance_scale", "2.0")
     assert again["synthesized"] == 0 and again["done_before"] == 10
+    out = capsys.readouterr().out
+    assert "(0 now, 10 before" in out and "nan" not in out  # nothing sampled: no rate
     (work / "img" / "00003_toy_00003_v1.png").unlink()  # a file lost after its index line was written
     repaired = run(setup, work, "--num_per_mask", "2", "--batch_size", "3", "--guidance_scale", "2.0")
     assert repaired["synthesized"] == 1

@@ -222,6 +222,7 @@ def test_bad_repeat_and_exposure_arguments_are_refused(real_and_synthetic, tmp_p
 
 def test_loveda_config_builds(real_and_synthetic, tmp_path):
     """The packaged SegFormer-B2 LoveDA config: mmseg builds it on a CPU, and the script's overrides apply to it."""
+    import numpy as np
     import torch
     from mmengine.config import Config
     from mmseg.apis import init_model
@@ -242,6 +243,11 @@ def test_loveda_config_builds(real_and_synthetic, tmp_path):
     assert merged.model.decode_head.num_classes == 6 and merged.param_scheduler[-1]["end"] == 10
     sample = DATASETS.build(merged.train_dataloader.dataset)[0]
     assert sample["inputs"].shape[0] == 3 and max(sample["inputs"].shape[1:]) <= 512
+    # --img_size scales the crop with the resize: a 512 px crop of ~64 px images gave batches of unequal sizes.
+    small = _config(real, synthetic, tmp_path, "--mmseg_config", LOVEDA_CONFIG, "--img_size", 32)
+    dataset = DATASETS.build(small.train_dataloader.dataset.datasets[0])
+    np.random.seed(0)  # RandomResize draws its scale from numpy's global state: 16 to 64 px
+    assert max(max(dataset[i % len(dataset)]["inputs"].shape[1:]) for i in range(12)) <= 32
 
 
 def test_flags_aliases_and_library_errors(real_and_synthetic, tmp_path):
@@ -354,3 +360,67 @@ def test_per_class_iou_metric_reports_each_class_beside_mmseg_means():
     assert {k: got[k] for k in expected} == expected
     assert got["IoU.a"] == round(100 * 4 / 6, 2) and got["IoU.b"] == round(100 * 1 / 6, 2) and math.isnan(got["IoU.c"])
     assert got["mIoU"] == round((100 * 4 / 6 + 100 * 1 / 6) / 2, 2)
+
+
+SHIPPED_CONFIGS = sorted((REPO / "crfm" / "segmentation" / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=lambda path: path.stem)
+@pytest.mark.parametrize("iters", [10, 20, 40, 1000])
+def test_every_run_reaches_the_peak_learning_rate(real_and_synthetic, tmp_path, config, iters):
+    """The config's schedule stretched to --max_iters, built and stepped as mmengine's ParamSchedulerHook steps it:
+    the learning rate reaches the optimizer's (LoveDA's warm-up scaled to 20 iterations used to stay at 6e-11)."""
+    import torch
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    real, _ = real_and_synthetic
+    from crfm.segmentation.downstream import build_config, parse_args
+
+    cfg = build_config(parse_args(["--data_root", str(real), "--work_dir", str(tmp_path), "--mmseg_config",
+                                   str(config), "--max_iters", str(iters)]))  # fmt: skip
+    peak = cfg.optim_wrapper.optimizer.lr
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=peak)
+    schedulers = [PARAM_SCHEDULERS.build({**s, "optimizer": optimizer}) for s in cfg.param_scheduler]
+    rates = []
+    for _ in range(iters):
+        rates.append(optimizer.param_groups[0]["lr"])
+        for scheduler in schedulers:
+            scheduler.step()
+    assert max(rates) == pytest.approx(peak, rel=1e-4)
+    assert rates[0] < peak and rates[-1] < peak  # still a warm-up and a decay
+
+
+@pytest.mark.parametrize(("iters", "interval"), [(10, 1), (26, 1), (200, 10), (40000, 50)])
+def test_progress_interval_workers_and_quiet_hooks(real_and_synthetic, tmp_path, iters, interval):
+    """One progress line per 1/20 of the run (the config's 50 iterations at most); no more loader workers than
+    cores; no visualization hook that draws nothing."""
+    import os
+
+    from crfm.segmentation.downstream import build_config, parse_args
+
+    real, _ = real_and_synthetic
+    cfg = build_config(parse_args(["--data_root", str(real), "--work_dir", str(tmp_path), "--mmseg_config",
+                                   str(LOVEDA_CONFIG), "--max_iters", str(iters)]))  # fmt: skip
+    assert cfg.default_hooks.logger.interval == interval and "visualization" not in cfg.default_hooks
+    cores = len(os.sched_getaffinity(0))
+    assert cfg.train_dataloader.num_workers == min(4, cores) and cfg.val_dataloader.num_workers == min(4, cores)
+
+
+def test_a_work_dir_refuses_a_resume_with_other_data(real_and_synthetic, tmp_path):
+    """The work dir records what its segmentor was trained on; a run there with another synthetic set, ratio or
+    config is refused in one line naming each change, before anything is written."""
+    real, synthetic = real_and_synthetic
+    work = tmp_path / "row"
+    common = ["--data_root", real, "--json_file", "train.jsonl", "--val_file", "val.jsonl", "--work_dir", work,
+              "--no_progress", "--max_iters", 2, "--batch_size", 2, "--img_size", SIZE]  # fmt: skip
+    first = _train(*common)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    record = json.loads((work / "downstream_settings.json").read_text())
+    assert record["synth_root"] is None and record["batch_size"] == 2
+    config = (work / "config.py").read_text()
+    proc = _train(*common, "--synth_root", synthetic, "--synth_ratio", 0.5)
+    message = _error(proc)
+    assert message.startswith(f"error: {work}: holds a segmentor made with other settings (")
+    assert f"synth_root: None -> '{synthetic.resolve()}'" in message and "synth_ratio: None -> 0.5" in message
+    assert (work / "config.py").read_text() == config  # nothing rewritten
+    assert "seed: None -> 5" in _error(_train(*common, "--seed", 5))

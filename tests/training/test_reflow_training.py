@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 import crfm.training.train as train_module
-from crfm.fewstep.objective import ReflowConfig, ReflowPairs, draw_sigmas, parse_t_schedule, pseudo_huber, reflow_loss
+from crfm.fewstep.pair_dataset import ReflowPairs
+from crfm.training.reflow import ReflowConfig, draw_sigmas, parse_t_schedule, pseudo_huber, reflow_loss
 from crfm.training.train import build_parser, main, train
 from tests.helpers import REPO, subprocess_env, vectorized_toy_data
 

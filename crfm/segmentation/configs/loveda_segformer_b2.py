@@ -1,6 +1,6 @@
 # SegFormer-B2 on LoveDA (7 classes) in crfm's index layout, for one GPU: the config to start from for a real dataset.
 #
-#   python -m crfm.data.make_index data/loveda --images img --labels label --classes loveda_classes.json \
+#   python -m crfm.data.make_index data/loveda --images img --labels label --classes loveda \
 #     --remap 0:255,1:0,2:1,3:2,4:3,5:4,6:5,7:6 --val_fraction 0.1
 #   python scripts/train_segmentor.py --mmseg_config crfm/segmentation/configs/loveda_segformer_b2.py \
 #     --data_root data/loveda --json_file train.jsonl --val_file val.jsonl --work_dir work_dirs/seg_real --device cuda
@@ -20,7 +20,7 @@
 custom_imports = dict(imports=["crfm.segmentation.mmseg_ext"], allow_failed_imports=False)
 default_scope = "mmseg"
 
-num_classes = 7  # background, building, road, water, barren, forest, agricultural
+num_classes = 7  # background, building, road, water, barren, forest, agriculture (crfm/data/classes/loveda.json)
 crop_size = (512, 512)
 dataset_type = "CRFMIndexDataset"
 data_root = "data/loveda"  # --data_root
@@ -82,7 +82,7 @@ model = dict(
 # whole 1024 px tiles at test time.
 train_pipeline = [
     dict(type="LoadImageFromFile"),
-    dict(type="LoadAnnotations", reduce_zero_label=False),
+    dict(type="LoadAnnotations"),  # reduce_zero_label: the dataset's (False)
     dict(type="RandomResize", scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
     dict(type="RandomCrop", crop_size=crop_size, cat_max_ratio=0.75),
     dict(type="RandomFlip", prob=0.5),
@@ -92,7 +92,7 @@ train_pipeline = [
 test_pipeline = [
     dict(type="LoadImageFromFile"),
     dict(type="Resize", scale=(1024, 1024), keep_ratio=True),
-    dict(type="LoadAnnotations", reduce_zero_label=False),  # after Resize: IoU at the labels' own resolution
+    dict(type="LoadAnnotations"),  # after Resize: IoU at the labels' own resolution
     dict(type="PackSegInputs"),
 ]
 train_dataloader = dict(
@@ -110,7 +110,7 @@ val_dataloader = dict(
     dataset=dict(type=dataset_type, data_root=data_root, ann_file=val_ann_file, pipeline=test_pipeline),
 )
 test_dataloader = val_dataloader
-val_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
+val_evaluator = dict(type="PerClassIoUMetric", iou_metrics=["mIoU"])  # mmseg's IoUMetric + each class's IoU
 test_evaluator = val_evaluator
 
 # SegFormer's schedule: AdamW 6e-5 (head x10), linear warm-up, then poly decay, over 40k iterations.

@@ -71,7 +71,7 @@ train_pipeline = [
         type="CachedCompose",
         transforms=[
             dict(type="LoadImageFromFile"),
-            dict(type="LoadAnnotations", reduce_zero_label=False),
+            dict(type="LoadAnnotations"),  # reduce_zero_label: the dataset's (False; passing it is deprecated)
             dict(type="Resize", scale=img_size, keep_ratio=False),
         ],
     ),
@@ -83,7 +83,7 @@ train_pipeline = [
 test_pipeline = [
     dict(type="LoadImageFromFile"),
     dict(type="Resize", scale=img_size, keep_ratio=False),
-    dict(type="LoadAnnotations", reduce_zero_label=False),
+    dict(type="LoadAnnotations"),  # reduce_zero_label: the dataset's (False; passing it is deprecated)
     dict(type="PackSegInputs"),
 ]
 train_dataloader = dict(

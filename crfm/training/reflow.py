@@ -1,10 +1,10 @@
-"""Training on reflow pairs: 2-rectified flow, k-SeqRF and distillation (`train.py --reflow_pairs DIR`).
+"""The reflow objective family: 2-rectified flow, k-SeqRF and distillation (`train.py --reflow_pairs DIR`).
 
-A pair (from `python -m crfm.reflow`) is the teacher's path through K_p + 1 points of the uniform σ grid: z_0 =
-the noise (σ = 1, redrawn from its seed and item id), z_1 … z_{K_p−1} (the stored segment boundaries) and z_{K_p} =
-the clean latent (σ = 0). With `seqrf_segments` K (K divides K_p) a step draws a segment k of [σ_{k+1}, σ_k] and a
-σ in it by `t_schedule`, puts x on the straight line between the segment's end points and regresses the
-model's velocity onto that line's velocity (z_k − z_{k+1}) / (σ_k − σ_{k+1}):
+A pair (from `python -m crfm.reflow`, read by `crfm.fewstep.pair_dataset`) is the teacher's path through K_p + 1
+points of the uniform σ grid: z_0 = the noise (σ = 1, redrawn from its seed and item id), z_1 … z_{K_p−1} (the
+stored segment boundaries) and z_{K_p} = the clean latent (σ = 0). With `seqrf_segments` K (K divides K_p) a step
+draws a segment k of [σ_{k+1}, σ_k] and a σ in it by `t_schedule`, puts x on the straight line between the
+segment's end points and regresses the model's velocity onto that line's velocity (z_k − z_{k+1}) / (σ_k − σ_{k+1}):
 
 - K = 1 is 2-rectified flow (Liu et al.): the line from the noise to the teacher's image;
 - K > 1 is k-SeqRF (the PeRFlow/SeqRF piecewise form): each segment is straightened on its own, so a K-step
@@ -27,11 +27,16 @@ from pathlib import Path
 
 import torch
 
-from crfm.data.dataset import PairDataset
-from crfm.data.index import DatasetError, read_index
-from crfm.models.conditioning import encode_mask_condition
-from crfm.training.objective import FlowMatchingLoss, predict, prompts_with_dropout
-from crfm.utils.fileio import read_json
+from crfm.fewstep.pair_dataset import ReflowPairs, segment_boundaries
+from crfm.models.conditioning import encode_mask_condition, vae_scale_factor
+from crfm.training.objective import (
+    FlowMatchingLoss,
+    LossFn,
+    Objective,
+    TrainTimesteps,
+    predict,
+    prompts_with_dropout,
+)
 from crfm.utils.flags import UsageError, add_settings_flags, option, positive_int, settings_from_args
 
 T_SCHEDULES = ("uniform", "t0", "t1")  # or a positive integer M
@@ -81,72 +86,6 @@ class ReflowConfig:
     @property
     def segments(self) -> int:
         return len(self.boundaries) - 1
-
-
-def read_pairs_meta(pairs_dir: str | Path) -> dict:
-    from crfm.fewstep.pairs import PAIRS_FORMAT, PAIRS_META
-
-    path = Path(pairs_dir) / PAIRS_META
-    if not path.is_file():
-        raise DatasetError(f"{path} not found: --reflow_pairs must be a folder written by python -m crfm.reflow")
-    meta = read_json(path, "the pairs' record")
-    if meta.get("format") != PAIRS_FORMAT:
-        raise DatasetError(f"{path}: format {meta.get('format')!r}, expected {PAIRS_FORMAT}")
-    return meta
-
-
-def trained_grid_indices(meta: Mapping, segments: int) -> tuple[int, ...]:
-    """Grid indices 0, …, N of the boundaries of `segments` equal segments of the pairs' N-step uniform grid; the
-    inner ones must be stored, so `segments` must divide the pairs' own --segments."""
-    from crfm.fewstep.pairs import segment_indices
-
-    stored = int(meta["segments"])
-    if segments < 1 or stored % segments:
-        raise UsageError(f"--seqrf_segments {segments} must divide the pairs' --segments {stored}")
-    steps = int(meta["num_inference_steps"])
-    return (0, *segment_indices(steps, segments), steps)
-
-
-def segment_boundaries(scheduler, meta: Mapping, segments: int, latent_hw: tuple[int, int], patch: int) -> tuple:
-    """σ at the boundaries of `segments` equal segments of the pairs' uniform grid (`trained_grid_indices`)."""
-    from crfm.sampling.sampler import set_timesteps
-
-    set_timesteps(scheduler, int(meta["num_inference_steps"]), latent_hw, patch, "cpu", "uniform")
-    return tuple(float(scheduler.sigmas[i]) for i in trained_grid_indices(meta, segments))
-
-
-class ReflowPairs(torch.utils.data.Dataset):
-    """The pairs of `pairs_dir` with their masks and prompt vectors (from `data_root`/`vectors_dir`, the dataset the
-    pairs were made from). Items: `path` [K + 1, C, h, w] (noise, boundaries, clean latent), `label`,
-    `prompt_embeds`, `pooled_prompt_embeds`, `position`."""
-
-    def __init__(
-        self, pairs_dir: str | Path, data_root: str | Path, vectors_dir: str | Path, num_cls: int, resolution: int,
-        segments: int = 1,
-    ) -> None:  # fmt: skip
-        self.pairs_dir = Path(pairs_dir)
-        self.meta = read_pairs_meta(pairs_dir)
-        for key, value in (("num_cls", num_cls), ("resolution", resolution)):
-            if self.meta[key] != value:
-                raise UsageError(f"the pairs in {pairs_dir} were made with {key} {self.meta[key]}, not {value}")
-        self.keys = [f"state_{i}" for i in trained_grid_indices(self.meta, segments)[1:-1]]
-        self.items = read_index(self.pairs_dir / "index.jsonl", data_root)
-        self.base = PairDataset(self.items, data_root, resolution=resolution, num_cls=num_cls, vectors_dir=vectors_dir)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, position: int) -> dict:
-        from crfm.fewstep.pairs import load_pair_latents
-        from crfm.sampling.sampler import initial_noise
-
-        sample = dict(self.base[position])
-        del sample["image"], sample["prompt"]  # the teacher's latents stand for the image
-        record = self.items[position].record
-        stored = load_pair_latents(self.pairs_dir, record)
-        noise = initial_noise([record["noise_id"]], record["seed"], tuple(stored["latents"].shape))[0]
-        sample["path"] = torch.stack([noise, *(stored[k] for k in self.keys), stored["latents"]])
-        return sample
 
 
 def draw_sigmas(config: ReflowConfig, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -238,29 +177,65 @@ def load_lpips(weights: str | None, device) -> torch.nn.Module:
     return metric.eval().requires_grad_(False).to(device)
 
 
-def build_reflow_loss(
-    args: argparse.Namespace, dataset: ReflowPairs, model, vae, empty: Mapping, dtype: torch.dtype, perceptual=None
-):
-    """train.py's objective for --reflow_pairs: (batch, generator) -> loss, with the segments' σ boundaries read
-    from the pairs' grid (the base's scheduler). `perceptual`: `load_lpips(...)` for the lpips losses."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+class ReflowObjective(Objective):
+    """Training on `python -m crfm.reflow`'s pairs (`--reflow_pairs`): `reflow_loss` on `ReflowPairs`, with the
+    segments' σ boundaries read from the pairs' grid (the base's scheduler): `loss` follows `dataset`."""
 
-    from crfm.models.conditioning import vae_scale_factor
+    perceptual: torch.nn.Module | None = None  # LPIPS, for the lpips losses (`prepare`)
+    pairs: ReflowPairs | None = None  # the dataset, whose record holds the pairs' grid
 
-    base = args.pretrained_model_name_or_path
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
-    side = args.resolution // vae_scale_factor(vae)
-    patch = getattr(model, "module", model).transformer.config.patch_size  # `model` may be wrapped by accelerate
-    config = settings_from_args(
-        ReflowConfig,
-        args,
-        boundaries=segment_boundaries(scheduler, dataset.meta, args.seqrf_segments, (side, side), patch),
-        num_train_timesteps=scheduler.config.num_train_timesteps,
-    )
-    if args.reflow_loss.startswith("lpips") and perceptual is None:
-        raise ValueError("the lpips losses need `perceptual` (load_lpips)")
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        ReflowConfig.add_flags(parser)
 
-    def objective(batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        return reflow_loss(model, vae, batch, generator, config, empty, dtype, perceptual).loss
+    def check(self) -> None:
+        if self.args.latents_path is not None:
+            raise UsageError("--latents_path serves the flow-matching objective; --reflow_pairs brings its own latents")
 
-    return objective
+    def prepare(self, device) -> None:
+        args = self.args
+        self.perceptual = load_lpips(args.lpips_weights, device) if args.reflow_loss.startswith("lpips") else None
+
+    def dataset(self) -> ReflowPairs:
+        args = self.args
+        self.pairs = ReflowPairs(
+            args.reflow_pairs,
+            Path(args.data_root),
+            Path(args.vectors_path),
+            args.num_cls,
+            args.resolution,
+            args.seqrf_segments,
+        )
+        return self.pairs
+
+    def record(self) -> dict:
+        """How the student was trained (its segments follow the uniform grid: sample it with --sigma_grid uniform)."""
+        args = self.args
+        reflow = {
+            "pairs": str(Path(args.reflow_pairs).resolve()),
+            "init_ckpt": None if args.init_ckpt is None else str(Path(args.init_ckpt).resolve()),
+            "t_schedule": args.t_schedule,
+            "loss": args.reflow_loss,
+            "segments": args.seqrf_segments,
+        }
+        return {"reflow": reflow}
+
+    def loss(self, model, vae, schedule: TrainTimesteps, empty: Mapping, dtype: torch.dtype) -> LossFn:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        args = self.args
+        base = args.pretrained_model_name_or_path
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
+        side = args.resolution // vae_scale_factor(vae)
+        patch = getattr(model, "module", model).transformer.config.patch_size  # `model` may be wrapped by accelerate
+        boundaries = segment_boundaries(scheduler, self.pairs.meta, args.seqrf_segments, (side, side), patch)
+        config = settings_from_args(
+            ReflowConfig, args, boundaries=boundaries, num_train_timesteps=scheduler.config.num_train_timesteps
+        )
+        if config.reflow_loss.startswith("lpips") and self.perceptual is None:
+            raise ValueError("the lpips losses need `prepare` (load_lpips) first")
+
+        def objective(batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+            return reflow_loss(model, vae, batch, generator, config, empty, dtype, self.perceptual).loss
+
+        return objective

@@ -61,3 +61,23 @@ def test_peak_lookup_by_device_name(gpu_check):
     assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB", None) == 312.0
     assert gpu_check.peak_tflops("NVIDIA L40S", None) is None
     assert gpu_check.peak_tflops("NVIDIA L40S", 362.0) == 362.0
+
+
+def test_the_training_step_is_train_pys(gpu_check, monkeypatch, tmp_path):
+    """The check times `crfm.training.train.train_step` on a model built by `crfm.training.build`, not a copy."""
+    import torch
+
+    import crfm.training.train as train_module
+
+    calls = []
+    step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda *args: calls.append(args) or step(*args))
+    sizes, cpu = gpu_check.Sizes.smoke(), torch.device("cpu")
+    args = gpu_check.train_args("lora", "adamw", "no", tmp_path)
+    model = gpu_check.build_mask_model(sizes, cpu, args, torch.float32, training=True)
+    assert model.gradient_checkpointing and any("lora" in name for name, _ in model.named_parameters())
+    trainer = gpu_check.Trainer(model, sizes, args)
+    before = [param.detach().clone() for param in trainer.trainable]
+    trainer.step(gpu_check.cached_batch(sizes, 128, 1, cpu))
+    assert len(calls) == 1 and calls[0][0] is trainer.accelerator
+    assert any(not torch.equal(old, new) for old, new in zip(before, trainer.trainable, strict=True))
