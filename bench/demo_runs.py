@@ -21,16 +21,16 @@ import json
 import math
 import os
 import shlex
-import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+
+from crfm.utils.runs import Job, mean_std, run_jobs, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SETS = ("real", "vae", "plain", "crfm_paper", "crfm", "fewstep")
 DOWNSTREAM = ("real_only", "real_synth_plain", "real_synth", "real_synth_filtered", "real_synth_filtered_resampled",
-              "real_synth_layouts", "real_mosaic", "real_extra", "tstr")  # fmt: skip
+              "real_synth_layouts", "real_mosaic", "real_mosaic_synth_layouts", "real_extra", "tstr")  # fmt: skip
 # Paired differences over seeds: name -> (minuend, subtrahend); "ratio" columns divide instead.
 DIFFERENCES = {
     "CRFM − plain (judge)": ("crfm", "plain"),
@@ -43,30 +43,32 @@ DIFFERENCES = {
     "new layouts − filtered (same masks)": ("real_synth_layouts", "real_synth_filtered"),
     "real mosaics − real only": ("real_mosaic", "real_only"),
     "new layouts − real mosaics": ("real_synth_layouts", "real_mosaic"),
+    "mosaics + new layouts − real mosaics": ("real_mosaic_synth_layouts", "real_mosaic"),
     "extra real − real only": ("real_extra", "real_only"),
 }
-RATIOS = {"plain / real (judge)": ("plain", "real"), "TSTR / TRTR": ("tstr", "real_only")}
+RATIOS = {"VAE / real (judge)": ("vae", "real"), "plain / real (judge)": ("plain", "real"),
+          "TSTR / TRTR": ("tstr", "real_only")}  # fmt: skip
 
 
 def run_demo(out: Path, seed: int, knobs: list[str], until: str | None) -> None:
     cmd = [sys.executable, "-m", "crfm.toy.demo", "--out", str(out), "--seed", str(seed), "--no_progress", *knobs]
     if until:
         cmd += ["--until", until]
-    print("$", shlex.join(cmd[1:]), flush=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    log = out.with_suffix(".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as handle:
-        subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    run_logged(cmd, out.with_suffix(".log"), threads=int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 def read_run(out: Path) -> dict[str, float]:
     """The numbers one run produced (whatever stages it reached)."""
     values: dict[str, float] = {}
+    from crfm.toy.toydata import CLASSES
+
     for images in IMAGE_SETS:
         path = out / "fidelity" / f"{images}_seg_judge.json"
         if path.is_file():
-            values[images] = 100 * json.loads(path.read_text())["mIoU"]
+            judged = json.loads(path.read_text())
+            values[images] = 100 * judged["mIoU"]
+            # "<image set> IoU.<class>": the judge's IoU per class (the targets name roads and buildings)
+            values.update({f"{images} IoU.{c}": 100 * iou for c, iou in zip(CLASSES, judged["IoU"], strict=True)})
     summary = out / "summary.json"
     if summary.is_file():
         down = json.loads(summary.read_text())["downstream"]
@@ -80,19 +82,14 @@ def read_run(out: Path) -> dict[str, float]:
     for name, (a, b) in RATIOS.items():
         if a in values and b in values:
             values[name] = values[a] / values[b]
+    for images in ("vae", "plain", "crfm"):  # per class, the share of the real images' judge IoU
+        values.update({f"{images} / real IoU.{c}": values[f"{images} IoU.{c}"] / values[f"real IoU.{c}"]
+                       for c in CLASSES if f"{images} IoU.{c}" in values and values.get(f"real IoU.{c}")})  # fmt: skip
     values["seconds"] = sum(json.loads(p.read_text())["seconds"] for p in (out / "stages").glob("*.json"))
     return values
 
 
 COLUMNS = (*IMAGE_SETS, *DOWNSTREAM, *DIFFERENCES, *RATIOS, "seconds")
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def table(results: dict[str, list[dict[str, float]]], seeds: list[int]) -> str:
@@ -117,15 +114,19 @@ def table(results: dict[str, list[dict[str, float]]], seeds: list[int]) -> str:
 
 
 def per_class(results: dict[str, list[dict[str, float]]]) -> str:
-    """Per variant: IoU (%) per class of each downstream row, mean ± std over seeds (NaN: class unseen, left out)."""
+    """Per variant: IoU (%) per class under the judge (image sets, and their share of the real images' IoU) and of
+    each downstream row, mean ± std over seeds (NaN: class unseen, left out)."""
     text = ""
     for name, runs in results.items():
         classes = list(dict.fromkeys(k.split(" IoU.", 1)[1] for r in runs for k in r if " IoU." in k))
         if not classes:
             continue
-        text += f"\nIoU per class, downstream rows ({name}):\n\n| row | " + " | ".join(classes) + " |\n"
-        text += "|---|" + "---|" * len(classes) + "\n"
-        for key in DOWNSTREAM:
+        text += f"\nIoU per class, judge on image sets, then downstream rows ({name}):\n\n| row | "
+        text += " | ".join(classes) + " |\n" + "|---|" + "---|" * len(classes) + "\n"
+        shares = [f"{images} / real" for images in ("vae", "plain", "crfm")]
+        for key in (*IMAGE_SETS, *shares, *DOWNSTREAM):
+            if not any(f"{key} IoU.{c}" in r for r in runs for c in classes):
+                continue
             seen = [[r[f"{key} IoU.{c}"] for r in runs if not math.isnan(r.get(f"{key} IoU.{c}", math.nan))]
                     for c in classes]  # fmt: skip
             text += f"| {key} | " + " | ".join(mean_std(values) for values in seen) + " |\n"
@@ -144,19 +145,20 @@ def main() -> int:
     variants = dict(v.split("=", 1) for v in args.variant) if args.variant else {"default": ""}
     runs = [(name, seed) for name in variants for seed in args.seeds]
 
-    def one(run: tuple[str, int]) -> dict[str, float]:
-        name, seed = run
+    measured: dict[tuple[str, int], dict[str, float]] = {}
+
+    def one(name: str, seed: int) -> None:
         out = args.out / name / f"seed{seed}"
         run_demo(out, seed, shlex.split(variants[name]), args.until)
-        values = read_run(out)
-        print(json.dumps({"variant": name, "seed": seed, **values}), flush=True)
-        return values
+        measured[name, seed] = read_run(out)
+        print(json.dumps({"variant": name, "seed": seed, **measured[name, seed]}), flush=True)
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        measured = list(pool.map(one, runs))
+    state = run_jobs([Job(f"{name}/seed{seed}", [], partial(one, name, seed)) for name, seed in runs], args.jobs)
+    if "failed" in state.values():
+        raise SystemExit(f"failed: {', '.join(name for name, outcome in state.items() if outcome == 'failed')}")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
-    for (name, _), values in zip(runs, measured, strict=True):
-        results[name].append(values)
+    for name, seed in runs:
+        results[name].append(measured[name, seed])
     text = table(results, args.seeds)
     command = "python bench/demo_runs.py " + shlex.join(sys.argv[1:])
     print(text)

@@ -295,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("clip_g_dim", type=positive_int, default=defaults.clip_g_dim, help="CLIP-G width")
     add("t5_dim", type=positive_int, default=defaults.t5_dim, help="T5 width (>= clip_l_dim + clip_g_dim)")
     add("text_layers", type=positive_int, default=defaults.text_layers, help="layers of each text encoder")
+    add(
+        "clip_max_length",
+        type=positive_int,
+        default=defaults.clip_max_length,
+        help="CLIP tokens per prompt (SD3: 77; text tokens cost as much as image tokens in every block)",
+    )
     add("pos_embed_max_size", type=positive_int, help="position grid side in tokens (max tokens per side)")
     add("fit_vae_on", type=Path, help="index.jsonl whose images the tiny VAE is fitted to")
     add("vae_steps", type=bounded(int, 0), default=1500, help="steps fitting the VAE")
@@ -318,8 +324,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=PretrainSettings.learning_rate,
         help="pretraining AdamW learning rate",
     )
+    add(
+        "max_sequence_length",
+        type=positive_int,
+        default=PretrainSettings.max_sequence_length,
+        help="T5 tokens per prompt while pretraining",
+    )
+    add(
+        "vae_edge_weight",
+        type=bounded(float, 0),
+        default=PretrainSettings.vae_edge_weight,
+        help="weight of the image-gradient term of the VAE fit (keeps edges)",
+    )
+    add(
+        "rot90",
+        action=argparse.BooleanOptionalAction,
+        default=PretrainSettings.rot90,
+        help="quarter turns while pretraining",
+    )
     add("pretrain_work_dir", type=Path, help="checkpoints and loss log of pretraining (default: OUT_DIR.work)")
-    add_run_flags(parser, seed_help="seed of the random weights and of the VAE fit", seed_default=defaults.seed)
+    # --mixed_precision bf16: autocast while pretraining (weights and optimizer stay fp32)
+    add_run_flags(
+        parser,
+        seed_help="seed of the random weights and of the VAE fit",
+        seed_default=defaults.seed,
+        mixed_precision=True,
+    )
     return parser
 
 
@@ -365,7 +395,11 @@ def pretrain(args: argparse.Namespace, config: TinyConfig) -> int:
         batch_size=args.pretrain_batch_size,
         learning_rate=args.pretrain_lr,
         resolution=args.vae_size,
+        max_sequence_length=args.max_sequence_length,
         vae_steps=args.vae_steps,
+        vae_edge_weight=args.vae_edge_weight,
+        rot90=args.rot90,
+        mixed_precision=args.mixed_precision or "no",
         seed=args.seed,
     )
     work = args.pretrain_work_dir or out.with_name(out.name + ".work")

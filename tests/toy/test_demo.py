@@ -19,7 +19,7 @@ from tests.helpers import REPO
 
 pytest.importorskip("mmseg")
 
-from crfm.toy.demo import DOWNSTREAM_NAMES, DOWNSTREAM_ROWS, PRESETS, STAGES, DemoSettings  # noqa: E402
+from crfm.toy.demo import DOWNSTREAM, PRESETS, STAGES, DemoSettings  # noqa: E402
 
 
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -38,9 +38,9 @@ def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
     out, proc = demo_run
-    for number, (name, _) in enumerate(STAGES, 1):
-        assert f"=== [{number}/{len(STAGES)}]" in proc.stdout
-        assert (out / "stages" / f"{name}.json").is_file(), name
+    for number, stage in enumerate(STAGES, 1):
+        assert f"=== [{number}/{len(STAGES)}] {stage.title} ===" in proc.stdout
+        assert (out / "stages" / f"{stage.name}.json").is_file(), stage.name
     # Every tool runs as a module of the package (no checkout needed), each command printed before it runs.
     commands = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
     modules = ["crfm.data.layouts", "crfm.data.vectorize"]  # real mosaics; the base is the shipped one, copied
@@ -50,7 +50,7 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
     modules += ["crfm.sampling.synthesis"] * 2 + ["crfm.segmentation.hardness", "crfm.sampling.synthesis"]
     modules += ["crfm.segmentation.filter"] * 2
     modules += ["crfm.data.layouts", "crfm.data.vectorize", "crfm.sampling.synthesis", "crfm.segmentation.filter"]
-    modules += ["crfm.segmentation.downstream"] * 6  # the synthetic mixes and TSTR
+    modules += ["crfm.segmentation.downstream"] * 7  # the synthetic mixes (one on real mosaics too) and TSTR
     modules += ["crfm.reflow", "crfm.training.train", "crfm.sampling.synthesis"]  # the few-step stage
     assert [line.split()[3] for line in commands] == modules and all(c.startswith("$ python -m ") for c in commands)
     # Side by side: the generator started before the first real-data segmentor finished.
@@ -86,6 +86,7 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         "layouts_real/index.jsonl": n_synth,
         "synth_layouts/index.jsonl": n_synth,
         "synth_layouts_filtered/index.jsonl": n_synth,
+        "mosaics_and_synth_layouts/index.jsonl": 2 * n_synth,  # real mosaics and synthetic layouts together
         "reflow_pairs/index.jsonl": n_train * settings.reflow_per_mask,
         "synth_fewstep/index.jsonl": n_test,
     }
@@ -110,7 +111,7 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         "train/loss_curve.png",
         "seg_real/segmentor.pth",
         "seg_judge/segmentor.pth",
-        *(f"{work}/segmentor.pth" for work in DOWNSTREAM_ROWS.values()),
+        *(f"{row.work}/segmentor.pth" for row in DOWNSTREAM),
         "seg_tstr/segmentor.pth",
         "synth_train_filtered/filter_report.json",
         "synth_crfm/crfm_trace.rank0.jsonl",
@@ -119,6 +120,11 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         "student/final/ema.safetensors",
     ):
         assert (out / name).is_file(), name
+    # The union of real mosaics and synthetic layouts points at both sets' files, nothing copied.
+    union = out / "mosaics_and_synth_layouts"
+    parts = {json.loads(line)["target"].split("/")[1] for line in (union / "index.jsonl").open()}
+    assert parts == {"layouts_real", "synth_layouts_filtered"}
+    assert all((union / json.loads(line)["source"]).is_file() for line in (union / "index.jsonl").open())
     # Plain and CRFM start from the same noise; CRFM changed the images.
     plain = sorted((out / "synth_plain" / "img").iterdir())
     crfm = sorted((out / "synth_crfm" / "img").iterdir())
@@ -134,17 +140,19 @@ def test_summary_table_is_well_formed(demo_run):
         assert 0 <= row["judge_mIoU"] <= 100 and 0 <= row["guide_mIoU"] <= 100
     settings = DemoSettings(**PRESETS["ci"])
     down = summary["downstream"]
-    assert set(down) == {*DOWNSTREAM_ROWS, "tstr", "trtr"} and all(0 <= row["mIoU"] <= 100 for row in down.values())
+    assert set(down) == {*(row.key for row in DOWNSTREAM), "tstr", "trtr"}
+    assert all(0 <= row["mIoU"] <= 100 for row in down.values())
     real, mixed = down["real_only"], down["real_synth_filtered"]
     assert real["synthetic_train"] == 0 and mixed["real_train"] == real["real_train"] == settings.train_scenes
     for key in ("real_synth_filtered", "real_synth_layouts", "real_mosaic"):
         assert down[key]["synthetic_train"] == settings.train_scenes * settings.num_per_mask, key
+    assert down["real_mosaic_synth_layouts"]["synthetic_train"] == 2 * settings.train_scenes * settings.num_per_mask
     # Mixed runs see each real image as often as the real-only run; the extra-real run has their iterations.
     assert mixed["real_draws_per_image"] == pytest.approx(real["real_draws_per_image"], rel=0.1)
     assert down["real_extra"]["real_train"] == settings.train_scenes * (1 + settings.num_per_mask)
     assert down["real_extra"]["iters"] == mixed["iters"] > real["iters"]
     assert down["tstr"]["real_draws_per_image"] == 0 and down["trtr"] == real  # TSTR: no real image drawn
-    assert set(summary["stage_seconds"]) == {name for name, _ in STAGES}
+    assert set(summary["stage_seconds"]) == {stage.name for stage in STAGES}
     # Each row's IoU per class (the segmentors' PerClassIoUMetric), whose mean over the classes it saw is its mIoU.
     from crfm.toy.toydata import CLASSES
 
@@ -160,7 +168,7 @@ def test_summary_table_is_well_formed(demo_run):
     assert header in tables and all(f"| `{key}` |" in markdown for key in down if key != "trtr")
     rows = ("| real images through the VAE", "| plain sampling |", "| CRFM, paper settings", "| CRFM, test.py defaults",
             "| few-step: 4-SeqRF student")  # fmt: skip
-    for row in (*rows, *(f"| {name} |" for name in DOWNSTREAM_NAMES.values())):
+    for row in (*rows, *(f"| {row.name} |" for row in DOWNSTREAM)):
         assert any(line.startswith(row) for line in tables), row
     # Every data row of the two result tables holds numbers where the header says so.
     for line in tables:

@@ -1,0 +1,3 @@
+from crfm.toy.demo import main
+
+raise SystemExit(main())

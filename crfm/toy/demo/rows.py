@@ -1,0 +1,72 @@
+"""What the demo's tables hold: the image sets scored for mask fidelity and the downstream rows, one table each.
+
+A downstream row is one segmentor: its key in summary.json, its work dir, its name in summary.md and the synthetic
+set added to the labelled scenes (None: real data only). Rows of real data alone train beside the generator (the
+models stage); the others need synthetic pairs and train in the downstream stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Held-out syntheses: image set -> (work dir, CRFM setting for `Demo.synthesize`). With "real", the rows of the
+# mask-fidelity table; in this order also the figure's middle columns.
+SYNTHESES = {
+    "plain": ("synth_plain", None),
+    "crfm_paper": ("synth_crfm_paper", "paper"),
+    "crfm": ("synth_crfm", "default"),
+}
+# "vae": the real held-out images passed through the VAE, the ceiling of what any generator can score.
+IMAGE_SETS = ("real", "vae", *SYNTHESES)
+FEW_STEP = ("fewstep", "synth_fewstep")  # (image set, work dir) of the few-step student's held-out synthesis
+FIGURE_TITLES = ("mask", "plain", "CRFM paper", "CRFM default", "real")
+
+REAL_MOSAICS = "layouts_real"  # the labelled pairs cut into the new layouts' mosaics (the data stage)
+# The union of the real mosaics and the filtered synthetic layouts: what a user with both would train on.
+MOSAICS_AND_SYNTH = ("mosaics_and_synth_layouts", (REAL_MOSAICS, "synth_layouts_filtered"))
+
+
+@dataclass(frozen=True)
+class DownstreamRow:
+    key: str  # summary.json's key
+    work: str  # the segmentor's work dir
+    name: str  # summary.md's row name
+    synthetic: str | None  # the set added to the labelled scenes, `synth_ratio` of the draws; None: real data only
+
+
+DOWNSTREAM = (
+    DownstreamRow("real_only", "seg_real", "real only (the labelled scenes)", None),
+    DownstreamRow("real_synth_plain", "seg_real_synth_plain", "real + plain synthetic", "synth_train_plain"),
+    DownstreamRow("real_synth", "seg_real_synth", "real + CRFM synthetic", "synth_train"),
+    DownstreamRow(
+        "real_synth_filtered", "seg_real_synth_filtered", "real + CRFM synthetic, filtered", "synth_train_filtered"
+    ),
+    DownstreamRow(
+        "real_synth_filtered_resampled",
+        "seg_real_synth_filtered_resampled",
+        "real + CRFM synthetic, hardness-resampled and filtered",
+        "synth_train_resampled_filtered",
+    ),
+    DownstreamRow(
+        "real_synth_layouts",
+        "seg_real_synth_layouts",
+        "real + CRFM synthetic of new layouts (mosaics of the labelled masks), filtered",
+        "synth_layouts_filtered",
+    ),
+    DownstreamRow(
+        "real_mosaic",
+        "seg_real_mosaic",
+        "real + the same mosaics cut from the real pairs (no generator: the control)",
+        REAL_MOSAICS,
+    ),
+    DownstreamRow(
+        "real_mosaic_synth_layouts",
+        "seg_real_mosaic_synth_layouts",
+        "real + real mosaics + CRFM new layouts, filtered (synthesis on top of copy-paste)",
+        MOSAICS_AND_SYNTH[0],
+    ),
+    DownstreamRow("real_extra", "seg_real_extra", "real + as many extra real scenes (upper bound)", None),
+)
+ROWS = {row.key: row for row in DOWNSTREAM}
+# Synthetic sets of real data only: their rows train beside the generator.
+REAL_DATA_SETS = (None, REAL_MOSAICS)

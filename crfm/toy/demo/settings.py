@@ -1,0 +1,216 @@
+"""The demo's knobs: `DemoSettings` (one field per knob, its help in `KNOB_HELP`), the presets, and the checks that
+refuse impossible combinations or a changed knob against an existing output folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import crfm
+from crfm.models.conditioning import MASK_ENCODINGS
+from crfm.toy.toydata import CLASSES
+from crfm.utils.fileio import refuse_changed_settings, write_text_atomic
+from crfm.utils.flags import MIXED_PRECISION_CHOICES, UsageError
+
+REPO = Path(__file__).resolve().parents[3]  # the checkout, for the default --out only
+PACKAGE_PARENT = Path(crfm.__file__).resolve().parents[1]  # the folder the tools import crfm from
+# In a checkout: <checkout>/outputs/demo wherever the demo starts; installed: outputs/demo below the current folder.
+DEFAULT_OUT = REPO / "outputs" / "demo" if (REPO / "pyproject.toml").is_file() else Path("outputs", "demo")
+SETTINGS_FILE = "demo_settings.json"
+SEG_CONFIGS = Path(crfm.__file__).resolve().parent / "segmentation" / "configs"  # package data
+BASES = ("pretrained", "scratch")
+SHIPPED_RESOLUTION = 64  # the shipped base's position grid covers exactly 64 px images (8 x 8 tokens)
+JUDGE_SEED_OFFSET = 500
+NUM_CLS = len(CLASSES)
+# Few-step student recipe (docs/fewstep.md), the 2-RF-from-a-CRFM-teacher row of bench/fewstep_runs.py: pairs from
+# the uniform grid, AdamW at this rate, EMA of the weights used for sampling.
+REFLOW_LEARNING_RATE = 1e-4
+REFLOW_EMA_DECAY = 0.995
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Every knob of the demo (see KNOB_HELP); the defaults' run time is measured in docs/measurements.md."""
+
+    train_scenes: int = 16
+    val_scenes: int = 16
+    test_scenes: int = 32
+    judge_scenes: int = 320
+    scene_size: int = 128
+    resolution: int = 64
+    base: str = "pretrained"
+    mask_encoding: str = "onehot"
+    variant: str = "sd3.5"
+    vae_channels: str = "16,32,32"
+    latent_channels: int = 4
+    layers: int = 6
+    heads: int = 4
+    head_dim: int = 32
+    vae_steps: int = 400
+    max_sequence_length: int = 32
+    train_steps: int = 1200
+    train_batch_size: int = 8
+    learning_rate: float = 1e-3
+    rot90: bool = True
+    mixed_precision: str = "no"
+    seg_config: str = "toy_segformer"
+    judge_config: str = "toy_unet"
+    seg_iters: int = 1000
+    judge_iters: int = 1000
+    seg_size: int = 64
+    num_inference_steps: int = 20
+    num_per_mask: int = 3
+    min_per_mask: int = 1
+    max_per_mask: int = 5
+    tolerance_margin: float = 1.25
+    synth_ratio: float = 0.5
+    few_step: int = 0
+    reflow_segments: int = 4
+    reflow_per_mask: int = 2
+    reflow_train_steps: int = 400
+    figure_rows: int = 6
+    parallel: int = 2
+    seed: int = 0
+
+    def config_path(self, name: str) -> str:
+        """An mmseg config knob's file: a packaged config's name (crfm/segmentation/configs), or a path."""
+        packaged = SEG_CONFIGS / f"{name}.py"
+        return str(packaged if packaged.is_file() else Path(name))
+
+    @property
+    def extra_scenes(self) -> int:
+        """Further real scenes for the `real_extra` upper bound: as many as synthetic pairs per run."""
+        return self.train_scenes * self.num_per_mask
+
+
+KNOB_HELP = {
+    "train_scenes": "labelled toy scenes: fine-tune the generator, train the guide and the downstream segmentors",
+    "val_scenes": "validation scenes, for choosing settings (bench/); never trained on",
+    "test_scenes": "held-out scenes: masks for fidelity, real images for downstream scoring; never used for choices",
+    "judge_scenes": "separate toy scenes (another seed) the judge segmentor trains on",
+    "scene_size": "px of the toy scenes",
+    "resolution": "px the generator trains and samples at (the pretrained base: 64)",
+    "base": "pretrained: the shipped tiny SD3.5 base (crfm/toy/tiny_sd35_base); scratch: a random one, VAE "
+    "fitted to the labelled scenes",
+    "mask_encoding": "how the mask enters the mask branch: onehot, palette or grey (the paper's)",
+    "variant": "--base scratch: tiny pipeline sd3.5 (qk-norm, dual attention) or sd3",
+    "vae_channels": "--base scratch: VAE block widths; n blocks = 2^(n-1) x downsampling",
+    "latent_channels": "--base scratch: VAE latent channels (SD3: 16)",
+    "layers": "--base scratch: MM-DiT blocks",
+    "heads": "--base scratch: attention heads",
+    "head_dim": "--base scratch: width per head (model width = heads x head_dim)",
+    "vae_steps": "--base scratch: steps fitting the tiny VAE to the labelled images",
+    "max_sequence_length": "T5 tokens per prompt (the toy prompts are short)",
+    "train_steps": "MM-DiT fine-tuning steps",
+    "train_batch_size": "MM-DiT batch",
+    "learning_rate": "MM-DiT AdamW learning rate",
+    "rot90": "random quarter turns of each pair while fine-tuning (train.py --rot90); --no-rot90: flips only, as the "
+    "paper",
+    "mixed_precision": "MM-DiT fine-tuning compute dtype (train.py --mixed_precision): bf16 autocast is faster on CPUs "
+    "with AVX-512 BF16 / AMX (this project's), slower where it is emulated: use no there",
+    "seg_config": "mmseg config of the CRFM guide and the downstream segmentors (the real-only one is the guide): a "
+    "packaged one (toy_segformer, toy_unet) or a path",
+    "judge_config": "mmseg config of the judge: a packaged one (toy_unet: full resolution, sees every class) or a path",
+    "seg_iters": "iterations of the guide = real-only segmentor and of TSTR (mixed runs: as many real draws)",
+    "judge_iters": "iterations of the judge (more scenes than the others: it must see every class)",
+    "seg_size": "px the segmentors train at",
+    "num_inference_steps": "Euler sampling steps",
+    "num_per_mask": "synthetic images per labelled mask for downstream training (the paper: 3)",
+    "min_per_mask": "hardness-resampled synthesis: images for the easiest labelled mask",
+    "max_per_mask": "hardness-resampled synthesis: images for the hardest labelled mask",
+    "tolerance_margin": "FreeMask filter: a synthetic pixel is ignored above this times its class's mean real loss",
+    "synth_ratio": "share of synthetic draws in the mixed downstream segmentors' batches",
+    "few_step": "Euler steps of the few-step student (docs/fewstep.md; 0: no few-step stage, the default, for "
+    "time; 2: the student of bench/results_fewstep.md)",
+    "reflow_segments": "time segments of the few-step student (1: 2-rectified flow; K > 1: K-SeqRF)",
+    "reflow_per_mask": "CRFM-teacher reflow pairs per labelled mask, for the few-step student",
+    "reflow_train_steps": "training steps of the few-step student (started from the generator)",
+    "figure_rows": "held-out masks shown in samples.png",
+    "parallel": "independent runs at once, one thread each: the generator beside the real-data segmentors, then the "
+    "downstream segmentors (1: one after another, all threads)",
+    "seed": "seed of data, models, noise (the judge's scenes use seed + 500)",
+}
+
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {},
+    # A few minutes on 2 cores: every stage and artefact, at sizes too small to learn anything.
+    "ci": dict(
+        train_scenes=12,
+        val_scenes=2,
+        test_scenes=4,
+        judge_scenes=12,
+        vae_steps=20,
+        train_steps=20,
+        train_batch_size=4,
+        seg_iters=10,
+        judge_iters=10,
+        num_inference_steps=4,
+        num_per_mask=1,
+        max_per_mask=2,
+        few_step=2,  # the stage is off by default; the smoke run covers it
+        reflow_per_mask=1,
+        reflow_train_steps=4,
+        figure_rows=3,
+    ),
+}
+
+
+def scene_splits(total: int, test: int, val: int) -> dict[str, range]:
+    """Scene positions of the held-out, validation and labelled splits, in scene order (scene i depends only on the
+    seed and i): held-out first, so every labelled-set size (the demo's, `bench/label_curve.py`'s) is scored on the
+    same held-out scenes, and the first N labelled scenes are the same whatever comes after them."""
+    if total < test + val:
+        raise UsageError(f"{total} scenes cannot hold {test} held-out and {val} validation scenes")
+    return {"test": range(test), "val": range(test, test + val), "train": range(test + val, total)}
+
+
+def judge_val_scenes(judge_scenes: int) -> int:
+    """How many of the judge's scenes it is validated on (the first tenth); it trains on the rest."""
+    return max(1, judge_scenes // 10)
+
+
+def check_knobs(settings: DemoSettings) -> None:
+    """Refuse impossible knob combinations before anything is written."""
+    if settings.few_step and settings.num_inference_steps % settings.reflow_segments:
+        raise UsageError("--reflow_segments must divide --num_inference_steps (segment ends lie on the teacher's grid)")
+    if min(settings.train_scenes, settings.val_scenes, settings.test_scenes) < 1 or settings.judge_scenes < 2:
+        raise UsageError("need at least 1 training, validation and held-out scene and 2 judge scenes")
+    if not 1 <= settings.min_per_mask <= settings.max_per_mask or settings.num_per_mask < 1:
+        raise UsageError("need 1 <= --min_per_mask <= --max_per_mask and --num_per_mask >= 1")
+    if not 0 < settings.synth_ratio < 1 or settings.tolerance_margin <= 0:
+        raise UsageError("need 0 < --synth_ratio < 1 and --tolerance_margin > 0")
+    for knob in ("seg_config", "judge_config"):
+        if not Path(settings.config_path(getattr(settings, knob))).is_file():
+            raise UsageError(f"--{knob} {getattr(settings, knob)}: no such packaged config or file")
+    if settings.base not in BASES:
+        raise UsageError(f"--base must be one of {BASES}, got {settings.base!r}")
+    if settings.mixed_precision not in MIXED_PRECISION_CHOICES:
+        raise UsageError(
+            f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {settings.mixed_precision!r}"
+        )
+    if settings.mask_encoding not in MASK_ENCODINGS:
+        raise UsageError(f"--mask_encoding must be one of {MASK_ENCODINGS}, got {settings.mask_encoding!r}")
+    if settings.base == "pretrained":
+        from crfm.toy.tiny import SHIPPED_BASE
+
+        if not (SHIPPED_BASE / "model_index.json").is_file():
+            raise UsageError(f"the shipped base {SHIPPED_BASE} is missing; reinstall crfm or use --base scratch")
+        if settings.resolution != SHIPPED_RESOLUTION:
+            raise UsageError(
+                f"the shipped base draws {SHIPPED_RESOLUTION} px images; use --resolution {SHIPPED_RESOLUTION} "
+                "or --base scratch"
+            )
+
+
+def check_settings(out: Path, settings: DemoSettings) -> None:
+    """Refuse to mix results of different settings in one output folder (a knob added since the folder was made
+    counts as its default there)."""
+    current = dataclasses.asdict(settings)
+    defaults = dataclasses.asdict(DemoSettings())
+    if not refuse_changed_settings(
+        out / SETTINGS_FILE, current, "demo results", "add --fresh or choose another --out", defaults
+    ):
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / SETTINGS_FILE, json.dumps(current, indent=2) + "\n")
