@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+from functools import partial
 from pathlib import Path
+
+from crfm.utils.runs import mean_std
 
 SETS = {  # image set -> (work dir, index)
     "held-out plain": ("synth_plain", "index.jsonl"),
@@ -59,10 +61,7 @@ def main() -> int:
     per_run = [judge_scores(out) for out in args.runs]
     columns = [*CLASSES, "mIoU"]
 
-    def cell(values: list[float]) -> str:
-        return (
-            f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
-        )
+    cell = partial(mean_std, digits=1)
 
     lines = [
         f"Judge IoU (%) over {len(per_run)} demo run(s), mean ± std:",

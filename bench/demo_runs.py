@@ -25,6 +25,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from crfm.toy.toydata import CLASSES
 from crfm.utils.runs import Job, mean_std, run_jobs, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +47,8 @@ DIFFERENCES = {
     "mosaics + new layouts − real mosaics": ("real_mosaic_synth_layouts", "real_mosaic"),
     "extra real − real only": ("real_extra", "real_only"),
 }
+# Image sets whose judge IoU per class is also given as a share of the real images' (the targets are such shares).
+SHARES_OF_REAL = ("vae", "plain", "crfm")
 RATIOS = {"VAE / real (judge)": ("vae", "real"), "plain / real (judge)": ("plain", "real"),
           "TSTR / TRTR": ("tstr", "real_only")}  # fmt: skip
 
@@ -60,8 +63,6 @@ def run_demo(out: Path, seed: int, knobs: list[str], until: str | None) -> None:
 def read_run(out: Path) -> dict[str, float]:
     """The numbers one run produced (whatever stages it reached)."""
     values: dict[str, float] = {}
-    from crfm.toy.toydata import CLASSES
-
     for images in IMAGE_SETS:
         path = out / "fidelity" / f"{images}_seg_judge.json"
         if path.is_file():
@@ -82,7 +83,7 @@ def read_run(out: Path) -> dict[str, float]:
     for name, (a, b) in RATIOS.items():
         if a in values and b in values:
             values[name] = values[a] / values[b]
-    for images in ("vae", "plain", "crfm"):  # per class, the share of the real images' judge IoU
+    for images in SHARES_OF_REAL:
         values.update({f"{images} / real IoU.{c}": values[f"{images} IoU.{c}"] / values[f"real IoU.{c}"]
                        for c in CLASSES if f"{images} IoU.{c}" in values and values.get(f"real IoU.{c}")})  # fmt: skip
     values["seconds"] = sum(json.loads(p.read_text())["seconds"] for p in (out / "stages").glob("*.json"))
@@ -123,7 +124,7 @@ def per_class(results: dict[str, list[dict[str, float]]]) -> str:
             continue
         text += f"\nIoU per class, judge on image sets, then downstream rows ({name}):\n\n| row | "
         text += " | ".join(classes) + " |\n" + "|---|" + "---|" * len(classes) + "\n"
-        shares = [f"{images} / real" for images in ("vae", "plain", "crfm")]
+        shares = [f"{images} / real" for images in SHARES_OF_REAL]
         for key in (*IMAGE_SETS, *shares, *DOWNSTREAM):
             if not any(f"{key} IoU.{c}" in r for r in runs for c in classes):
                 continue
