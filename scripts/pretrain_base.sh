@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped tiny SD3.5 base (crfm/toy/tiny_sd35_base) from scratch on a CPU: the unlabelled corpus,
-# then VAE fit + text-to-image pretraining (about 30 minutes on one core). Resumable: run it again after an
+# then VAE fit + text-to-image pretraining (about 30 minutes on one core), then the VAE decoder fitted again alone
+# (about 20 minutes; the encoder, latent space and transformer unchanged). Resumable: run it again after an
 # interruption and it continues from the last checkpoint. Log: outputs/pretrain_base.log when run with nohup:
 #   nohup bash scripts/pretrain_base.sh > outputs/pretrain_base.log 2>&1 &
 set -euo pipefail
@@ -16,3 +17,6 @@ python -m crfm.toy.tiny "$BASE" --variant sd3.5 --vae_channels 16,32,32 --latent
   --pos_embed_max_size 8 --layers 6 --heads 4 --head_dim 32 --seed 0 \
   --pretrain_on "$CORPUS/index.jsonl" --vae_steps 3000 --vae_size 64 --pretrain_steps 6000 \
   --pretrain_work_dir "${WORK:-outputs/tiny_sd35_base.work}" "$@"
+# The decoder alone again, with the edge-keeping loss (issue #26): sharper images from the same latents.
+python -m crfm.toy.tiny "$BASE" --refit_vae_decoder_on "$CORPUS/index.jsonl" --vae_steps 8000 --vae_edge_weight 1.0 \
+  --vae_size 64 --seed 0 --pretrain_work_dir "${DECODER_WORK:-outputs/tiny_sd35_base.decoder}" --no_progress

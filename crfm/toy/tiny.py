@@ -342,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=PretrainSettings.rot90,
         help="quarter turns while pretraining",
     )
+    add(
+        "refit_vae_decoder_on",
+        type=Path,
+        help="index.jsonl: fit only the VAE decoder of the existing pipeline OUT_DIR on its images, --vae_steps steps "
+        "(encoder, latent space and transformer unchanged; resumable in --pretrain_work_dir)",
+    )
     add("pretrain_work_dir", type=Path, help="checkpoints and loss log of pretraining (default: OUT_DIR.work)")
     # --mixed_precision bf16: autocast while pretraining (weights and optimizer stay fp32)
     add_run_flags(
@@ -355,11 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build(args: argparse.Namespace) -> int:
     """Write the pipeline of `args` (and fit its VAE with --fit_vae_on, or pretrain it); 0 on success."""
-    for flag in ("fit_vae_on", "pretrain_on"):
+    for flag in ("fit_vae_on", "pretrain_on", "refit_vae_decoder_on"):
         if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
             raise UsageError(f"--{flag}: no index file at {getattr(args, flag)}")  # before minutes of work
-    if args.fit_vae_on is not None and args.pretrain_on is not None:
-        raise UsageError("--fit_vae_on and --pretrain_on exclude each other (pretraining fits the VAE itself)")
+    if sum(getattr(args, flag) is not None for flag in ("fit_vae_on", "pretrain_on", "refit_vae_decoder_on")) > 1:
+        raise UsageError("--fit_vae_on, --pretrain_on and --refit_vae_decoder_on exclude each other")
+    if args.refit_vae_decoder_on is not None:
+        return refit_decoder(args)
     # Every TinyConfig field that is a flag comes from the command line; the rest keep their defaults.
     config = TinyConfig(**{f.name: getattr(args, f.name) for f in fields(TinyConfig) if hasattr(args, f.name)})
     if args.pretrain_on is not None:
@@ -377,6 +385,26 @@ def build(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         print(f"fitted the VAE on {args.fit_vae_on}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+    return 0
+
+
+def refit_decoder(args: argparse.Namespace) -> int:
+    """Fit the VAE decoder of the existing pipeline OUT_DIR again (`crfm.toy.pretrain.refit_vae_decoder`)."""
+    import shlex
+    import sys
+
+    from crfm.toy.pretrain import refit_vae_decoder
+
+    out = Path(args.out_dir)
+    if not (out / "vae" / "config.json").is_file():
+        raise UsageError(f"--refit_vae_decoder_on: {out} holds no pipeline with a VAE to refit")
+    work = args.pretrain_work_dir or out.with_name(out.name + ".decoder")
+    command = "python -m crfm.toy.tiny " + shlex.join(sys.argv[1:])
+    stats = refit_vae_decoder(
+        out, args.refit_vae_decoder_on, work, args.vae_steps, args.vae_edge_weight, args.vae_size, args.seed, command,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"refitted the VAE decoder of {out}: MSE {stats['reconstruction_mse']:.4f}, edges {stats['edge_error']:.4f}")
     return 0
 
 

@@ -24,9 +24,18 @@ from crfm.models.conditioning import (
     check_mask_encoding,
     encode_latents,
     encode_mask_condition,
+    mask_to_class_fractions,
     scaled_posterior_sample,
 )
-from crfm.utils.flags import UsageError, add_settings_flags, option, positive_float, probability, settings_from_args
+from crfm.utils.flags import (
+    UsageError,
+    add_settings_flags,
+    non_negative,
+    option,
+    positive_float,
+    probability,
+    settings_from_args,
+)
 
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 
@@ -54,6 +63,14 @@ class FlowMatchingConfig:
         False,
         "random quarter turns of image and mask together (aerial scenes have no up; with flips: 8 views of each "
         "pair); drawn on pixels, so not with --latents_path",
+    )
+    # Small classes (roads, roofs) hold few latent cells, so the plain loss barely asks for them.
+    class_balance: float = option(
+        0.0,
+        "weight each latent cell's squared error by its classes' share of the batch's pixels to the power -POWER "
+        "(0: off, the plain loss; 0.5: a class 9x rarer weighs 3x more), weights of a batch averaging 1; needs the "
+        "labels: pixels, or a onehot latent cache",
+        kind=non_negative,
     )
     use_mask: bool = True  # False: the `--no_mask` ablation, the model sees no mask
     mask_encoding: str = DEFAULT_MASK_ENCODING  # crfm.models.conditioning.MASK_ENCODINGS
@@ -182,6 +199,20 @@ def quarter_turns(batch: torch.Tensor, turns: list[int] | None) -> torch.Tensor:
     return torch.stack([item.rot90(k, dims=(-2, -1)) for item, k in zip(batch, turns, strict=True)])
 
 
+def class_balanced_weights(fractions: torch.Tensor, power: float) -> torch.Tensor:
+    """[B, K, h, w] class fractions per latent cell -> [B, 1, h, w] loss weights averaging 1: a cell weighs the sum
+    of its classes' fractions times (the class's share of all labelled fractions in the batch) ** -power; a cell's
+    ignored share weighs the mean weight of the classes present."""
+    share = fractions.sum(dim=(0, 2, 3))
+    present = share > 0
+    share = share / share.sum().clamp_min(1e-12)
+    class_weight = torch.where(present, share.clamp_min(1e-12) ** -power, torch.zeros_like(share))
+    mean_weight = class_weight[present].mean() if present.any() else torch.ones(())
+    labelled = fractions.sum(dim=1, keepdim=True)
+    weights = (fractions * class_weight.view(1, -1, 1, 1)).sum(dim=1, keepdim=True) + (1 - labelled) * mean_weight
+    return weights / weights.mean().clamp_min(1e-12)
+
+
 def flow_matching_loss(
     model,
     vae,
@@ -209,10 +240,13 @@ def flow_matching_loss(
     flip = (torch.rand(first.shape[0], generator=generator) < config.flip_prob).to(first.device)
     # Drawn only when on, so runs without it keep every later draw (and their results) unchanged.
     turns = torch.randint(4, (first.shape[0],), generator=generator).tolist() if config.rot90 else None
+    fractions = None  # class fractions per latent cell, for `class_balance`
     if LATENT_KEY in batch:
         if turns is not None:
             raise ValueError("quarter turns (--rot90) are drawn on pixels; a latent cache stores no turned pairs")
         latents, mask_latents = cached_pair(batch, flip, generator, vae.config, dtype, config.use_mask)
+        if config.class_balance and config.mask_encoding == "onehot":
+            fractions = mask_latents.float()
     else:
         image = quarter_turns(torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"]), turns)
         if config.use_mask:
@@ -220,6 +254,9 @@ def flow_matching_loss(
             latents, mask_latents = encode_pair(
                 vae, image, label, config.num_cls, dtype, generator, config.mask_encoding
             )
+            if config.class_balance:
+                factor = label.shape[-1] // latents.shape[-1]
+                fractions = mask_to_class_fractions(label.to(latents.device), config.num_cls, factor)
         else:  # text-to-image (pretraining, or the --no_mask ablation): no label is read or encoded
             with torch.no_grad():
                 latents, mask_latents = encode_latents(vae, image.float(), generator=generator).to(dtype), None
@@ -240,7 +277,12 @@ def flow_matching_loss(
     embeds, pooled = prompts_with_dropout(batch, empty_prompt, config.prompt_dropout, generator, device, dtype)
     pred = predict(model, noisy, embeds, pooled, timesteps, mask_latents)
     weighting = compute_loss_weighting_for_sd3(config.weighting_scheme, sigmas)
-    per_sample = (weighting.float() * (pred.float() - (noise - latents).float()) ** 2).mean(dim=(1, 2, 3))
+    squared = weighting.float() * (pred.float() - (noise - latents).float()) ** 2
+    if config.class_balance:
+        if fractions is None:
+            raise ValueError("class_balance needs the labels: pixels with a mask, or a onehot latent cache")
+        squared = squared * class_balanced_weights(fractions, config.class_balance)
+    per_sample = squared.mean(dim=(1, 2, 3))
     return FlowMatchingLoss(per_sample.mean(), per_sample, timesteps, sigmas)
 
 
@@ -328,6 +370,11 @@ class FlowMatchingObjective(Objective):
 
     def check(self) -> None:
         args = self.args
+        if args.class_balance and (args.no_mask or (args.latents_path and args.mask_encoding != "onehot")):
+            raise UsageError(
+                "--class_balance weighs latent cells by their classes: it needs the mask (not --no_mask) and, with "
+                "--latents_path, a onehot cache (--mask_encoding onehot)"
+            )
         if args.latents_path is None:
             return
         from crfm.data.latents import check_latent_cache

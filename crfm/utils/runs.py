@@ -89,6 +89,20 @@ def run_jobs(jobs: list[Job], workers: int = 1) -> dict[str, str]:
     return state
 
 
+def run_jobs_or_exit(jobs: list[Job], workers: int = 1) -> None:
+    """`run_jobs`, then exit naming the failed jobs if any (a bench script's table needs them all)."""
+    state = run_jobs(jobs, workers)
+    if "failed" in state.values():
+        raise SystemExit(f"failed: {', '.join(name for name, outcome in state.items() if outcome == 'failed')}")
+
+
+def print_table(text: str, path: Path | None, command: str) -> None:
+    """A bench table printed and, with `path`, written there under the command that made it."""
+    print(text)
+    if path is not None:
+        path.write_text(f"`{command}`\n\n" + text)
+
+
 def mean_std(values: Iterable[float], digits: int = 2) -> str:
     """The values as "mean ± std" (sample std), one value alone, "–" for none."""
     values = list(values)

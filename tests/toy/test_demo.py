@@ -256,3 +256,44 @@ def test_parallel_one_trains_the_real_data_segmentors_before_the_generator(tmp_p
     finished = [i for i, line in enumerate(lines) if line.startswith("[seg_")]
     assert len(finished) == 4 and max(finished) < generator
     assert (tmp_path / "out" / "train" / "final" / "model.safetensors").is_file()
+
+
+def test_ablation_rows_run_only_with_the_full_preset(tmp_path):
+    """The default demo trains the paper's chain and its baselines; hardness resampling and TSTR (ablations) only
+    with `ablations` (`--preset full`, and the ci smoke run, which covers every stage)."""
+    from crfm.toy.demo.stages import Demo
+
+    def works(**knobs) -> set[str]:
+        return {work for work, _ in Demo(tmp_path, DemoSettings(**knobs), progress=False).downstream_runs()}
+
+    ablation_works = {"seg_real_synth_filtered_resampled", "seg_tstr"}
+    default, full = works(), works(**PRESETS["full"])
+    assert not default & ablation_works and ablation_works <= full and full - default == ablation_works
+    assert {"seg_real_synth", "seg_real_synth_plain", "seg_real_mosaic_synth_layouts"} <= default
+    assert PRESETS["ci"]["ablations"] and PRESETS["full"] == {"ablations": True}
+    assert Demo(tmp_path, DemoSettings(), progress=False).filtered_sets() == ("synth_train",)
+
+
+def test_generator_mosaics_train_on_the_labelled_pairs_and_their_real_mosaics(tmp_path):
+    """`--generator_mosaics`: the generator's index lists the labelled pairs and the real mosaics (paths relative
+    to the union, pointing at the files), and it is the one the fine-tuning reads."""
+    from crfm.data.index import read_index
+    from crfm.toy.demo.rows import GENERATOR_DATA
+    from crfm.toy.demo.stages import Demo
+
+    for part, names in (("toydata", ("a", "b")), ("layouts_real", ("m",))):
+        records = [{"source": f"label/{n}.png", "target": f"img/{n}.png", "prompt": n} for n in names]
+        for sub in ("label", "img"):
+            (tmp_path / part / sub).mkdir(parents=True)
+            for n in names:
+                Image.new("L" if sub == "label" else "RGB", (8, 8)).save(tmp_path / part / sub / f"{n}.png")
+        (tmp_path / part / "classes.json").write_text(json.dumps(["x", "y"]))
+        index = "train.jsonl" if part == "toydata" else "index.jsonl"
+        (tmp_path / part / index).write_text("".join(json.dumps(r) + "\n" for r in records))
+    demo = Demo(tmp_path, DemoSettings(generator_mosaics=True), progress=False)
+    demo.union_dataset(*GENERATOR_DATA)
+    items = read_index(tmp_path / "generator_data" / "index.jsonl", tmp_path / "generator_data")
+    assert [item.record["prompt"] for item in items] == ["a", "b", "m"]
+    assert all((tmp_path / "generator_data" / item.target).resolve().is_file() for item in items)
+    assert demo.generator_data() == (tmp_path / "generator_data", "index_.jsonl", tmp_path / "vectors_generator_data")
+    assert Demo(tmp_path, DemoSettings(), progress=False).generator_data()[:2] == (tmp_path / "toydata", "train_.jsonl")

@@ -106,6 +106,12 @@ def test_the_shipped_base_loads_offline_and_is_documented():
         value = report["command"].split(flag + " ")[1].split()[0]
         assert f"{flag} {value}" in script, flag
     assert pipe.transformer.config.num_layers == int(report["command"].split("--layers ")[1].split()[0])
+    refit = report.get("vae_decoder_refit")
+    if refit is not None:  # the decoder fitted again: the card and the script name that step too
+        assert refit["command"] in card and "--refit_vae_decoder_on" in script
+        refit_step = script.split("--refit_vae_decoder_on")[1]
+        for flag in ("--vae_steps", "--vae_edge_weight"):
+            assert f"{flag} {refit['command'].split(flag + ' ')[1].split()[0]}" in refit_step, flag
 
 
 def test_an_interrupted_vae_fit_resumes_to_the_same_weights(corpus, fresh_base, tmp_path, monkeypatch):
@@ -151,3 +157,32 @@ def test_edge_loss_charges_a_blurred_edge_and_not_a_shift_in_level():
     assert edge_loss(step, step) == 0
     assert edge_loss(step + 0.3, step) < 1e-6  # a constant offset has the same gradients (up to rounding)
     assert edge_loss(blurred, step) > 0.1
+
+
+def test_a_decoder_refit_changes_only_the_decoder_and_is_recorded(corpus, tmp_path):
+    """`--refit_vae_decoder_on`: the decoder learns; the encoder, the latent scaling and the transformer stay
+    bit-identical (a transformer trained on the latents stays valid); the report and card record it; a re-run
+    finds it done."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "base"
+    assert _pretrain(out, corpus, 2).returncode == 0
+    before = {part: load_file(str(next((out / part).glob("*.safetensors")))) for part in ("vae", "transformer")}
+    scaling = json.loads((out / "vae" / "config.json").read_text())
+    cmd = [sys.executable, "-m", "crfm.toy.tiny", str(out), "--refit_vae_decoder_on", str(corpus), "--vae_steps", "3"]
+    cmd += ["--vae_size", "16", "--no_progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vae = load_file(str(next((out / "vae").glob("*.safetensors"))))
+    changed = {key for key in vae if not torch.equal(vae[key], before["vae"][key])}
+    assert changed and all(key.startswith(("decoder.", "post_quant_conv.")) for key in changed)
+    transformer = load_file(str(next((out / "transformer").glob("*.safetensors"))))
+    assert all(torch.equal(transformer[k], before["transformer"][k]) for k in transformer)
+    config = json.loads((out / "vae" / "config.json").read_text())
+    assert (config["shift_factor"], config["scaling_factor"]) == (scaling["shift_factor"], scaling["scaling_factor"])
+    report = json.loads((out / "pretrain_report.json").read_text())
+    assert report["vae_decoder_refit"]["steps"] == 3 and "--refit_vae_decoder_on" in (out / "README.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    assert again.returncode == 0 and torch.equal(
+        load_file(str(next((out / "vae").glob("*.safetensors"))))[sorted(changed)[0]], vae[sorted(changed)[0]]
+    )

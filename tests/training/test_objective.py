@@ -13,10 +13,12 @@ from crfm.models.trained_weights import configure_training
 from crfm.training.objective import (
     FlowMatchingConfig,
     TrainTimesteps,
+    class_balanced_weights,
     flow_matching_loss,
     mask_following_losses,
     step_generator,
 )
+from crfm.utils.errors import UsageError
 from tests.helpers import NUM_CLS
 
 BATCH, SIDE, TOKENS = 3, 32, 7
@@ -306,3 +308,46 @@ def test_mask_following_losses_see_the_mask(parts):
     assert first == again
     assert set(first) == {"own_mask", "other_mask", "no_mask"}
     assert len(set(first.values())) == 3 and all(v > 0 for v in first.values())
+
+
+def test_class_balanced_weights_favour_rare_classes():
+    """Two classes, 3 cells of class 0 and 1 of class 1 (share 3/4 and 1/4): at power 1 a class-1 cell weighs 3x a
+    class-0 cell; a cell half ignored, half class 1 takes the mean class weight for its ignored half; mean 1."""
+    fractions = torch.zeros(1, 2, 1, 4)
+    fractions[0, 0, 0, :3] = 1.0
+    fractions[0, 1, 0, 3] = 1.0
+    weights = class_balanced_weights(fractions, 1.0).flatten()
+    torch.testing.assert_close(weights, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0]))
+    assert torch.equal(class_balanced_weights(fractions, 0.0), torch.ones(1, 1, 1, 4))  # power 0: the plain loss
+    half = fractions.clone()
+    half[0, 1, 0, 3] = 0.5  # shares 3/3.5 and 0.5/3.5: class weights 7/6 and 7, mean 49/12
+    raw = torch.tensor([7 / 6, 7 / 6, 7 / 6, 0.5 * 7 + 0.5 * 49 / 12])
+    torch.testing.assert_close(class_balanced_weights(half, 1.0).flatten(), raw / raw.mean())
+
+
+def test_class_balance_weights_the_loss_by_the_batch_labels(parts):
+    """The same draws: a batch of one class everywhere gets weight 1 per cell (the plain loss, exactly); a small
+    square of a rare class changes the loss, which stays differentiable."""
+    model = RecordingModel()
+    uniform = {**parts["batch"], "label": torch.zeros_like(parts["batch"]["label"])}
+    plain = loss_of(parts, model, batch=uniform)
+    torch.testing.assert_close(loss_of(parts, model, batch=uniform, class_balance=0.5).loss, plain.loss)
+    rare = uniform["label"].clone()
+    rare[:, 8:16, 8:16] = 1
+    mixed_batch = {**uniform, "label": rare}
+    mixed_plain = loss_of(parts, model, batch=mixed_batch)
+    mixed = loss_of(parts, model, batch=mixed_batch, class_balance=0.5)
+    assert not torch.allclose(mixed.loss, mixed_plain.loss)
+    mixed.loss.backward()
+    assert torch.isfinite(model.weight.grad)
+
+
+def test_class_balance_needs_the_labels():
+    from crfm.training.objective import FlowMatchingObjective
+    from crfm.training.train import build_parser
+
+    base = ["--pretrained_model_name_or_path", "p", "--data_root", "d", "--vectors_path", "v", "--num_cls", "6"]
+    for extra in (["--no_mask"], ["--latents_path", "c", "--mask_encoding", "grey"]):
+        args = build_parser().parse_args([*base, "--class_balance", "0.5", *extra])
+        with pytest.raises(UsageError, match="class_balance"):
+            FlowMatchingObjective(args).check()

@@ -69,7 +69,19 @@ from crfm.toy.demo.settings import (
 from crfm.toy.demo.stages import STAGES, Demo, Stage
 from crfm.utils.flags import add_run_flags, entry_point
 
-__all__ = ["DOWNSTREAM", "PRESETS", "ROWS", "STAGES", "DemoSettings", "DownstreamRow", "Stage", "main", "scene_splits"]
+__all__ = [
+    "DOWNSTREAM",
+    "PRESETS",
+    "ROWS",
+    "STAGES",
+    "DemoSettings",
+    "DownstreamRow",
+    "Stage",
+    "build_parser",
+    "main",
+    "scene_splits",
+    "settings_from_args",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,14 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Every stage not done yet, then the report; 0, or 1 when a stage's command failed."""
+def settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    """The preset's settings, with the knobs given on the command line; impossible combinations refused."""
     values = {**PRESETS[args.preset]}
     values.update(
         {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoSettings) if getattr(args, f.name) is not None}
     )
     settings = DemoSettings(**values)
     check_knobs(settings)
+    return settings
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Every stage not done yet, then the report; 0, or 1 when a stage's command failed."""
+    settings = settings_from_args(args)
     out = args.out.resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)

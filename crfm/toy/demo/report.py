@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from crfm.toy.demo.rows import DOWNSTREAM, FEW_STEP, FIGURE_TITLES, IMAGE_SETS, SYNTHESES
+from crfm.toy.demo.rows import DOWNSTREAM, FEW_STEP, FIGURE_TITLES, IMAGE_SETS, SYNTHESES, TSTR
 from crfm.toy.demo.settings import DemoSettings, judge_val_scenes
 from crfm.toy.demo.stages import Demo
 from crfm.utils.fileio import write_text_atomic
@@ -38,14 +38,13 @@ def write_report(demo: Demo) -> dict:
         "generator": train_summary,
         "mask_fidelity": fidelity,
         "downstream": {
-            **{row.key: seg(row.work) for row in DOWNSTREAM},
+            **{row.key: seg(row.work) for row in demo.rows()},
             # Train on synthetic / on real, test on real: the same masks, the real-only run's recipe.
-            "tstr": seg("seg_tstr"),
-            "trtr": seg("seg_real"),
+            **({"tstr": seg(TSTR), "trtr": seg("seg_real")} if demo.s.ablations else {}),
         },
         "filter": {
             synth: json.loads(demo.path(f"{synth}_filtered", "filter_report.json").read_text())
-            for synth in ("synth_train", "synth_train_resampled", "synth_layouts")
+            for synth in (*demo.filtered_sets(), "synth_layouts")
         },
         "stage_seconds": dict(demo.timings),
         "total_seconds": round(sum(demo.timings.values()), 1),
@@ -157,18 +156,22 @@ def summary_markdown(summary: dict) -> str:
         "| training data | images | iterations | mIoU | aAcc | − real only |",
         "|---|---|---|---|---|---|",
     ]
-    for key, name in ((row.key, row.name) for row in DOWNSTREAM):
+    for key, name in ((row.key, row.name) for row in DOWNSTREAM if row.key in down):
         row = down[key]
         images = f"{row['real_train']} + {row['synthetic_train']}" if row["synthetic_train"] else f"{row['real_train']}"
         delta = "" if key == "real_only" else f"{row['mIoU'] - real['mIoU']:+.2f}"
         iters = row.get("iters", s["seg_iters"])
         lines.append(f"| {name} | {images} | {iters} | {row['mIoU']:.2f} | {row['aAcc']:.2f} | {delta} |")
-    tstr, trtr = down["tstr"]["mIoU"], down["trtr"]["mIoU"]
     filtered = summary["filter"]["synth_train"]
+    lines.append("")
+    if "tstr" in down:
+        tstr, trtr = down["tstr"]["mIoU"], down["trtr"]["mIoU"]
+        lines.append(
+            f"Train on synthetic, test on real (TSTR, {down['tstr']['synthetic_train']} CRFM pairs of the labelled "
+            f"masks): {tstr:.2f} mIoU; train on the real pairs of the same masks (TRTR): {trtr:.2f}; ratio "
+            f"{tstr / trtr:.2f}."
+        )
     lines += [
-        "",
-        f"Train on synthetic, test on real (TSTR, {down['tstr']['synthetic_train']} CRFM pairs of the labelled masks): "
-        f"{tstr:.2f} mIoU; train on the real pairs of the same masks (TRTR): {trtr:.2f}; ratio {tstr / trtr:.2f}. "
         f"The filter ignored {100 * filtered['overall_filtered_fraction']:.1f}% of the CRFM pixels "
         f"(tolerance margin {s['tolerance_margin']:g}).",
         "",

@@ -2,7 +2,9 @@
 
 A downstream row is one segmentor: its key in summary.json, its work dir, its name in summary.md and the synthetic
 set added to the labelled scenes (None: real data only). Rows of real data alone train beside the generator (the
-models stage); the others need synthetic pairs and train in the downstream stage.
+models stage); the others need synthetic pairs and train in the downstream stage. Ablation rows (not the paper's
+chain nor a baseline it must beat) run only with the `ablations` knob (`--preset full`, the 3-seed bench), which keeps
+the default demo inside its 15 minutes.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ FEW_STEP = ("fewstep", "synth_fewstep")  # (image set, work dir) of the few-step
 FIGURE_TITLES = ("mask", "plain", "CRFM paper", "CRFM default", "real")
 
 REAL_MOSAICS = "layouts_real"  # the labelled pairs cut into the new layouts' mosaics (the data stage)
-# The union of the real mosaics and the filtered synthetic layouts: what a user with both would train on.
-MOSAICS_AND_SYNTH = ("mosaics_and_synth_layouts", (REAL_MOSAICS, "synth_layouts_filtered"))
+# Unions: (work dir, index files of the parts, relative to the demo folder).
+# The real mosaics and the filtered synthetic layouts: what a user with both would train on.
+MOSAICS_AND_SYNTH = ("mosaics_and_synth_layouts", (f"{REAL_MOSAICS}/index.jsonl", "synth_layouts_filtered/index.jsonl"))
+# The generator's data with `generator_mosaics`: the labelled pairs and their real mosaics (more layouts to learn
+# mask-following from; no new image).
+GENERATOR_DATA = ("generator_data", ("toydata/train.jsonl", f"{REAL_MOSAICS}/index.jsonl"))
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class DownstreamRow:
     work: str  # the segmentor's work dir
     name: str  # summary.md's row name
     synthetic: str | None  # the set added to the labelled scenes, `synth_ratio` of the draws; None: real data only
+    ablation: bool = False  # only with the `ablations` knob
 
 
 DOWNSTREAM = (
@@ -46,6 +53,7 @@ DOWNSTREAM = (
         "seg_real_synth_filtered_resampled",
         "real + CRFM synthetic, hardness-resampled and filtered",
         "synth_train_resampled_filtered",
+        ablation=True,
     ),
     DownstreamRow(
         "real_synth_layouts",
@@ -70,3 +78,10 @@ DOWNSTREAM = (
 ROWS = {row.key: row for row in DOWNSTREAM}
 # Synthetic sets of real data only: their rows train beside the generator.
 REAL_DATA_SETS = (None, REAL_MOSAICS)
+# Train on synthetic, test on real (an ablation): the CRFM pairs of the labelled masks alone, the real-only recipe.
+TSTR = "seg_tstr"
+
+
+def downstream_rows(ablations: bool) -> tuple[DownstreamRow, ...]:
+    """The rows a run trains: every row with `ablations`, else those of the paper's chain and its baselines."""
+    return tuple(row for row in DOWNSTREAM if ablations or not row.ablation)

@@ -50,6 +50,8 @@ class DemoSettings:
     head_dim: int = 32
     vae_steps: int = 400
     max_sequence_length: int = 32
+    generator_mosaics: bool = False
+    class_balance: float = 0.0
     train_steps: int = 1200
     train_batch_size: int = 8
     learning_rate: float = 1e-3
@@ -66,6 +68,7 @@ class DemoSettings:
     max_per_mask: int = 5
     tolerance_margin: float = 1.25
     synth_ratio: float = 0.5
+    ablations: bool = False
     few_step: int = 0
     reflow_segments: int = 4
     reflow_per_mask: int = 2
@@ -103,6 +106,10 @@ KNOB_HELP = {
     "head_dim": "--base scratch: width per head (model width = heads x head_dim)",
     "vae_steps": "--base scratch: steps fitting the tiny VAE to the labelled images",
     "max_sequence_length": "T5 tokens per prompt (the toy prompts are short)",
+    "generator_mosaics": "fine-tune the MM-DiT on the labelled pairs and their real 2 x 2 mosaics (the real_mosaic "
+    "control's pairs): more layouts to learn mask-following from, no new image",
+    "class_balance": "MM-DiT fine-tuning: weight each latent cell's loss by its classes' batch share ** -this "
+    "(train.py --class_balance; 0: the plain loss)",
     "train_steps": "MM-DiT fine-tuning steps",
     "train_batch_size": "MM-DiT batch",
     "learning_rate": "MM-DiT AdamW learning rate",
@@ -122,6 +129,8 @@ KNOB_HELP = {
     "max_per_mask": "hardness-resampled synthesis: images for the hardest labelled mask",
     "tolerance_margin": "FreeMask filter: a synthetic pixel is ignored above this times its class's mean real loss",
     "synth_ratio": "share of synthetic draws in the mixed downstream segmentors' batches",
+    "ablations": "also the ablation rows: CRFM hardness-resampled (synthesis, filter, downstream row) and train on "
+    "synthetic, test on real (TSTR); off by default for time, on in --preset full",
     "few_step": "Euler steps of the few-step student (docs/fewstep.md; 0: no few-step stage, the default, for "
     "time; 2: the student of bench/results_fewstep.md)",
     "reflow_segments": "time segments of the few-step student (1: 2-rectified flow; K > 1: K-SeqRF)",
@@ -135,6 +144,8 @@ KNOB_HELP = {
 
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},
+    # The default demo and its ablation rows (bench/demo_runs.py runs this).
+    "full": dict(ablations=True),
     # A few minutes on 2 cores: every stage and artefact, at sizes too small to learn anything.
     "ci": dict(
         train_scenes=12,
@@ -150,6 +161,7 @@ PRESETS: dict[str, dict[str, object]] = {
         num_per_mask=1,
         max_per_mask=2,
         few_step=2,  # the stage is off by default; the smoke run covers it
+        ablations=True,  # so are the ablation rows
         reflow_per_mask=1,
         reflow_train_steps=4,
         figure_rows=3,

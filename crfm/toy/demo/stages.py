@@ -10,14 +10,16 @@ from functools import partial
 from pathlib import Path
 
 from crfm.toy.demo.rows import (
-    DOWNSTREAM,
     FEW_STEP,
+    GENERATOR_DATA,
     MOSAICS_AND_SYNTH,
     REAL_DATA_SETS,
     REAL_MOSAICS,
     ROWS,
     SYNTHESES,
+    TSTR,
     DownstreamRow,
+    downstream_rows,
 )
 from crfm.toy.demo.runner import StageRunner
 from crfm.toy.demo.settings import (
@@ -130,15 +132,32 @@ class Demo(StageRunner):
     def vectors(self) -> None:
         self.vectorize("toydata", "vectors")
         self.split(self.path("toydata", "index_.jsonl"), suffix="_")
+        self.generator_vectors()
+
+    def generator_vectors(self) -> None:
+        """With `generator_mosaics`: the generator's dataset (labelled pairs + real mosaics) and its prompt vectors."""
+        if self.s.generator_mosaics:
+            work = GENERATOR_DATA[0]
+            self.union_dataset(*GENERATOR_DATA)
+            self.vectorize(work, f"vectors_{work}")
+
+    def generator_data(self) -> tuple[Path, str, Path]:
+        """(data root, index file, vectors) the generator is fine-tuned on: the labelled pairs, and with
+        `generator_mosaics` their real mosaics too."""
+        if self.s.generator_mosaics:
+            work = GENERATOR_DATA[0]
+            return self.path(work), "index_.jsonl", self.path(f"vectors_{work}")
+        return self.path("toydata"), "train_.jsonl", self.path("vectors")
 
     def generator(self, one_thread: bool = False) -> None:
         if self.path("train", "summary.json").is_file():  # written last: finished (train.py would only reload it)
             print("generator: finished in an earlier run, kept", flush=True)
             return
+        root, index, vectors = self.generator_data()
         self.run(
             "crfm.training.train", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
-            "--data_root", self.path("toydata"), "--json_file", "train_.jsonl", "--vectors_path", self.path("vectors"),
-            "--work_dir", self.path("train"), "--mask_encoding", self.s.mask_encoding,
+            "--data_root", root, "--json_file", index, "--vectors_path", vectors, "--work_dir", self.path("train"),
+            "--mask_encoding", self.s.mask_encoding, "--class_balance", self.s.class_balance,
             "--num_cls", NUM_CLS, "--resolution", self.s.resolution, "--train_batch_size", self.s.train_batch_size,
             "--max_train_steps", self.s.train_steps, "--learning_rate", self.s.learning_rate,
             "--lr_warmup_steps", min(50, self.s.train_steps // 10), "--checkpointing_steps",
@@ -214,10 +233,16 @@ class Demo(StageRunner):
             *self.quiet(),
         ]  # fmt: skip
 
+    def rows(self) -> tuple[DownstreamRow, ...]:
+        """The downstream rows this run trains (`ablations`: all of them)."""
+        return downstream_rows(self.s.ablations)
+
     def synth_train(self) -> None:
-        """The labelled masks x`num_per_mask`, plain and CRFM, then CRFM with hardness-ranked counts per mask."""
+        """The labelled masks x`num_per_mask`, plain and CRFM; with `ablations`, CRFM with hardness-ranked counts."""
         for work, setting in (("synth_train_plain", None), ("synth_train", "default")):
             self.synthesize("train_.jsonl", work, setting, self.s.num_per_mask)
+        if not self.s.ablations:
+            return
         self.run(
             "crfm.segmentation.hardness", *self.filter_flags(), "--json_file", "train.jsonl",
             "--out", self.path("hardness.json"), "--min_per_mask", self.s.min_per_mask,
@@ -235,8 +260,12 @@ class Demo(StageRunner):
             "--tolerance_margin", self.s.tolerance_margin,
         )  # fmt: skip
 
+    def filtered_sets(self) -> tuple[str, ...]:
+        """The synthetic sets of the labelled masks this run filters (the new layouts' are filtered with them)."""
+        return ("synth_train", "synth_train_resampled") if self.s.ablations else ("synth_train",)
+
     def filter(self) -> None:
-        for synth in ("synth_train", "synth_train_resampled"):
+        for synth in self.filtered_sets():
             self.filter_synthetic(synth)
 
     def mosaics(self, work: str, *images: str) -> None:
@@ -257,22 +286,23 @@ class Demo(StageRunner):
         self.filter_synthetic("synth_layouts")
         self.union_dataset(*MOSAICS_AND_SYNTH)
 
-    def union_dataset(self, work: str, parts: Iterable[str]) -> None:
-        """One dataset listing the pairs of several (paths relative to it, nothing copied), so a downstream run
-        draws from their union as from one synthetic set."""
+    def union_dataset(self, work: str, indexes: Iterable[str]) -> None:
+        """One dataset listing the pairs of several index files (relative to the demo folder; paths relative to the
+        union, nothing copied), so a run draws from their union as from one dataset."""
         from crfm.data.index import CLASSES_FILE, read_index
 
         records = []
-        for part in parts:
-            for item in read_index(self.path(part, "index.jsonl")):
+        for index in indexes:
+            part = Path(index).parent
+            for item in read_index(self.path(index)):
                 records.append(
                     {**item.record, "source": f"../{part}/{item.source}", "target": f"../{part}/{item.target}"}
                 )
-            classes = self.path(part, CLASSES_FILE)
+            classes = self.path(str(part), CLASSES_FILE)
         self.path(work).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(classes, self.path(work, CLASSES_FILE))
         write_jsonl_atomic(self.path(work, "index.jsonl"), records)
-        print(f"{work}: {len(records)} pairs of {', '.join(parts)}")
+        print(f"{work}: {len(records)} pairs of {', '.join(indexes)}")
 
     def mixed_iters(self) -> int:
         """Iterations of a run with `synth_ratio` synthetic draws that sees each real image as often as the
@@ -298,12 +328,12 @@ class Demo(StageRunner):
     def downstream_runs(self) -> list[tuple[str, list[object]]]:
         """(work dir, flags) of the downstream segmentors that need synthetic pairs: the mixes and TSTR (the
         real-data rows are trained beside the generator, `real_data_runs`)."""
-        runs = [self.mixed_run(row) for row in DOWNSTREAM if row.synthetic not in REAL_DATA_SETS]
-        # Train on synthetic, test on real: the CRFM pairs of the labelled masks alone, the real-only run's recipe.
-        runs.append(("seg_tstr", self.segmentor_args(
-            "seg_tstr", self.s.seed, "--synth_root", self.path("synth_train"), "--synth_ratio", 1,
-            config=self.s.config_path(self.s.seg_config),
-        )))  # fmt: skip
+        runs = [self.mixed_run(row) for row in self.rows() if row.synthetic not in REAL_DATA_SETS]
+        if self.s.ablations:  # train on synthetic, test on real: the CRFM pairs alone, the real-only run's recipe
+            runs.append((TSTR, self.segmentor_args(
+                TSTR, self.s.seed, "--synth_root", self.path("synth_train"), "--synth_ratio", 1,
+                config=self.s.config_path(self.s.seg_config),
+            )))  # fmt: skip
         return runs
 
     def guide_flags(self, crfm: str | None) -> list[object]:

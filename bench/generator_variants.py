@@ -1,0 +1,134 @@
+"""Fine-tuning variants of the demo's generator, scored on the *validation* masks (for choices, never the held-out).
+
+    python bench/generator_variants.py --runs outputs/bench_demo/default/seed0 outputs/bench_demo/default/seed1 \
+        --variant mosaics="--generator_mosaics" --variant bf16="--mixed_precision bf16" --jobs 2
+
+Each run is a finished demo (default knobs): its base, labelled scenes, prompt vectors, guide and judge are reused.
+For each (variant, run) the demo's own generator stage runs with the variant's knobs (`Demo.generator`, the same
+commands; the run's own generator is the `default` variant), then 2 images per validation mask, plain and CRFM
+(test.py defaults, the run's guide), from the same noise, scored by the run's judge (it never guides). The table:
+judge mIoU and IoU per class, mean ± std over runs, the paired difference to `default`, and seconds per fine-tuning
+step (one thread). Resumable: finished fine-tunings and syntheses are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from functools import partial
+from pathlib import Path
+
+from crfm.toy.toydata import CLASSES
+from crfm.utils.runs import REPO, Job, mean_std, print_table, run_jobs_or_exit, run_logged
+
+# What a variant's folder takes from the run unchanged (links): data, base, vectors, guide, real mosaics.
+SHARED = ("toydata", "tiny_sd35", "vectors", "seg_real", "layouts_real")
+SYNTHESES = {"plain": None, "crfm": "default"}  # image set -> Demo.synthesize's CRFM setting
+PER_MASK = 2
+
+
+def variant_dir(out: Path, variant: str, run: Path) -> Path:
+    return out / variant / run.name
+
+
+def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path) -> None:
+    """One (variant, run): the generator fine-tuned with the variant's knobs, the validation masks synthesized."""
+    from crfm.toy.demo import build_parser, settings_from_args
+    from crfm.toy.demo.stages import Demo
+
+    seed = json.loads((run / "demo_settings.json").read_text())["seed"]
+    settings = settings_from_args(build_parser().parse_args([*shlex.split(knobs), "--seed", str(seed)]))
+    folder = variant_dir(out, variant, run)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (*SHARED, *(["train"] if variant == "default" else [])):
+        link = folder / name
+        if not link.exists():
+            link.symlink_to((run / name).resolve(), target_is_directory=True)
+    demo = Demo(folder, settings, progress=False)
+    demo.generator_vectors()
+    demo.generator(one_thread=True)
+    for images, crfm in SYNTHESES.items():
+        demo.synthesize("val_.jsonl", f"val_{images}", crfm, num_per_mask=PER_MASK)
+        judged = folder / f"val_{images}" / "judge.json"
+        if not judged.is_file():
+            run_logged([
+                sys.executable, "-m", "crfm.segmentation.evaluate", "--data_root", str(folder / f"val_{images}"),
+                "--json_file", "index.jsonl", "--num_cls", str(len(CLASSES)), "--device", "cpu",
+                "--mmseg_config", str(run / "seg_judge" / "config.py"),
+                "--mmseg_ckpt", str(run / "seg_judge" / "segmentor.pth"), "--no_progress", "--out", str(judged),
+            ])  # fmt: skip
+
+
+def read_variant(folder: Path) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for images in SYNTHESES:
+        path = folder / f"val_{images}" / "judge.json"
+        if path.is_file():
+            judged = json.loads(path.read_text())
+            values[images] = 100 * judged["mIoU"]
+            values.update({f"{images} IoU.{c}": 100 * v for c, v in zip(CLASSES, judged["IoU"], strict=True)})
+    summary = folder / "train" / "summary.json"
+    if summary.is_file():
+        trained = json.loads(summary.read_text())
+        values["s/step"] = trained["seconds_per_step"]
+        values["final loss"] = trained["final_loss"]
+    return values
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    keys = [f"{images}{part}" for images in SYNTHESES for part in ("", *(f" IoU.{c}" for c in CLASSES))]
+    keys += ["s/step", "final loss"]
+    names = list(results)
+    lines = ["| quantity | " + " | ".join(f"{n} ({len(results[n])} runs)" for n in names) + " |"]
+    lines.append("|---|" + "---|" * len(names))
+    for key in keys:
+        cells = [mean_std([r[key] for r in results[n] if key in r], digits=3 if key == "s/step" else 2) for n in names]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    base = results.get("default")
+    if base:
+        lines += ["", "Paired difference to `default` (same run):", "", "| quantity | " + " | ".join(names[1:]) + " |"]
+        lines.append("|---|" + "---|" * len(names[1:]))
+        for key in keys[: len(keys) - 2]:
+            cells = []
+            for n in names[1:]:
+                diffs = [r[key] - b[key] for r, b in zip(results[n], base, strict=True) if key in r and key in b]
+                cells.append(mean_std(diffs))
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, nargs="+", default=[], help="finished default demo runs")
+    parser.add_argument("--variant", action="append", default=[], help='NAME="--knob value ..."')
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "generator_variants")
+    parser.add_argument("--jobs", type=int, default=1, help="variants at once (each on one thread)")
+    parser.add_argument("--table", type=Path, help="also write the markdown table here")
+    parser.add_argument("--one", nargs=2, metavar=("RUN", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--knobs", default="", help=argparse.SUPPRESS)  # of --one
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if args.one:
+        run, variant = args.one
+        prepare_and_sample(Path(run).resolve(), variant, args.knobs, args.out.resolve())
+        return 0
+    if not args.runs:
+        parser.error("--runs: at least one finished demo run")
+    variants = {"default": "", **dict(v.split("=", 1) for v in args.variant)}
+    jobs = []
+    for name, knobs in variants.items():
+        for run in args.runs:
+            log = variant_dir(args.out, name, run).with_suffix(".log")
+            cmd = [sys.executable, __file__, "--out", str(args.out), "--one", str(run), name, f"--knobs={knobs}"]
+            jobs.append(Job(f"{name}/{run.name}", [], partial(run_logged, cmd, log)))
+    run_jobs_or_exit(jobs, args.jobs)
+    results = {name: [read_variant(variant_dir(args.out, name, run)) for run in args.runs] for name in variants}
+    print_table(table(results), args.table, "python bench/generator_variants.py " + shlex.join(sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
