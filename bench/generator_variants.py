@@ -79,8 +79,8 @@ def read_variant(folder: Path) -> dict[str, float]:
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
-    keys = [f"{images}{part}" for images in SYNTHESES for part in ("", *(f" IoU.{c}" for c in CLASSES))]
-    keys += ["s/step", "final loss"]
+    scores = [f"{images}{part}" for images in SYNTHESES for part in ("", *(f" IoU.{c}" for c in CLASSES))]
+    keys = [*scores, "s/step", "final loss"]
     names = list(results)
     lines = ["| quantity | " + " | ".join(f"{n} ({len(results[n])} runs)" for n in names) + " |"]
     lines.append("|---|" + "---|" * len(names))
@@ -91,7 +91,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     if base:
         lines += ["", "Paired difference to `default` (same run):", "", "| quantity | " + " | ".join(names[1:]) + " |"]
         lines.append("|---|" + "---|" * len(names[1:]))
-        for key in keys[: len(keys) - 2]:
+        for key in scores:
             cells = []
             for n in names[1:]:
                 diffs = [r[key] - b[key] for r, b in zip(results[n], base, strict=True) if key in r and key in b]

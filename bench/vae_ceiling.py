@@ -14,21 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import torch
 
 from crfm.toy.toydata import CLASSES
-from crfm.utils.runs import mean_std
+from crfm.utils.runs import mean_std, print_table
 
 
-def errors_per_class(dataset, num_cls: int) -> dict[str, float]:
+def errors_per_class(reals, recons, num_cls: int) -> dict[str, float]:
     """Mean absolute error of the pixels and of the horizontal pixel differences (edges), on each class's pixels (for
-    edges: both pixels of the pair in the class)."""
+    edges: both pixels of the pair in the class), of reconstructed items against the real ones."""
     sums = torch.zeros(2, num_cls, dtype=torch.float64)
     counts = torch.zeros(2, num_cls, dtype=torch.float64)
-    for position in range(len(dataset)):
-        real, recon = dataset.dataset[position], dataset[position]
+    for real, recon in zip(reals, recons, strict=True):
         label = real["label"]
         error = (recon["image"] - real["image"]).abs().mean(0)
         edge_error = (recon["image"].diff(dim=-1) - real["image"].diff(dim=-1)).abs().mean(0)  # horizontal
@@ -58,14 +59,15 @@ def measure(run: Path, base: Path) -> dict[str, float]:
     judge = load_segmentor(run / "seg_judge" / "config.py", run / "seg_judge" / "segmentor.pth", device="cpu",
                            num_cls=len(CLASSES))  # fmt: skip
     values: dict[str, float] = {}
-    recon = VAEReconstructions(real, base / "vae")
+    reconstructions = VAEReconstructions(real, base / "vae")
+    recon = [reconstructions[i] for i in range(len(real))]  # each image through the VAE once: scored and measured
     for name, dataset in (("real", real), ("vae", recon)):
         scored = mask_fidelity(judge, dataset, len(CLASSES), progress=False)
         values[f"{name} mIoU"] = 100 * scored["mIoU"]
         values.update({f"{name} IoU.{c}": 100 * v for c, v in zip(CLASSES, scored["IoU"], strict=True)})
     values["vae / real mIoU"] = values["vae mIoU"] / values["real mIoU"]
     values.update({f"vae / real IoU.{c}": values[f"vae IoU.{c}"] / values[f"real IoU.{c}"] for c in CLASSES})
-    return values | errors_per_class(recon, len(CLASSES))
+    return values | errors_per_class([real[i] for i in range(len(real))], recon, len(CLASSES))
 
 
 def main() -> int:
@@ -83,10 +85,7 @@ def main() -> int:
     for key in keys:
         digits = 3 if "MAE" in key or "/" in key else 2
         lines.append(f"| {key} | " + " | ".join(mean_std([r[key] for r in results[n]], digits) for n in bases) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.table:
-        args.table.write_text(text)
+    print_table("\n".join(lines) + "\n", args.table, "python bench/vae_ceiling.py " + shlex.join(sys.argv[1:]))
     return 0
 
 

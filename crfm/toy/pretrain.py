@@ -150,7 +150,10 @@ def fit_vae(
             )
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 32]).latent_dist.mode() for i in range(0, len(images), 32)])
+        # The scaling statistics need every image's latents; a decoder refit keeps the encoder's and needs only the
+        # latents of the images it reconstructs.
+        encoded = images[:256] if decoder_only else images
+        latents = torch.cat([vae.encode(encoded[i : i + 32]).latent_dist.mode() for i in range(0, len(encoded), 32)])
         recon = vae.decode(latents[:256]).sample
         recon_mse = torch.nn.functional.mse_loss(recon, images[:256]).item()
         recon_edge = edge_loss(recon, images[:256]).item()

@@ -359,12 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags naming an index whose images the VAE is fitted to (one job each; they exclude each other).
+INDEX_FLAGS = ("fit_vae_on", "pretrain_on", "refit_vae_decoder_on")
+
+
 def build(args: argparse.Namespace) -> int:
     """Write the pipeline of `args` (and fit its VAE with --fit_vae_on, or pretrain it); 0 on success."""
-    for flag in ("fit_vae_on", "pretrain_on", "refit_vae_decoder_on"):
-        if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
+    given = [flag for flag in INDEX_FLAGS if getattr(args, flag) is not None]
+    for flag in given:
+        if not Path(getattr(args, flag)).is_file():
             raise UsageError(f"--{flag}: no index file at {getattr(args, flag)}")  # before minutes of work
-    if sum(getattr(args, flag) is not None for flag in ("fit_vae_on", "pretrain_on", "refit_vae_decoder_on")) > 1:
+    if len(given) > 1:
         raise UsageError("--fit_vae_on, --pretrain_on and --refit_vae_decoder_on exclude each other")
     if args.refit_vae_decoder_on is not None:
         return refit_decoder(args)

@@ -30,6 +30,7 @@ MOSAICS_AND_SYNTH = ("mosaics_and_synth_layouts", (f"{REAL_MOSAICS}/index.jsonl"
 # The generator's data with `generator_mosaics`: the labelled pairs and their real mosaics (more layouts to learn
 # mask-following from; no new image).
 GENERATOR_DATA = ("generator_data", ("toydata/train.jsonl", f"{REAL_MOSAICS}/index.jsonl"))
+GENERATOR_VECTORS = f"vectors_{GENERATOR_DATA[0]}"  # their prompt vectors
 
 
 @dataclass(frozen=True)

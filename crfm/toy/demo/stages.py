@@ -12,6 +12,7 @@ from pathlib import Path
 from crfm.toy.demo.rows import (
     FEW_STEP,
     GENERATOR_DATA,
+    GENERATOR_VECTORS,
     MOSAICS_AND_SYNTH,
     REAL_DATA_SETS,
     REAL_MOSAICS,
@@ -137,16 +138,14 @@ class Demo(StageRunner):
     def generator_vectors(self) -> None:
         """With `generator_mosaics`: the generator's dataset (labelled pairs + real mosaics) and its prompt vectors."""
         if self.s.generator_mosaics:
-            work = GENERATOR_DATA[0]
             self.union_dataset(*GENERATOR_DATA)
-            self.vectorize(work, f"vectors_{work}")
+            self.vectorize(GENERATOR_DATA[0], GENERATOR_VECTORS)
 
     def generator_data(self) -> tuple[Path, str, Path]:
         """(data root, index file, vectors) the generator is fine-tuned on: the labelled pairs, and with
         `generator_mosaics` their real mosaics too."""
         if self.s.generator_mosaics:
-            work = GENERATOR_DATA[0]
-            return self.path(work), "index_.jsonl", self.path(f"vectors_{work}")
+            return self.path(GENERATOR_DATA[0]), "index_.jsonl", self.path(GENERATOR_VECTORS)
         return self.path("toydata"), "train_.jsonl", self.path("vectors")
 
     def generator(self, one_thread: bool = False) -> None:
