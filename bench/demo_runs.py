@@ -31,8 +31,9 @@ from crfm.utils.runs import Job, mean_std, print_table, run_jobs_or_exit, run_lo
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SETS = ("real", "vae", "plain", "crfm_paper", "crfm", "fewstep")
-DOWNSTREAM = ("real_only", "real_synth_plain", "real_synth", "real_synth_filtered", "real_synth_filtered_resampled",
-              "real_synth_layouts", "real_mosaic", "real_mosaic_synth_layouts", "real_extra", "tstr")  # fmt: skip
+DOWNSTREAM = ("real_only", "real_synth_plain", "real_synth", "real_synth_plain_filtered", "real_synth_filtered",
+              "real_synth_filtered_resampled", "real_synth_layouts", "real_mosaic", "real_mosaic_synth_layouts",
+              "real_extra", "tstr")  # fmt: skip
 # Paired differences over seeds: name -> (minuend, subtrahend); "ratio" columns divide instead.
 DIFFERENCES = {
     "CRFM − plain (judge)": ("crfm", "plain"),
@@ -40,7 +41,8 @@ DIFFERENCES = {
     "filtered+resampled − real only": ("real_synth_filtered_resampled", "real_only"),
     "unfiltered − real only": ("real_synth", "real_only"),
     "filtered − unfiltered": ("real_synth_filtered", "real_synth"),
-    "CRFM − plain synthetic (downstream)": ("real_synth", "real_synth_plain"),
+    "CRFM − plain synthetic, filtered (downstream)": ("real_synth_filtered", "real_synth_plain_filtered"),
+    "CRFM − plain synthetic, unfiltered (downstream)": ("real_synth", "real_synth_plain"),
     "new layouts − real only": ("real_synth_layouts", "real_only"),
     "new layouts − filtered (same masks)": ("real_synth_layouts", "real_synth_filtered"),
     "real mosaics − real only": ("real_mosaic", "real_only"),

@@ -8,7 +8,9 @@ For each (variant, run) the demo's own generator stage runs with the variant's k
 commands; the run's own generator is the `default` variant), then 2 images per validation mask, plain and CRFM
 (test.py defaults, the run's guide), from the same noise, scored by the run's judge (it never guides). The table:
 judge mIoU and IoU per class, mean ± std over runs, the paired difference to `default`, and seconds per fine-tuning
-step (one thread). Resumable: finished fine-tunings and syntheses are kept.
+step (one thread). Variants that differ only in sampling knobs (`SAMPLING_KNOBS`, e.g. `--mask_guidance_scale`)
+share one fine-tuning: the first of them trains it, the others wait and sample from it. Resumable: finished
+fine-tunings and syntheses are kept.
 """
 
 from __future__ import annotations
@@ -28,25 +30,51 @@ from crfm.utils.runs import REPO, Job, mean_std, print_table, run_jobs_or_exit, 
 SHARED = ("toydata", "tiny_sd35", "vectors", "seg_real", "layouts_real")
 SYNTHESES = {"plain": None, "crfm": "default"}  # image set -> Demo.synthesize's CRFM setting
 PER_MASK = 2
+SAMPLING_KNOBS = ("mask_guidance_scale", "num_inference_steps")  # knobs that leave the fine-tuned generator as it is
+
+
+def knob_settings(knobs: str, seed: int):
+    from crfm.toy.demo import build_parser, settings_from_args
+
+    return settings_from_args(build_parser().parse_args([*shlex.split(knobs), "--seed", str(seed)]))
+
+
+def generator_owners(variants: dict[str, str]) -> dict[str, str]:
+    """variant -> the variant whose fine-tuning it uses: the first one with the same knobs but `SAMPLING_KNOBS`."""
+    import dataclasses
+
+    from crfm.toy.demo.settings import DemoSettings
+
+    reset = {name: getattr(DemoSettings(), name) for name in SAMPLING_KNOBS}
+    owners: dict[object, str] = {}
+    return {
+        name: owners.setdefault(dataclasses.replace(knob_settings(knobs, 0), **reset), name)
+        for name, knobs in variants.items()
+    }
 
 
 def variant_dir(out: Path, variant: str, run: Path) -> Path:
     return out / variant / run.name
 
 
-def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path) -> None:
-    """One (variant, run): the generator fine-tuned with the variant's knobs, the validation masks synthesized."""
-    from crfm.toy.demo import build_parser, settings_from_args
+def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path, owner: str) -> None:
+    """One (variant, run): the generator fine-tuned with the variant's knobs (or `owner` variant's, the same
+    fine-tuning), the validation masks synthesized."""
     from crfm.toy.demo.stages import Demo
 
     seed = json.loads((run / "demo_settings.json").read_text())["seed"]
-    settings = settings_from_args(build_parser().parse_args([*shlex.split(knobs), "--seed", str(seed)]))
+    settings = knob_settings(knobs, seed)
     folder = variant_dir(out, variant, run)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (*SHARED, *(["train"] if variant == "default" else [])):
+    links = {name: run / name for name in SHARED}
+    if owner == "default":
+        links["train"] = run / "train"
+    elif owner != variant:
+        links["train"] = variant_dir(out, owner, run) / "train"
+    for name, target in links.items():
         link = folder / name
         if not link.exists():
-            link.symlink_to((run / name).resolve(), target_is_directory=True)
+            link.symlink_to(target.resolve(), target_is_directory=True)
     demo = Demo(folder, settings, progress=False)
     demo.generator_vectors()
     demo.generator(one_thread=True)
@@ -109,21 +137,25 @@ def main() -> int:
     parser.add_argument("--table", type=Path, help="also write the markdown table here")
     parser.add_argument("--one", nargs=2, metavar=("RUN", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--knobs", default="", help=argparse.SUPPRESS)  # of --one
+    parser.add_argument("--owner", default=None, help=argparse.SUPPRESS)  # of --one: whose fine-tuning
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     if args.one:
         run, variant = args.one
-        prepare_and_sample(Path(run).resolve(), variant, args.knobs, args.out.resolve())
+        prepare_and_sample(Path(run).resolve(), variant, args.knobs, args.out.resolve(), args.owner or variant)
         return 0
     if not args.runs:
         parser.error("--runs: at least one finished demo run")
     variants = {"default": "", **dict(v.split("=", 1) for v in args.variant)}
+    owners = generator_owners(variants)
     jobs = []
     for name, knobs in variants.items():
         for run in args.runs:
             log = variant_dir(args.out, name, run).with_suffix(".log")
             cmd = [sys.executable, __file__, "--out", str(args.out), "--one", str(run), name, f"--knobs={knobs}"]
-            jobs.append(Job(f"{name}/{run.name}", [], partial(run_logged, cmd, log)))
+            owner = owners[name]
+            after = [] if owner in (name, "default") else [f"{owner}/{run.name}"]
+            jobs.append(Job(f"{name}/{run.name}", after, partial(run_logged, [*cmd, "--owner", owner], log)))
     run_jobs_or_exit(jobs, args.jobs)
     results = {name: [read_variant(variant_dir(args.out, name, run)) for run in args.runs] for name in variants}
     print_table(table(results), args.table, "python bench/generator_variants.py " + shlex.join(sys.argv[1:]))

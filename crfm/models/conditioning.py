@@ -31,6 +31,9 @@ from crfm.utils.errors import DatasetError, UsageError
 # Encodings whose condition lives in the image latents' space (and so has their channel count).
 VAE_MASK_ENCODINGS = ("grey", "palette")
 PALETTE_IGNORE_RGB = (0, 0, 0)  # black: no colour of class_palette (HSV value 0.9) comes near it
+# The "no mask" condition of mask guidance: onehot fractions lie in [0, 1], so -1 is no mask a dataset can hold
+# (an all-ignore mask is all zeros, and means no-data pixels, not "anything goes").
+NULL_MASK_VALUE = -1.0
 
 
 def check_mask_encoding(encoding: str) -> str:
@@ -73,6 +76,14 @@ def mask_condition_channels(encoding: str, num_cls: int, latent_channels: int) -
     """Channels of `encode_mask_condition`'s output: the latent channels (VAE encodings) or num_cls (onehot)."""
     channels = mask_embed_in_channels(encoding, num_cls)
     return latent_channels if channels is None else channels
+
+
+def null_mask_condition(condition: torch.Tensor, encoding: str) -> torch.Tensor:
+    """The "no mask" condition of the shape of `condition` (mask dropout in training, the unconditional branch of
+    mask guidance). Only `onehot` has a value no real mask takes; the VAE encodings have none, so they are refused."""
+    if check_mask_encoding(encoding) != "onehot":
+        raise UsageError(f"mask dropout and mask guidance need --mask_encoding onehot, not {encoding!r}")
+    return torch.full_like(condition, NULL_MASK_VALUE)
 
 
 def vae_scale_factor(vae) -> int:

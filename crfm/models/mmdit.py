@@ -168,12 +168,18 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
         mask_in_channels: int | None = None,
         mask_encoding: str | None = None,
         num_cls: int | None = None,
+        mask_add: bool = False,
     ) -> None:
         """`mask_encoding`, `num_cls`: what the mask branch is trained on, kept in the config (and so in every
         checkpoint: `save_trained` records them) and checked by `crfm.models.conditioning.check_mask_inputs`; the
         encoding gives `mask_in_channels`. Without them (configs from before they were kept) `mask_in_channels`
         says it alone: channels of a mask condition that is *not* in the image latents' space (one-hot class
-        fractions: num_cls); None (the default) for VAE-encoded masks with the latents' channels."""
+        fractions: num_cls); None (the default) for VAE-encoded masks with the latents' channels.
+
+        `mask_add`: also add each mask token, through a zero-initialised projection (`mask_add_proj`), to the image
+        token at its position before the first block. The joint attention (the paper's design) must *learn* which
+        mask token lies under which image token; the addition gives that correspondence from the start, as extra
+        input channels do in inpainting models. At initialisation it changes nothing."""
         super().__init__()
         if mask_init not in MASK_INITS:
             raise ValueError(f"mask_init must be one of {MASK_INITS}, got {mask_init!r}")
@@ -206,6 +212,7 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
             pos_embed_max_size=cfg.pos_embed_max_size,
         )
         self.mask_blocks = nn.ModuleList(MaskBlock(block) for block in transformer.transformer_blocks)
+        self.mask_add_proj = nn.Linear(transformer.inner_dim, transformer.inner_dim) if mask_add else None
         self.gradient_checkpointing = False
         self.use_xformers = False
         self.init_mask_branch(mask_init)
@@ -218,12 +225,13 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
         mask_in_channels: int | None = None,
         mask_encoding: str | None = None,
         num_cls: int | None = None,
+        mask_add: bool = False,
         **load_kwargs,
     ) -> MaskSD3Transformer2DModel:
         """Wrap a pretrained transformer (or load one from `<pipeline>/transformer`) and add the mask branch.
 
         `mask_encoding` and `num_cls`: what the branch is trained on (see `__init__`); `mask_in_channels` alone: the
-        branch's input channels, for a model that does not record them."""
+        branch's input channels, for a model that does not record them; `mask_add`: see `__init__`."""
         if not isinstance(transformer, SD3Transformer2DModel):
             path = Path(transformer)
             subfolder = "transformer" if (path / "transformer" / "config.json").is_file() else None
@@ -232,12 +240,16 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
         config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
         model = cls(
             transformer_config=config, mask_init=mask_init, transformer=transformer, mask_in_channels=mask_in_channels,
-            mask_encoding=mask_encoding, num_cls=num_cls,
+            mask_encoding=mask_encoding, num_cls=num_cls, mask_add=mask_add,
         )  # fmt: skip
         # Only the new branch needs moving; the wrapped transformer keeps its own placement and dtype.
-        for branch in (model.mask_embed, model.mask_blocks):
+        for branch in model.mask_branch():
             branch.to(device=transformer.device, dtype=transformer.dtype)
         return model
+
+    def mask_branch(self) -> list[nn.Module]:
+        """The modules this class adds to SD3's transformer (trained in every mode, frozen by --no_mask)."""
+        return [self.mask_embed, self.mask_blocks, *([self.mask_add_proj] if self.mask_add_proj is not None else [])]
 
     @property
     def mask_channels(self) -> int:
@@ -257,6 +269,9 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
             self.mask_embed.proj.reset_parameters()
             for mask_block in self.mask_blocks:
                 mask_block.reset_fresh()
+        if self.mask_add_proj is not None:  # zero: the addition starts as no change to the pretrained model
+            nn.init.zeros_(self.mask_add_proj.weight)
+            nn.init.zeros_(self.mask_add_proj.bias)
 
     def drop_legacy_keys(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`weights` without the keys of earlier layouts that this model has nothing for (`LEGACY_KEYS`): neither
@@ -360,6 +375,8 @@ class MaskSD3Transformer2DModel(ModelMixin, ConfigMixin):
         height, width = hidden_states.shape[-2:]
         hidden = base.pos_embed(hidden_states).contiguous()
         mask = self._mask_tokens(mask_hidden_states).contiguous()
+        if self.mask_add_proj is not None:
+            hidden = hidden + self.mask_add_proj(mask)
         temb = base.time_text_embed(timestep, pooled_projections)
         context = base.context_embedder(encoder_hidden_states)
         for block, mask_block in zip(base.transformer_blocks, self.mask_blocks, strict=True):

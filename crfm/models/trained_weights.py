@@ -72,8 +72,8 @@ def configure_training(model: MaskSD3Transformer2DModel, mode: str, lora_rank: i
             r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
         )
         model.transformer.add_adapter(config)  # marks only the LoRA matrices trainable
-        model.mask_embed.requires_grad_(True)
-        model.mask_blocks.requires_grad_(True)
+        for branch in model.mask_branch():
+            branch.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "frozen": total - trainable, "total": total}
@@ -98,6 +98,8 @@ def save_trained(
             raise ValueError(f"meta says {key} {info[key]!r}, but the model was built for {recorded!r}")
         if recorded is not None:
             info[key] = recorded
+    if model.config.get("mask_add"):  # recorded only when on: checkpoints without it are unchanged
+        info["mask_add"] = True
     # load_trained rebuilds the mask patch embedding from the recorded encoding: it must be this model's.
     encoding = recorded_mask_encoding(info)
     if mask_embed_in_channels(encoding, info.get("num_cls")) != model.config.mask_in_channels:
@@ -201,7 +203,7 @@ def load_trained(
     # The checkpoint's record (num_cls, mask encoding; grey before it was kept) goes into the model's config.
     model = MaskSD3Transformer2DModel.from_sd3(
         base, mask_init=meta.get("mask_init", "copy"), mask_encoding=recorded_mask_encoding(meta),
-        num_cls=meta.get("num_cls"),
+        num_cls=meta.get("num_cls"), mask_add=bool(meta.get("mask_add")),
     )  # fmt: skip
     configure_training(model, meta["train_mode"], meta.get("lora_rank", 16))
     load_trained_weights(model, ckpt_dir, target=f"{base} in mode {meta['train_mode']}", use_ema=True)

@@ -23,6 +23,7 @@ from crfm.models.conditioning import (
     check_mask_inputs,
     encode_mask_condition,
     mask_condition_channels,
+    null_mask_condition,
     recorded_mask_encoding,
     vae_scale_factor,
 )
@@ -161,11 +162,13 @@ class MaskToImagePipeline:
         solver: SolverConfig | None = None,
         save_at: Sequence[int] = (),
         observe: VelocityHook | None = None,
+        mask_guidance_scale: float = 1.0,
     ) -> MaskToImageOutput:
         """Images for masks `labels` [B, H, W] (255 = ignore) at their resolution.
 
         Item `i`'s noise comes from (seed, `noise_ids[i]`), so an image does not depend on its batch. The
-        negative (empty-prompt) embeddings are needed when `guidance_scale > 1`. CRFM runs when `crfm` is given,
+        negative (empty-prompt) embeddings are needed when `guidance_scale > 1`; `mask_guidance_scale > 1` guides
+        away from the null mask (onehot, a model fine-tuned with mask dropout). CRFM runs when `crfm` is given,
         with `self.segmentor` as the guide, on velocities whose σ lies in the first `rectified_step` steps of the
         `num_inference_steps` grid (`crfm.sampling.sampler.grid_index`; for Euler: those steps). `solver`
         (default Euler) integrates; rk45 runs image by image, since its steps adapt to what it integrates.
@@ -182,6 +185,7 @@ class MaskToImagePipeline:
         device, dtype = self.device, self.dtype
         labels = labels.to(device)
         masks = self.encode_masks(labels)
+        null_masks = null_mask_condition(masks, self.mask_encoding) if mask_guidance_scale > 1.0 else None
         latent_hw = (labels.shape[-2] // self.vae_scale_factor, labels.shape[-1] // self.vae_scale_factor)
         # The noise has the image latents' channels; the mask condition may have others (onehot: num_cls).
         channels = self.vae.config.latent_channels
@@ -213,6 +217,8 @@ class MaskToImagePipeline:
                 progress=progress,
                 solver=solver,
                 save_at=save_at,
+                mask_guidance_scale=mask_guidance_scale,
+                null_mask_latents=None if null_masks is None else null_masks[rows],
             )
             parts.append(solution)
             trace += [] if rectifier is None else rectifier.trace

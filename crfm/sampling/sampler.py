@@ -9,10 +9,11 @@ sets it, dynamic shift included) or `uniform` (the shifted points 1, (N−1)/N, 
 ends with a step from σ ≈ 0.009 to 0, so at 1–4 steps almost all of the path is one jump; the uniform grid splits
 it evenly, and its K-step grid is a subset of its N-step grid whenever K divides N (few-step models use it).
 
-Classifier-free guidance uses the stored empty-prompt embedding; one function evaluation (NFE) is then one
-transformer call on a doubled batch. Initial noise is drawn per item from (seed, item id), so an item's image does
-not depend on the batch it is sampled in (rk45 adapts its steps to the whole batch it is given; the pipeline
-gives it one image at a time for that reason).
+Classifier-free guidance uses the stored empty-prompt embedding, mask guidance the null mask condition (a model
+fine-tuned with mask dropout); one function evaluation (NFE) is then one transformer call on a doubled batch.
+Initial noise is drawn per item from (seed, item id), so an item's image does not depend on the batch it is sampled
+in (rk45 adapts its steps to the whole batch it is given; the pipeline gives it one image at a time for that
+reason).
 """
 
 from __future__ import annotations
@@ -140,18 +141,28 @@ def sample_latents(
     progress: bool = False,
     solver: SolverConfig | None = None,
     save_at: Sequence[int] = (),
+    mask_guidance_scale: float = 1.0,
+    null_mask_latents: torch.Tensor | None = None,
 ) -> FlowSolution:
     """Integrate the flow from noise `latents` (σ = 1) to clean latents (σ = 0).
 
     `model` is a `MaskSD3Transformer2DModel` (or diffusers' `SD3Transformer2DModel` when `mask_latents` is None).
     Guidance is on when `guidance_scale > 1`; the negative embeddings (the empty prompt) are then required.
+    Mask guidance is on when `mask_guidance_scale > 1`: the same guidance with the null mask condition
+    `null_mask_latents` (`crfm.models.conditioning.null_mask_condition`) as the unconditional branch, the prompt
+    kept. One guidance at a time: both double the batch, and combining them is a third branch this does not draw.
     `velocity_hook` may rewrite each velocity (CRFM does); no gradient is taken through the model. `save_at`:
     grid indices i whose latents (at σ_i of the N-step grid) are returned in `states` (any solver).
     """
     solver = solver or SolverConfig()
-    guided = guidance_scale > 1.0
-    if guided and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
+    text_guided, mask_guided = guidance_scale > 1.0, mask_guidance_scale > 1.0
+    guided = text_guided or mask_guided
+    if text_guided and mask_guided:
+        raise ValueError("guidance_scale and mask_guidance_scale: one at a time")
+    if text_guided and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
         raise ValueError("guidance_scale > 1 needs the empty-prompt embeddings (negative_prompt_embeds)")
+    if mask_guided and (mask_latents is None or null_mask_latents is None):
+        raise ValueError("mask_guidance_scale > 1 needs the mask and the null mask condition (null_mask_latents)")
     if any(not 0 <= i <= num_inference_steps for i in save_at):
         raise ValueError(f"save_at indices must lie in [0, {num_inference_steps}], got {list(save_at)}")
     patch_size = (model.transformer if hasattr(model, "transformer") else model).config.patch_size
@@ -159,12 +170,16 @@ def sample_latents(
         scheduler, num_inference_steps, latents.shape[-2:], patch_size, latents.device, solver.sigma_grid
     )
     grid = scheduler.sigmas.detach().cpu()
-    if guided:
+    if text_guided:
         embeds = torch.cat([negative_prompt_embeds.expand_as(prompt_embeds), prompt_embeds])
         pooled = torch.cat([negative_pooled_prompt_embeds.expand_as(pooled_prompt_embeds), pooled_prompt_embeds])
         mask_in = None if mask_latents is None else torch.cat([mask_latents, mask_latents])
+    elif mask_guided:
+        embeds, pooled = torch.cat([prompt_embeds, prompt_embeds]), torch.cat([pooled_prompt_embeds] * 2)
+        mask_in = torch.cat([null_mask_latents.expand_as(mask_latents), mask_latents])
     else:
         embeds, pooled, mask_in = prompt_embeds, pooled_prompt_embeds, mask_latents
+    scale = guidance_scale if text_guided else mask_guidance_scale
     extra = {} if mask_in is None else {"mask_hidden_states": mask_in}
     calls = 0
 
@@ -176,7 +191,7 @@ def sample_latents(
             v = model(model_input, embeds, pooled, timestep.expand(model_input.shape[0]), return_dict=False, **extra)[0]
         if guided:
             uncond, cond = v.chunk(2)
-            v = uncond + guidance_scale * (cond - uncond)
+            v = uncond + scale * (cond - uncond)
         return v if velocity_hook is None else velocity_hook(index, sigma.to(x.device), x, v)
 
     states = {0: latents.clone()} if 0 in save_at else {}

@@ -26,7 +26,7 @@ from PIL import Image
 from crfm.data.dataset import load_image, load_label, resize_center_crop
 from crfm.data.index import CLASSES_FILE, DatasetError, IndexItem, read_classes_json, read_index
 from crfm.data.vectors import load_item_vectors
-from crfm.models.trained_weights import CHECKPOINT_META, CHECKPOINT_WEIGHTS, EMA_WEIGHTS
+from crfm.models.trained_weights import CHECKPOINT_META, CHECKPOINT_WEIGHTS, EMA_WEIGHTS, read_checkpoint_meta
 from crfm.sampling.pipeline import MaskToImageOutput, MaskToImagePipeline, negative_prompt_kwargs
 from crfm.sampling.rectify import CRFMConfig, attach_guide, check_guide_flags
 from crfm.sampling.sampler import SolverConfig, to_uint8
@@ -57,6 +57,7 @@ from crfm.utils.flags import (
 SHARD_PATTERN = "index.rank{rank}.jsonl"
 SETTINGS_FILE = "synthesis.json"  # how every image of a work dir was made
 SYNTHESIS_FORMAT = "crfm-synthesis/1"
+ADDED_SETTINGS = {"mask_guidance_scale": 1.0}  # what a record written before a setting existed was made with
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_inference_steps", type=positive_int, default=28, help="sampling steps (the paper: 23; rk45: CRFM's grid)"
     )
     add("--guidance_scale", type=non_negative, default=1.0, help="classifier-free guidance (1.0: off)")
+    add(
+        "--mask_guidance_scale", type=non_negative, default=1.0,
+        help="guidance away from the null mask (1.0: off); needs a checkpoint trained with --mask_dropout; not with "
+        "--guidance_scale",
+    )  # fmt: skip
     add("--resolution", type=positive_int, default=512, help="output side, px (masks resized + centre-cropped)")
     add("--batch_size", type=positive_int, default=1, help="images per sampler call")
     add("--num_per_mask", type=positive_int, default=1, help="variants per mask (different seeds)")
@@ -192,6 +198,7 @@ def sampling_settings(args: argparse.Namespace) -> dict:
         "num_per_mask": args.num_per_mask,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
+        "mask_guidance_scale": args.mask_guidance_scale,
         "solver": SolverConfig.from_args(args).__dict__,
         "crfm": crfm,
         "segmentor": None if crfm is None else str(Path(args.mmseg_ckpt).resolve()),
@@ -302,6 +309,19 @@ def plan_run(args: argparse.Namespace, writer: UnitWriter, rank: int, world: int
     return UnitPlan(units, stride, done, mine)
 
 
+def check_mask_guidance(args: argparse.Namespace) -> None:
+    """Refuse mask guidance beside text guidance, or with a checkpoint whose null-mask branch was never trained."""
+    if args.mask_guidance_scale <= 1.0:
+        return
+    if args.guidance_scale > 1.0:
+        raise UsageError("--mask_guidance_scale and --guidance_scale: one guidance at a time")
+    if not read_checkpoint_meta(args.lora_ckpt).get("mask_dropout"):
+        raise UsageError(
+            f"--mask_guidance_scale: {args.lora_ckpt} was trained without --mask_dropout, so it has never seen the "
+            "null mask that guidance compares against; fine-tune with train.py --mask_dropout 0.1"
+        )
+
+
 def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     """Load: the trained MM-DiT on its base, the CRFM guide, the solver and the guidance's empty prompt."""
     pipe = MaskToImagePipeline.from_checkpoint(
@@ -345,6 +365,7 @@ def sample_units(
             seed=args.seed,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
+            mask_guidance_scale=args.mask_guidance_scale,
             crfm=sampler.crfm,
             solver=sampler.solver,
             save_at=writer.save_at,
@@ -364,7 +385,7 @@ def refuse_other_settings(work_dir: Path, writer: UnitWriter) -> bool:
     """A work dir holding units made with other settings than `writer.settings` is refused in one line naming each
     changed key; returns whether it holds a record."""
     fix = "use another --work_dir, or the flags it was made with"
-    return refuse_changed_settings(work_dir / writer.settings_file, writer.settings, writer.what, fix)
+    return refuse_changed_settings(work_dir / writer.settings_file, writer.settings, writer.what, fix, ADDED_SETTINGS)
 
 
 @contextlib.contextmanager
@@ -400,6 +421,7 @@ def run_units(args: argparse.Namespace, writer: UnitWriter) -> dict:
     rank, world = state.process_index, state.num_processes
     work_dir = Path(args.work_dir)
     check_guide_flags(args)
+    check_mask_guidance(args)
     check_resolution(args.pretrained_model_name_or_path, args.resolution)
     refuse_other_settings(work_dir, writer)
     plan = plan_run(args, writer, rank, world)  # bad index lines and counts named before the model loads

@@ -118,11 +118,11 @@ def build_model(args: argparse.Namespace, device: torch.device, weight_dtype: to
 
 def mask_model(args: argparse.Namespace, base) -> MaskSD3Transformer2DModel:
     """The MM-DiT of `base` (a pipeline folder or an `SD3Transformer2DModel`) with the mask branch the flags ask
-    for (--mask_init, --mask_encoding, --num_cls)."""
+    for (--mask_init, --mask_encoding, --num_cls, --mask_add)."""
     from crfm.models.mmdit import MaskSD3Transformer2DModel
 
     return MaskSD3Transformer2DModel.from_sd3(
-        base, mask_init=args.mask_init, mask_encoding=args.mask_encoding, num_cls=args.num_cls
+        base, mask_init=args.mask_init, mask_encoding=args.mask_encoding, num_cls=args.num_cls, mask_add=args.mask_add
     )
 
 
@@ -135,7 +135,7 @@ def configure_model(model: MaskSD3Transformer2DModel, args: argparse.Namespace, 
     if args.init_ckpt is not None:
         init_from_checkpoint(model, args)
     if args.no_mask:
-        for branch in (model.mask_embed, model.mask_blocks):
+        for branch in model.mask_branch():
             branch.requires_grad_(False)
         counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cast_frozen(model, weight_dtype)
@@ -162,6 +162,9 @@ def init_from_checkpoint(model, args: argparse.Namespace) -> None:
     check_mask_inputs(meta, args.init_ckpt, **mask_inputs(model))
     if meta["train_mode"] != args.train_mode:
         raise UsageError(f"--init_ckpt {args.init_ckpt} was trained with --train_mode {meta['train_mode']}")
+    if bool(meta.get("mask_add")) != args.mask_add:
+        with_or_not = "with" if meta.get("mask_add") else "without"
+        raise UsageError(f"--init_ckpt {args.init_ckpt} was trained {with_or_not} --mask_add: give the same")
     load_trained_weights(model, args.init_ckpt, target=f"--train_mode {args.train_mode}", use_ema=True)
 
 

@@ -3,9 +3,9 @@
 As in diffusers' SD3 training examples: x_t = (1 - σ) x + σ ε, the model predicts the velocity ε - x, timesteps
 are drawn from `compute_density_for_timestep_sampling` on the scheduler's training grid and the squared error
 is weighted by `compute_loss_weighting_for_sd3`. Every random draw of a step comes from one generator, in a fixed
-order (flip, quarter turns if on, posterior sample, noise, timestep density, prompt dropout); `step_generator`
-makes that generator a pure function of (seed, rank, micro-step), so a resumed run draws exactly what an
-uninterrupted one would.
+order (flip, quarter turns if on, posterior sample, noise, timestep density, prompt dropout, mask dropout if on);
+`step_generator` makes that generator a pure function of (seed, rank, micro-step), so a resumed run draws exactly
+what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from crfm.models.conditioning import (
     encode_latents,
     encode_mask_condition,
     mask_to_class_fractions,
+    null_mask_condition,
     scaled_posterior_sample,
 )
 from crfm.utils.flags import (
@@ -72,6 +73,13 @@ class FlowMatchingConfig:
         "labels: pixels, or a onehot latent cache",
         kind=non_negative,
     )
+    # Teaches the model what to draw without a mask, the unconditional branch of mask guidance at sampling.
+    mask_dropout: float = option(
+        0.0,
+        "probability of the null mask (all -1, onehot encoding only): trains the unconditional branch of test.py's "
+        "--mask_guidance_scale",
+        kind=probability,
+    )
     use_mask: bool = True  # False: the `--no_mask` ablation, the model sees no mask
     mask_encoding: str = DEFAULT_MASK_ENCODING  # crfm.models.conditioning.MASK_ENCODINGS
 
@@ -79,6 +87,8 @@ class FlowMatchingConfig:
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
         check_mask_encoding(self.mask_encoding)
+        if self.mask_dropout and (not self.use_mask or self.mask_encoding != "onehot"):
+            raise UsageError("--mask_dropout needs the mask (not --no_mask) and --mask_encoding onehot")
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:
@@ -228,8 +238,8 @@ def flow_matching_loss(
     `vae` may be a `crfm.data.latents.VAEConfig`, only its config is read).
 
     `generator` (a CPU generator, e.g. `step_generator(...)`) makes every random draw, in this order: flip,
-    quarter turns (only with `rot90`), VAE posterior sample, noise, timestep density, prompt dropout; cached and
-    fresh latents take the same draws.
+    quarter turns (only with `rot90`), VAE posterior sample, noise, timestep density, prompt dropout, mask dropout
+    (only with `mask_dropout`); cached and fresh latents take the same draws.
     `empty_prompt` holds the empty prompt's `prompt_embeds` [L, D] and `pooled_prompt_embeds` [P], swapped in for
     dropped prompts; `dtype` is the compute dtype of latents and text (the VAE itself runs in its own dtype). The
     VAE is not differentiated through.
@@ -275,6 +285,10 @@ def flow_matching_loss(
     noisy = noisy_latents(latents, noise, sigmas)
 
     embeds, pooled = prompts_with_dropout(batch, empty_prompt, config.prompt_dropout, generator, device, dtype)
+    if config.mask_dropout:  # drawn only when on, like the quarter turns
+        drop = (torch.rand(batch_size, generator=generator) < config.mask_dropout).to(device)
+        null = null_mask_condition(mask_latents, config.mask_encoding)
+        mask_latents = torch.where(drop.view(-1, 1, 1, 1), null, mask_latents)
     pred = predict(model, noisy, embeds, pooled, timesteps, mask_latents)
     weighting = compute_loss_weighting_for_sd3(config.weighting_scheme, sigmas)
     squared = weighting.float() * (pred.float() - (noise - latents).float()) ** 2
@@ -370,6 +384,7 @@ class FlowMatchingObjective(Objective):
 
     def check(self) -> None:
         args = self.args
+        FlowMatchingConfig.from_args(args)  # its own refusals (e.g. --mask_dropout without a onehot mask)
         if args.class_balance and (args.no_mask or (args.latents_path and args.mask_encoding != "onehot")):
             raise UsageError(
                 "--class_balance weighs latent cells by their classes: it needs the mask (not --no_mask) and, with "
@@ -389,6 +404,10 @@ class FlowMatchingObjective(Objective):
             args.num_cls,
             args.flip_prob,
         )
+
+    def record(self) -> dict:
+        """Mask dropout, when on: it is what makes the checkpoint usable with mask guidance."""
+        return {"mask_dropout": self.args.mask_dropout} if self.args.mask_dropout else {}
 
     def dataset(self) -> torch.utils.data.Dataset:
         """With --latents_path the cached latents of the index's items (no image or label is decoded)."""

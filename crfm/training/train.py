@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_mode", choices=TRAIN_MODES, default="full", help="full: image+mask branches; lora: LoRA+mask")
     add("--lora_rank", type=positive_int, default=16, help="LoRA rank (--train_mode lora)")
     add("--mask_init", choices=MASK_INITS, default="copy", help="mask branch from the image branch or new")
+    add(
+        "--mask_add", action="store_true",
+        help="also add each mask token to the image token at its position (zero-initialised projection), beside the "
+        "joint attention: the spatial correspondence given, not learned",
+    )  # fmt: skip
     add("--no_mask", action="store_true", help="ablation: train on text only, the mask branch unused")
     add(
         "--gradient_checkpointing",

@@ -775,3 +775,43 @@ def test_whole_model_folder_of_the_earlier_layout_loads(tiny_sd35_dir, tmp_path)
         assert torch.equal(
             loaded(**inputs, mask_hidden_states=mask).sample, model(**inputs, mask_hidden_states=mask).sample
         )
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_mask_add_starts_as_no_change_trains_and_round_trips(pipe_dir, mode, tmp_path):
+    """`mask_add`: zero-initialised, so the model starts as the one without it; its projection is trained in both
+    modes and frozen by nothing else; the checkpoint records it and rebuilds it, and the addition is local: a change
+    of the mask at one token moves that image token's output before any attention mixes them."""
+    without = MaskSD3Transformer2DModel.from_sd3(pipe_dir).eval()
+    added = MaskSD3Transformer2DModel.from_sd3(pipe_dir, mask_add=True).eval()
+    inputs = make_inputs(without)
+    mask = make_mask(inputs, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            added(**inputs, mask_hidden_states=mask).sample, without(**inputs, mask_hidden_states=mask).sample
+        )
+    assert without.mask_add_proj is None and "mask_add_proj" not in str(trainable_names(without))
+    configure_training(added, mode, lora_rank=4)
+    assert {"mask_add_proj.weight", "mask_add_proj.bias"} <= trainable_names(added)
+    perturb_trainable(added)
+    added.eval()
+    meta = {"train_mode": mode, "lora_rank": 4, "num_cls": 6, "base_model": str(pipe_dir)}
+    ckpt = save_trained(added, tmp_path / "ckpt", meta=meta)
+    loaded, loaded_meta = load_trained(ckpt)
+    assert loaded_meta["mask_add"] is True and loaded.config.mask_add
+    with torch.no_grad():
+        expected = added(**inputs, mask_hidden_states=mask).sample
+        assert torch.equal(loaded(**inputs, mask_hidden_states=mask).sample, expected)
+        tokens = added.transformer.pos_embed(inputs["hidden_states"])
+        moved = mask.clone()
+        moved[..., :2, :2] += 1.0  # the first patch only
+        first = added.mask_add_proj(added._mask_tokens(mask)) - added.mask_add_proj(added._mask_tokens(moved))
+    assert tokens.shape == first.shape and first[:, 0].abs().max() > 1e-4 and first[:, 1:].abs().max() == 0
+    no_add = save_trained(without_trained(pipe_dir, mode), tmp_path / "plain", meta=meta)
+    assert "mask_add" not in json.loads((no_add / CHECKPOINT_META).read_text())
+
+
+def without_trained(pipe_dir, mode: str) -> MaskSD3Transformer2DModel:
+    model = MaskSD3Transformer2DModel.from_sd3(pipe_dir)
+    configure_training(model, mode, lora_rank=4)
+    return model

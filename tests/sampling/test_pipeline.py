@@ -131,3 +131,18 @@ def test_an_encoding_that_does_not_fit_the_transformer_is_refused(pipe, tiny_sd3
     unrecorded = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir)
     with pytest.raises(ValueError, match="'onehot' gives 6 channels; the transformer's mask branch takes 16"):
         MaskToImagePipeline(unrecorded, pipe.vae, pipe.scheduler, NUM_CLS, mask_encoding="onehot")
+
+
+def test_mask_guidance_needs_onehot_masks_and_changes_the_image(pipe, tiny_sd35_dir):
+    from crfm.models.mmdit import MaskSD3Transformer2DModel
+
+    labels, embeds, pooled = inputs(pipe, 1)
+    with pytest.raises(UsageError, match="onehot"):  # the fixture's checkpoint is grey: no null mask exists
+        pipe(labels, embeds, pooled, noise_ids=[0], num_inference_steps=2, mask_guidance_scale=2.0)
+    onehot = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir, mask_encoding="onehot", num_cls=NUM_CLS)
+    perturb_trainable(onehot, seed=1, scale=0.05)
+    onehot_pipe = MaskToImagePipeline(onehot.eval(), pipe.vae, pipe.scheduler, NUM_CLS)
+    plain = onehot_pipe(labels, embeds, pooled, noise_ids=[0], num_inference_steps=2)
+    guided = onehot_pipe(labels, embeds, pooled, noise_ids=[0], num_inference_steps=2, mask_guidance_scale=2.0)
+    assert guided.nfe == plain.nfe == 2
+    assert (plain.latents - guided.latents).abs().max() > 1e-4

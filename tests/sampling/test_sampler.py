@@ -81,3 +81,46 @@ def test_guidance_needs_the_empty_prompt(pipe, tiny_sd35_dir):
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(ValueError, match="empty-prompt"):
         sample_latents(model, scheduler, torch.randn(2, 16, 8, 8), embeds, pooled, guidance_scale=3.0)
+
+
+class MaskEcho(torch.nn.Module):
+    """A model whose velocity is its mask condition (of the latents' shape): guidance's arithmetic shows in the
+    result. Records the prompts it is given."""
+
+    config = type("Config", (), {"patch_size": 2})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeds: list[torch.Tensor] = []
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled, timestep, return_dict=False, **kwargs):
+        self.embeds.append(encoder_hidden_states)
+        return (kwargs["mask_hidden_states"] + 0 * hidden_states,)
+
+
+def test_mask_guidance_moves_away_from_the_null_mask(pipe):
+    """One Euler step from σ = 1 to 0 gives noise − v, and v = null + w (mask − null), with the prompt kept in
+    both halves; one guidance at a time, and mask guidance needs its null condition."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    embeds, negative, pooled, negative_pooled = encode(pipe)
+    masks = torch.rand(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    null = torch.full_like(masks, -1.0)
+    noise = initial_noise([0, 1], seed=2, shape=(16, 8, 8))
+    model = MaskEcho()
+
+    def run(**kwargs) -> torch.Tensor:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        return sample_latents(model, scheduler, noise.clone(), embeds, pooled, masks, num_inference_steps=1, **kwargs)
+
+    torch.testing.assert_close(run().latents, noise - masks)
+    guided = run(mask_guidance_scale=3.0, null_mask_latents=null)
+    torch.testing.assert_close(guided.latents, noise - (null + 3.0 * (masks - null)))
+    assert guided.nfe == 1 and torch.equal(model.embeds[-1], torch.cat([embeds, embeds]))
+    with pytest.raises(ValueError, match="null mask"):
+        run(mask_guidance_scale=3.0)
+    with pytest.raises(ValueError, match="one at a time"):
+        run(
+            mask_guidance_scale=3.0, null_mask_latents=null, guidance_scale=2.0,
+            negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled,
+        )  # fmt: skip

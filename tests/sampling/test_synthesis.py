@@ -115,6 +115,15 @@ def test_checkpoint_with_other_mask_encoding_is_refused(setup, tmp_path, capsys)
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def test_mask_guidance_is_refused_without_mask_dropout_or_beside_text_guidance(setup, tmp_path, capsys):
+    """The fixture's checkpoint was trained without --mask_dropout: its null-mask branch is untrained."""
+    assert main(cli(setup, tmp_path / "out", "--mask_guidance_scale", "2")) == 2
+    assert "trained without --mask_dropout" in capsys.readouterr().err
+    assert main(cli(setup, tmp_path / "out", "--mask_guidance_scale", "2", "--guidance_scale", "2")) == 2
+    assert "one guidance at a time" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 def test_crfm_path_changes_images_and_traces_losses(setup, tmp_path, monkeypatch):
     import crfm.segmentation.adapter
 

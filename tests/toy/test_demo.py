@@ -48,9 +48,9 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
     modules += ["crfm.segmentation.downstream"] * 4 + ["crfm.training.train"]
     modules += ["crfm.sampling.synthesis"] * 3  # held-out syntheses
     modules += ["crfm.sampling.synthesis"] * 2 + ["crfm.segmentation.hardness", "crfm.sampling.synthesis"]
-    modules += ["crfm.segmentation.filter"] * 2
+    modules += ["crfm.segmentation.filter"] * 3  # plain, CRFM, resampled CRFM
     modules += ["crfm.data.layouts", "crfm.data.vectorize", "crfm.sampling.synthesis", "crfm.segmentation.filter"]
-    modules += ["crfm.segmentation.downstream"] * 7  # the synthetic mixes (one on real mosaics too) and TSTR
+    modules += ["crfm.segmentation.downstream"] * 8  # the synthetic mixes (one on real mosaics too) and TSTR
     modules += ["crfm.reflow", "crfm.training.train", "crfm.sampling.synthesis"]  # the few-step stage
     assert [line.split()[3] for line in commands] == modules and all(c.startswith("$ python -m ") for c in commands)
     # Side by side: the generator started before the first real-data segmentor finished.
@@ -80,6 +80,7 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         "synth_train/index.jsonl": n_synth,
         "synth_train_plain/index.jsonl": n_synth,
         "synth_train_filtered/index.jsonl": n_synth,
+        "synth_train_plain_filtered/index.jsonl": n_synth,
         "synth_train_resampled/index.jsonl": sum(counts.values()),
         "synth_train_resampled_filtered/index.jsonl": sum(counts.values()),
         "layouts/index.jsonl": n_synth,  # as many new layouts as synthetic pairs of the labelled masks
@@ -167,7 +168,7 @@ def test_summary_table_is_well_formed(demo_run):
     header = "| row | " + " | ".join(CLASSES) + " |"
     assert header in tables and all(f"| `{key}` |" in markdown for key in down if key != "trtr")
     rows = ("| real images through the VAE", "| plain sampling |", "| CRFM, paper settings", "| CRFM, test.py defaults",
-            "| few-step: 4-SeqRF student")  # fmt: skip
+            f"| few-step: {settings.reflow_segments}-SeqRF student")  # fmt: skip
     for row in (*rows, *(f"| {row.name} |" for row in DOWNSTREAM)):
         assert any(line.startswith(row) for line in tables), row
     # Every data row of the two result tables holds numbers where the header says so.
@@ -266,12 +267,14 @@ def test_ablation_rows_run_only_with_the_full_preset(tmp_path):
     def works(**knobs) -> set[str]:
         return {work for work, _ in Demo(tmp_path, DemoSettings(**knobs), progress=False).downstream_runs()}
 
-    ablation_works = {"seg_real_synth_filtered_resampled", "seg_tstr"}
+    ablation_works = {"seg_real_synth_filtered_resampled", "seg_tstr", "seg_real_synth", "seg_real_synth_plain"}
     default, full = works(), works(**PRESETS["full"])
     assert not default & ablation_works and ablation_works <= full and full - default == ablation_works
-    assert {"seg_real_synth", "seg_real_synth_plain", "seg_real_mosaic_synth_layouts"} <= default
+    # CRFM and plain are compared after the paper's filtering; the unfiltered sets are ablations.
+    assert {"seg_real_synth_filtered", "seg_real_synth_plain_filtered", "seg_real_mosaic_synth_layouts"} <= default
     assert PRESETS["ci"]["ablations"] and PRESETS["full"] == {"ablations": True}
-    assert Demo(tmp_path, DemoSettings(), progress=False).filtered_sets() == ("synth_train",)
+    filtered = Demo(tmp_path, DemoSettings(), progress=False).filtered_sets()
+    assert filtered == ("synth_train_plain", "synth_train")
 
 
 def test_generator_mosaics_train_on_the_labelled_pairs_and_their_real_mosaics(tmp_path):
@@ -297,3 +300,24 @@ def test_generator_mosaics_train_on_the_labelled_pairs_and_their_real_mosaics(tm
     assert all((tmp_path / "generator_data" / item.target).resolve().is_file() for item in items)
     assert demo.generator_data() == (tmp_path / "generator_data", "index_.jsonl", tmp_path / "vectors_generator_data")
     assert Demo(tmp_path, DemoSettings(), progress=False).generator_data()[:2] == (tmp_path / "toydata", "train_.jsonl")
+
+
+def test_mask_guidance_needs_mask_dropout(tmp_path):
+    proc = _demo(tmp_path / "out", "--mask_dropout", "0", "--mask_guidance_scale", "2")
+    assert proc.returncode == 2 and "--mask_dropout" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_from_before_the_mask_conditioning_knobs_is_refused(tmp_path):
+    """A folder whose settings predate mask_add / mask_dropout / mask_guidance_scale was made without them (not
+    with today's defaults), so today's defaults are refused there and the old behaviour is accepted."""
+    import dataclasses
+
+    from crfm.toy.demo.settings import KNOBS_BEFORE, SETTINGS_FILE, check_settings
+    from crfm.utils.errors import UsageError
+
+    old = {k: v for k, v in dataclasses.asdict(DemoSettings()).items() if k not in KNOBS_BEFORE}
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(old))
+    with pytest.raises(UsageError, match="mask_add: False -> True"):
+        check_settings(tmp_path, DemoSettings())
+    check_settings(tmp_path, DemoSettings(**KNOBS_BEFORE))

@@ -351,3 +351,42 @@ def test_class_balance_needs_the_labels():
         args = build_parser().parse_args([*base, "--class_balance", "0.5", *extra])
         with pytest.raises(UsageError, match="class_balance"):
             FlowMatchingObjective(args).check()
+
+
+def test_mask_dropout_gives_the_null_mask_to_the_drawn_items(parts):
+    """Mask dropout swaps whole items' onehot conditions for the null one (all -1) and draws after everything else:
+    the noise, timesteps and prompts of a run without it are unchanged, and about the asked share is dropped."""
+    from crfm.models.conditioning import NULL_MASK_VALUE
+
+    model = RecordingModel()
+    plain = loss_of(parts, model, mask_encoding="onehot")
+    shown = model.calls[-1]["mask_hidden_states"]
+    assert shown.min() >= 0  # class fractions
+    dropped_all = loss_of(parts, model, mask_encoding="onehot", mask_dropout=1.0)
+    call = model.calls[-1]
+    assert torch.equal(call["mask_hidden_states"], torch.full_like(shown, NULL_MASK_VALUE))
+    assert torch.equal(call["noisy"], model.calls[0]["noisy"]) and torch.equal(call["embeds"], model.calls[0]["embeds"])
+    torch.testing.assert_close(dropped_all.timesteps, plain.timesteps)
+    kept = [0, 0]
+    for seed in range(40):
+        loss_of(parts, model, seed=seed, mask_encoding="onehot", mask_dropout=0.25)
+        conditions = model.calls[-1]["mask_hidden_states"]
+        for item in conditions:
+            assert torch.equal(item, torch.full_like(item, NULL_MASK_VALUE)) or item.min() >= 0  # whole items
+            kept[bool(item.min() >= 0)] += 1
+    assert 0.12 < kept[0] / sum(kept) < 0.4  # 120 draws of p = 0.25
+
+
+def test_mask_dropout_needs_a_onehot_mask_and_is_recorded():
+    from crfm.training.objective import FlowMatchingObjective
+    from crfm.training.train import build_parser
+
+    base = ["--pretrained_model_name_or_path", "p", "--data_root", "d", "--vectors_path", "v", "--num_cls", "6"]
+    for extra in (["--no_mask"], ["--mask_encoding", "grey"], ["--mask_encoding", "palette"]):
+        args = build_parser().parse_args([*base, "--mask_dropout", "0.1", *extra])
+        with pytest.raises(UsageError, match="mask_dropout"):
+            FlowMatchingObjective(args).check()
+    args = build_parser().parse_args([*base, "--mask_dropout", "0.1"])
+    FlowMatchingObjective(args).check()
+    assert FlowMatchingObjective(args).record() == {"mask_dropout": 0.1}
+    assert FlowMatchingObjective(build_parser().parse_args(base)).record() == {}

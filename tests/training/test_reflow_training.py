@@ -261,6 +261,8 @@ def test_incompatible_segments_init_checkpoints_and_pairs_are_refused(setup, tmp
     argv = train_argv(setup, tmp_path / "c", "k2", 2, "--init_ckpt", ckpt, "--mask_encoding", "grey")
     line = refused(capsys, [*argv, "--train_mode", "lora", "--lora_rank", "4"])
     assert "--train_mode full" in line
+    line = refused(capsys, [*argv, "--mask_add"])  # the teacher has no additive mask input
+    assert "trained without --mask_add" in line
     line = refused(capsys, train_argv(setup, tmp_path / "d", "k2", 2, "--mask_encoding", "grey", "--resolution", "32"))
     assert "resolution 64, not 32" in line
     not_pairs = [*train_argv(setup, tmp_path / "e", "k2", 2, "--mask_encoding", "grey"), "--reflow_pairs", "."]

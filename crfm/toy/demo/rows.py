@@ -44,8 +44,17 @@ class DownstreamRow:
 
 DOWNSTREAM = (
     DownstreamRow("real_only", "seg_real", "real only (the labelled scenes)", None),
-    DownstreamRow("real_synth_plain", "seg_real_synth_plain", "real + plain synthetic", "synth_train_plain"),
-    DownstreamRow("real_synth", "seg_real_synth", "real + CRFM synthetic", "synth_train"),
+    # Unfiltered: ablations of the paper's recipe (which filters); CRFM and plain are compared after filtering.
+    DownstreamRow(
+        "real_synth_plain", "seg_real_synth_plain", "real + plain synthetic", "synth_train_plain", ablation=True
+    ),
+    DownstreamRow("real_synth", "seg_real_synth", "real + CRFM synthetic", "synth_train", ablation=True),
+    DownstreamRow(
+        "real_synth_plain_filtered",
+        "seg_real_synth_plain_filtered",
+        "real + plain synthetic, filtered",
+        "synth_train_plain_filtered",
+    ),
     DownstreamRow(
         "real_synth_filtered", "seg_real_synth_filtered", "real + CRFM synthetic, filtered", "synth_train_filtered"
     ),

@@ -52,6 +52,8 @@ class DemoSettings:
     max_sequence_length: int = 32
     generator_mosaics: bool = False
     class_balance: float = 0.0
+    mask_dropout: float = 0.1
+    mask_add: bool = True
     train_steps: int = 1200
     train_batch_size: int = 8
     learning_rate: float = 1e-3
@@ -62,7 +64,8 @@ class DemoSettings:
     seg_iters: int = 1000
     judge_iters: int = 1000
     seg_size: int = 64
-    num_inference_steps: int = 20
+    num_inference_steps: int = 10
+    mask_guidance_scale: float = 1.5
     num_per_mask: int = 3
     min_per_mask: int = 1
     max_per_mask: int = 5
@@ -70,7 +73,7 @@ class DemoSettings:
     synth_ratio: float = 0.5
     ablations: bool = False
     few_step: int = 0
-    reflow_segments: int = 4
+    reflow_segments: int = 2
     reflow_per_mask: int = 2
     reflow_train_steps: int = 400
     figure_rows: int = 6
@@ -110,6 +113,9 @@ KNOB_HELP = {
     "control's pairs): more layouts to learn mask-following from, no new image",
     "class_balance": "MM-DiT fine-tuning: weight each latent cell's loss by its classes' batch share ** -this "
     "(train.py --class_balance; 0: the plain loss)",
+    "mask_dropout": "MM-DiT fine-tuning: probability of the null mask (train.py --mask_dropout), so that the "
+    "syntheses can use --mask_guidance_scale",
+    "mask_add": "MM-DiT: also add each mask token to the image token at its position (train.py --mask_add)",
     "train_steps": "MM-DiT fine-tuning steps",
     "train_batch_size": "MM-DiT batch",
     "learning_rate": "MM-DiT AdamW learning rate",
@@ -124,16 +130,19 @@ KNOB_HELP = {
     "judge_iters": "iterations of the judge (more scenes than the others: it must see every class)",
     "seg_size": "px the segmentors train at",
     "num_inference_steps": "Euler sampling steps",
+    "mask_guidance_scale": "syntheses: guidance away from the null mask (test.py --mask_guidance_scale; 1: off, one "
+    "model call per step; > 1: two, and needs --mask_dropout)",
     "num_per_mask": "synthetic images per labelled mask for downstream training (the paper: 3)",
     "min_per_mask": "hardness-resampled synthesis: images for the easiest labelled mask",
     "max_per_mask": "hardness-resampled synthesis: images for the hardest labelled mask",
     "tolerance_margin": "FreeMask filter: a synthetic pixel is ignored above this times its class's mean real loss",
     "synth_ratio": "share of synthetic draws in the mixed downstream segmentors' batches",
-    "ablations": "also the ablation rows: CRFM hardness-resampled (synthesis, filter, downstream row) and train on "
-    "synthetic, test on real (TSTR); off by default for time, on in --preset full",
+    "ablations": "also the ablation rows: plain and CRFM unfiltered, CRFM hardness-resampled (synthesis, filter, "
+    "downstream row) and train on synthetic, test on real (TSTR); off by default for time, on in --preset full",
     "few_step": "Euler steps of the few-step student (docs/fewstep.md; 0: no few-step stage, the default, for "
-    "time; 2: the student of bench/results_fewstep.md)",
-    "reflow_segments": "time segments of the few-step student (1: 2-rectified flow; K > 1: K-SeqRF)",
+    "time; bench/results_fewstep.md measured 2, from a 20-step teacher in 4 segments)",
+    "reflow_segments": "time segments of the few-step student (1: 2-rectified flow; K > 1: K-SeqRF); must divide "
+    "--num_inference_steps",
     "reflow_per_mask": "CRFM-teacher reflow pairs per labelled mask, for the few-step student",
     "reflow_train_steps": "training steps of the few-step student (started from the generator)",
     "figure_rows": "held-out masks shown in samples.png",
@@ -169,6 +178,10 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
+# Knobs whose default is not what the demo did before they existed: a folder that records none of them was made so.
+KNOBS_BEFORE: dict[str, object] = {"mask_add": False, "mask_dropout": 0.0, "mask_guidance_scale": 1.0}
+
+
 def scene_splits(total: int, test: int, val: int) -> dict[str, range]:
     """Scene positions of the held-out, validation and labelled splits, in scene order (scene i depends only on the
     seed and i): held-out first, so every labelled-set size (the demo's, `bench/label_curve.py`'s) is scored on the
@@ -196,6 +209,8 @@ def check_knobs(settings: DemoSettings) -> None:
     for knob in ("seg_config", "judge_config"):
         if not Path(settings.config_path(getattr(settings, knob))).is_file():
             raise UsageError(f"--{knob} {getattr(settings, knob)}: no such packaged config or file")
+    if settings.mask_guidance_scale > 1 and not (settings.mask_dropout > 0 and settings.mask_encoding == "onehot"):
+        raise UsageError("--mask_guidance_scale > 1 needs --mask_dropout > 0 and --mask_encoding onehot")
     if settings.base not in BASES:
         raise UsageError(f"--base must be one of {BASES}, got {settings.base!r}")
     if settings.mixed_precision not in MIXED_PRECISION_CHOICES:
@@ -218,9 +233,9 @@ def check_knobs(settings: DemoSettings) -> None:
 
 def check_settings(out: Path, settings: DemoSettings) -> None:
     """Refuse to mix results of different settings in one output folder (a knob added since the folder was made
-    counts as its default there)."""
+    counts as what the demo did before it existed: `KNOBS_BEFORE`, else its default)."""
     current = dataclasses.asdict(settings)
-    defaults = dataclasses.asdict(DemoSettings())
+    defaults = {**dataclasses.asdict(DemoSettings()), **KNOBS_BEFORE}
     if not refuse_changed_settings(
         out / SETTINGS_FILE, current, "demo results", "add --fresh or choose another --out", defaults
     ):

@@ -157,13 +157,18 @@ class Demo(StageRunner):
             "crfm.training.train", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
             "--data_root", root, "--json_file", index, "--vectors_path", vectors, "--work_dir", self.path("train"),
             "--mask_encoding", self.s.mask_encoding, "--class_balance", self.s.class_balance,
-            "--num_cls", NUM_CLS, "--resolution", self.s.resolution, "--train_batch_size", self.s.train_batch_size,
+            "--mask_dropout", self.s.mask_dropout, "--num_cls", NUM_CLS, "--resolution", self.s.resolution,
+            "--train_batch_size", self.s.train_batch_size,
             "--max_train_steps", self.s.train_steps, "--learning_rate", self.s.learning_rate,
             "--lr_warmup_steps", min(50, self.s.train_steps // 10), "--checkpointing_steps",
             max(1, self.s.train_steps // 4), "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest",
-            "--seed", self.s.seed, *(["--rot90"] if self.s.rot90 else []),
+            "--seed", self.s.seed, *(["--rot90"] if self.s.rot90 else []), *self.mask_add_flag(),
             "--mixed_precision", self.s.mixed_precision, *self.quiet(), one_thread=one_thread,
         )  # fmt: skip
+
+    def mask_add_flag(self) -> list[str]:
+        """The generator's architecture flag, for its fine-tuning and the few-step student started from it."""
+        return ["--mask_add"] if self.s.mask_add else []
 
     def train_segmentors(
         self, runs: Iterable[tuple[str, list[object]]], lanes: int | None = None,
@@ -261,7 +266,7 @@ class Demo(StageRunner):
 
     def filtered_sets(self) -> tuple[str, ...]:
         """The synthetic sets of the labelled masks this run filters (the new layouts' are filtered with them)."""
-        return ("synth_train", "synth_train_resampled") if self.s.ablations else ("synth_train",)
+        return ("synth_train_plain", "synth_train", *(("synth_train_resampled",) if self.s.ablations else ()))
 
     def filter(self) -> None:
         for synth in self.filtered_sets():
@@ -371,7 +376,8 @@ class Demo(StageRunner):
         generator = self.path("train", "final")
         self.run(
             "crfm.sampling.synthesis", *self.sampling_flags(json_file, work, generator, root, vectors), *counts,
-            "--num_inference_steps", self.s.num_inference_steps, *self.guide_flags(crfm),
+            "--num_inference_steps", self.s.num_inference_steps, "--mask_guidance_scale", self.s.mask_guidance_scale,
+            *self.guide_flags(crfm),
         )  # fmt: skip
 
     def few_step(self) -> None:
@@ -396,7 +402,7 @@ class Demo(StageRunner):
             "--seqrf_segments", self.s.reflow_segments, "--use_ema", "--ema_decay", REFLOW_EMA_DECAY,
             "--checkpointing_steps", max(1, steps // 4),
             "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest", "--seed", self.s.seed,
-            *self.quiet(),
+            *self.mask_add_flag(), *self.quiet(),
         )  # fmt: skip
         images, work = FEW_STEP
         self.run(
