@@ -94,7 +94,8 @@ ROW_NAMES = {
     "real": "real held-out images (reference)",
     "vae": "real images through the VAE (the ceiling)",
     "plain": "plain sampling",
-    "crfm_paper": "CRFM, paper settings (the first 4 of {steps} steps, eta_max 0.1, clamp 1)",
+    "crfm_paper": "CRFM, paper settings (the first {paper_rectified} of {steps} steps, eta_max "
+    "{paper.max_step_size:g}, clamp {paper.velocity_clamp:g})",
     "crfm": "CRFM, test.py defaults (the first {rectified} of {steps} steps x {num_rectified}, eta_max "
     "{max_step_size:g}, L2-normalised {l2_norm}, clamp {velocity_clamp:g})",
     FEW_STEP[0]: "few-step: {student} student of the CRFM teacher, {few_step} Euler step(s), no segmentor",
@@ -140,13 +141,16 @@ def summary_markdown(summary: dict) -> str:
     ]
     from crfm.sampling.rectify import CRFMConfig
 
+    crfm, paper, steps = dataclasses.asdict(CRFMConfig()), CRFMConfig.paper(), s["num_inference_steps"]
+    names = dict(  # CRFM rectifies at most every step of the run
+        crfm, steps=steps, rectified=min(crfm["rectified_step"], steps), paper=paper,
+        paper_rectified=min(paper.rectified_step, steps), few_step=s["few_step"],
+        student="2-RF" if s["reflow_segments"] == 1 else f"{s['reflow_segments']}-SeqRF",
+    )  # fmt: skip
     for key, name in ROW_NAMES.items():
         if key not in fid:  # the few-step row, with --few_step 0
             continue
-        student = "2-RF" if s["reflow_segments"] == 1 else f"{s['reflow_segments']}-SeqRF"
-        crfm, steps = dataclasses.asdict(CRFMConfig()), s["num_inference_steps"]
-        rectified = min(crfm["rectified_step"], steps)  # CRFM rectifies at most every step
-        name = name.format(**crfm, few_step=s["few_step"], student=student, steps=steps, rectified=rectified)
+        name = name.format(**names)
         lines.append(f"| {name} | {fid[key]['judge_mIoU']:.2f} | {fid[key]['guide_mIoU']:.2f} |")
     real = down["real_only"]
     lines += [
