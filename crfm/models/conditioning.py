@@ -78,10 +78,16 @@ def mask_condition_channels(encoding: str, num_cls: int, latent_channels: int) -
     return latent_channels if channels is None else channels
 
 
+def has_null_mask(encoding: str) -> bool:
+    """Whether `encoding` has a "no mask" value that no real mask takes, which mask dropout and mask guidance need:
+    only `onehot` (fractions in [0, 1]); the VAE encodings of grey and palette masks can take any value."""
+    return check_mask_encoding(encoding) == "onehot"
+
+
 def null_mask_condition(condition: torch.Tensor, encoding: str) -> torch.Tensor:
     """The "no mask" condition of the shape of `condition` (mask dropout in training, the unconditional branch of
-    mask guidance). Only `onehot` has a value no real mask takes; the VAE encodings have none, so they are refused."""
-    if check_mask_encoding(encoding) != "onehot":
+    mask guidance); refused for an encoding without one (`has_null_mask`)."""
+    if not has_null_mask(encoding):
         raise UsageError(f"mask dropout and mask guidance need --mask_encoding onehot, not {encoding!r}")
     return torch.full_like(condition, NULL_MASK_VALUE)
 

@@ -30,6 +30,9 @@ from crfm.data.index import read_index
 from crfm.utils.fileio import atomic_path, write_text_atomic
 from crfm.utils.flags import resolve_dtype
 
+# The pretrained tiny base shipped with crfm (`scripts/pretrain_base.sh` rebuilds it; model card in its README.md).
+SHIPPED_BASE = Path(__file__).resolve().parent / "tiny_sd35_base"
+
 CHECKPOINT = "checkpoint"
 VAE_CHECKPOINT = "vae_checkpoint"
 LOSS_LOG = "loss.jsonl"
@@ -452,11 +455,20 @@ def write_model_card(pipe_dir: Path, report: dict) -> None:
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     size_mb = sum(f.stat().st_size for f in pipe_dir.rglob("*") if f.is_file()) / 1e6
     prompts = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(report["grid_prompts"]))
-    card = f"""# crfm tiny SD3.5 base (pretrained, embedded default)
+    # Only the shipped folder is what the demo and the scripts load; any other pretrained folder is a candidate.
+    shipped = pipe_dir.resolve() == SHIPPED_BASE
+    title = "pretrained, embedded default" if shipped else "pretrained, not the shipped base"
+    role = (
+        "The demo, `train.sh` and `test.sh` start from it."
+        if shipped
+        else f"The demo, `train.sh` and `test.sh` start from the shipped `crfm/toy/{SHIPPED_BASE.name}`, not from "
+        "this folder."
+    )
+    card = f"""# crfm tiny SD3.5 base ({title})
 
 A randomly initialised tiny SD3.5 pipeline (`crfm.toy.tiny`, diffusers layout) pretrained on a CPU on
 {report["corpus_images"]} unlabelled procedural toy scenes, text-to-image: the small-scale stand-in for the
-SD3.5-medium that users of crfm fine-tune with masks. The demo, `train.sh` and `test.sh` start from it.
+SD3.5-medium that users of crfm fine-tune with masks. {role}
 
 - **Architecture:** SD3.5-style MM-DiT (qk RMS-norm, dual attention in the first half), {config["num_layers"]}
   blocks, width {width}, patch {config["patch_size"]}, {params:.2f} M parameters; VAE {factor}x down-sampling with

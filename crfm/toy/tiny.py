@@ -36,8 +36,6 @@ white red yellow dark light shadow shadows summer winter spring autumn cloud clo
 """.split()
 
 
-# The pretrained tiny base shipped with crfm (`scripts/pretrain_base.sh` rebuilds it; model card in its README.md).
-SHIPPED_BASE = Path(__file__).resolve().parent / "tiny_sd35_base"
 CONFIG_FILE = "crfm_tiny.json"  # the TinyConfig a folder was built with
 
 

@@ -24,6 +24,7 @@ from crfm.models.conditioning import (
     check_mask_encoding,
     encode_latents,
     encode_mask_condition,
+    has_null_mask,
     mask_to_class_fractions,
     null_mask_condition,
     scaled_posterior_sample,
@@ -87,7 +88,7 @@ class FlowMatchingConfig:
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
         check_mask_encoding(self.mask_encoding)
-        if self.mask_dropout and (not self.use_mask or self.mask_encoding != "onehot"):
+        if self.mask_dropout and not (self.use_mask and has_null_mask(self.mask_encoding)):
             raise UsageError("--mask_dropout needs the mask (not --no_mask) and --mask_encoding onehot")
 
     @classmethod

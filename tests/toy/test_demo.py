@@ -102,7 +102,7 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
                     for line in (out / "toydata_judge" / "index.jsonl").open()}  # fmt: skip
     assert not judge_pixels & {(out / "toydata" / t).read_bytes() for t in set().union(*images.values())}
     # The generator started from the shipped base, whose weights the demo did not change.
-    from crfm.toy.tiny import SHIPPED_BASE
+    from crfm.toy.pretrain import SHIPPED_BASE
 
     for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         assert (out / "tiny_sd35" / part).read_bytes() == (SHIPPED_BASE / part).read_bytes()

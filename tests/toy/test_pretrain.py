@@ -55,6 +55,8 @@ def test_pretraining_writes_a_loadable_base_with_a_model_card(corpus, fresh_base
     card = (out / "README.md").read_text()
     # The card names both commands that rebuild the base: the corpus and the pretraining.
     assert "python -m crfm.toy.toydata" in card and "--seed 1000" in card and "--pretrain_on" in card
+    # Only the shipped folder's card may say that the demo starts from it.
+    assert "not the shipped base" in card and "start from the shipped `crfm/toy/tiny_sd35_base`, not from" in card
     assert (out / "samples.png").is_file()
     report = json.loads((out / "pretrain_report.json").read_text())
     assert report["transformer_steps"] == 4 and report["corpus_images"] == 6
@@ -91,7 +93,7 @@ def test_pretraining_refuses_a_folder_of_another_configuration(corpus, tmp_path)
 def test_the_shipped_base_loads_offline_and_is_documented():
     from diffusers import StableDiffusion3Pipeline
 
-    from crfm.toy.tiny import SHIPPED_BASE
+    from crfm.toy.pretrain import SHIPPED_BASE
 
     files = [f for f in SHIPPED_BASE.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 60e6  # the base stays small enough to ship in git
@@ -99,6 +101,7 @@ def test_the_shipped_base_loads_offline_and_is_documented():
     pipe = StableDiffusion3Pipeline.from_pretrained(SHIPPED_BASE)
     report = json.loads((SHIPPED_BASE / "pretrain_report.json").read_text())
     card = (SHIPPED_BASE / "README.md").read_text()
+    assert "embedded default" in card and "The demo, `train.sh` and `test.sh` start from it." in card
     assert report["command"] in card and report["corpus"]["command"] in card
     # The shipped script is the command the card names (same flags), so the base can be rebuilt.
     script = (REPO / "scripts" / "pretrain_base.sh").read_text()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import crfm
-from crfm.models.conditioning import MASK_ENCODINGS
+from crfm.models.conditioning import MASK_ENCODINGS, has_null_mask
 from crfm.toy.toydata import CLASSES
 from crfm.utils.fileio import refuse_changed_settings, write_text_atomic
 from crfm.utils.flags import MIXED_PRECISION_CHOICES, UsageError
@@ -209,7 +209,7 @@ def check_knobs(settings: DemoSettings) -> None:
     for knob in ("seg_config", "judge_config"):
         if not Path(settings.config_path(getattr(settings, knob))).is_file():
             raise UsageError(f"--{knob} {getattr(settings, knob)}: no such packaged config or file")
-    if settings.mask_guidance_scale > 1 and not (settings.mask_dropout > 0 and settings.mask_encoding == "onehot"):
+    if settings.mask_guidance_scale > 1 and not (settings.mask_dropout > 0 and has_null_mask(settings.mask_encoding)):
         raise UsageError("--mask_guidance_scale > 1 needs --mask_dropout > 0 and --mask_encoding onehot")
     if settings.base not in BASES:
         raise UsageError(f"--base must be one of {BASES}, got {settings.base!r}")
@@ -220,7 +220,7 @@ def check_knobs(settings: DemoSettings) -> None:
     if settings.mask_encoding not in MASK_ENCODINGS:
         raise UsageError(f"--mask_encoding must be one of {MASK_ENCODINGS}, got {settings.mask_encoding!r}")
     if settings.base == "pretrained":
-        from crfm.toy.tiny import SHIPPED_BASE
+        from crfm.toy.pretrain import SHIPPED_BASE
 
         if not (SHIPPED_BASE / "model_index.json").is_file():
             raise UsageError(f"the shipped base {SHIPPED_BASE} is missing; reinstall crfm or use --base scratch")

@@ -102,7 +102,7 @@ class Demo(StageRunner):
         final, tmp = self.path("tiny_sd35"), self.path("tiny_sd35.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         if self.s.base == "pretrained":
-            from crfm.toy.tiny import SHIPPED_BASE
+            from crfm.toy.pretrain import SHIPPED_BASE
 
             # As a user starts from a downloaded SD3.5: the shipped base, pretrained on other scenes, copied.
             print(f"base: {SHIPPED_BASE} (see its README.md model card)")
