@@ -321,3 +321,21 @@ def test_a_folder_from_before_the_mask_conditioning_knobs_is_refused(tmp_path):
     with pytest.raises(UsageError, match="mask_add: False -> True"):
         check_settings(tmp_path, DemoSettings())
     check_settings(tmp_path, DemoSettings(**KNOBS_BEFORE))
+
+
+def test_the_lane_beside_takes_the_waiting_runs_when_it_ends_first(tmp_path):
+    """Two runs that each wait for the other's marker finish only if they run at once: with one segmentor lane, the
+    thread of the (instant) job beside must take the second, or the first times out and the stage fails."""
+    from crfm.toy.demo.runner import StageRunner
+
+    def waits_for(mine: str, other: str) -> tuple[Path, str, list[object]]:
+        code = (
+            f"import pathlib, time; d = pathlib.Path({str(tmp_path)!r}); (d / {mine!r}).touch(); t = time.time()\n"
+            f"while not (d / {other!r}).exists():\n    assert time.time() - t < 60, 'ran alone'; time.sleep(0.05)"
+        )
+        return tmp_path / f"{mine}.log", "timeit", ["-n", "1", "-r", "1", code]
+
+    StageRunner(tmp_path, parallel=2, progress=False).run_together(
+        [waits_for("a", "b"), waits_for("b", "a")], lanes=1, beside=lambda: None
+    )
+    assert (tmp_path / "a").exists() and (tmp_path / "b").exists()

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,7 +58,8 @@ class StageRunner:
         """Independent commands (log file, module, args), `lanes` (default `parallel`) at a time on one thread each:
         the small models of the demo use two cores better as two processes than as two threads of one. Each
         command's output goes to its log file; its last line is shown, and a failure shows the log's end and stops
-        the stage. `beside` runs in this thread meanwhile (after every command was printed)."""
+        the stage. `beside` runs in this thread meanwhile (after every command was printed); when it ends first, this
+        thread takes the commands still waiting, so neither core idles while the other has a queue."""
         lanes = self.parallel if lanes is None else lanes
         env = {**self.env, "OMP_NUM_THREADS": "1"} if self.parallel > 1 else self.env
         commands = [(log, self.command(module, *args)) for log, module, args in jobs]
@@ -73,12 +75,23 @@ class StageRunner:
                 raise subprocess.CalledProcessError(done.returncode, argv)
             print(f"[{log.name}] {lines[-1] if lines else ''}", flush=True)
 
+        waiting = deque(commands)
+
+        def drain() -> None:
+            while True:
+                try:
+                    job = waiting.popleft()  # atomic: each command is taken by one lane
+                except IndexError:
+                    return
+                one(job)
+
         with ThreadPoolExecutor(max(1, lanes)) as pool:
-            running = [pool.submit(one, command) for command in commands]
+            running = [pool.submit(drain) for _ in range(max(1, lanes))]
             if beside is not None:
                 beside()
-            for job in running:
-                job.result()  # re-raises the first failure
+                drain()
+            for lane in running:
+                lane.result()  # re-raises the first failure
 
     def stage(
         self, number: int, total: int, name: str, title: str, action: Callable[[], object],

@@ -216,9 +216,10 @@ class Demo(StageRunner):
         ]  # fmt: skip
 
     def models(self) -> None:
-        """The generator on one core and, beside it, the real-data segmentors one after another on the other(s):
-        neither needs the other, and one process per core beats two threads per process for these small models
-        (`--parallel 1`: one after another, all threads each)."""
+        """The generator on one core and, beside it, the real-data segmentors one after another on the other(s),
+        the generator's core taking those still waiting when it ends first: neither needs the other, and one process
+        per core beats two threads per process for these small models (`--parallel 1`: one after another, all
+        threads each)."""
         if self.s.parallel < 2:
             self.train_segmentors(self.real_data_runs())
             self.generator()
