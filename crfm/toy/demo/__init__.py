@@ -16,6 +16,7 @@ low-label regime: a generator pretrained on a large unlabelled corpus is fine-tu
     guide, which is also the real-only downstream segmentor and filters and ranks (`--seg_config`), on the
     labelled split only; the judge (`--judge_config`, a full-resolution U-Net) on its own scenes, which scores mask
     fidelity and never guides; and the downstream rows of real data alone (extra real scenes, real mosaics);
+    the guide last, and the generator's core takes what still waits when the generator ends first;
  5. synthesis of the held-out masks from the same noise (`crfm.sampling.synthesis`, i.e. `test.py`), stage (b):
     plain, CRFM at the paper's settings, and CRFM at test.py's defaults;
  6. mask fidelity of the real held-out images, of the same images through the VAE (the ceiling), and of the
