@@ -109,6 +109,11 @@ def test_the_shipped_base_loads_offline_and_is_documented():
         value = report["command"].split(flag + " ")[1].split()[0]
         assert f"{flag} {value}" in script, flag
     assert pipe.transformer.config.num_layers == int(report["command"].split("--layers ")[1].split()[0])
+    # The demo's prompt length is the one the base was pretrained with (a literal default, so that the flag table shows
+    # it): a rebuilt base of another length must move it too.
+    from crfm.toy.demo.settings import DemoSettings
+
+    assert DemoSettings().max_sequence_length == report["settings"]["max_sequence_length"]
     refit = report.get("vae_decoder_refit")
     if refit is not None:  # the decoder fitted again: the card and the script name that step too
         assert refit["command"] in card and "--refit_vae_decoder_on" in script

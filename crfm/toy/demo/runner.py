@@ -60,7 +60,7 @@ class StageRunner:
         command's output goes to its log file; its last line is shown, and a failure shows the log's end and stops
         the stage. `beside` runs in this thread meanwhile (after every command was printed); when it ends first, this
         thread takes the commands still waiting, so neither core idles while the other has a queue."""
-        lanes = self.parallel if lanes is None else lanes
+        lanes = max(1, self.parallel if lanes is None else lanes)
         env = {**self.env, "OMP_NUM_THREADS": "1"} if self.parallel > 1 else self.env
         commands = [(log, self.command(module, *args)) for log, module, args in jobs]
 
@@ -85,8 +85,8 @@ class StageRunner:
                     return
                 one(job)
 
-        with ThreadPoolExecutor(max(1, lanes)) as pool:
-            running = [pool.submit(drain) for _ in range(max(1, lanes))]
+        with ThreadPoolExecutor(lanes) as pool:
+            running = [pool.submit(drain) for _ in range(lanes)]
             if beside is not None:
                 beside()
                 drain()

@@ -49,7 +49,7 @@ class DemoSettings:
     heads: int = 4
     head_dim: int = 32
     vae_steps: int = 400
-    max_sequence_length: int = 24  # the shipped base's T5 tokenizer length
+    max_sequence_length: int = 24  # the shipped base's pretraining length (a test ties the two)
     generator_mosaics: bool = False
     class_balance: float = 0.0
     mask_dropout: float = 0.1

@@ -198,13 +198,14 @@ class Demo(StageRunner):
         ]  # fmt: skip
 
     def real_data_runs(self) -> list[tuple[str, list[object]]]:
-        """(work dir, flags) of the segmentors that need no synthetic data: on the labelled scenes, the segmentor
-        (`seg_config`) that guides CRFM and is the real-only downstream row, filters synthetic pixels and ranks masks
-        by hardness, as a user's one segmentor would; on its own scenes, the judge (`judge_config`), scored on its
-        own validation scenes; and the downstream rows of real data alone: extra real scenes, real mosaics."""
+        """(work dir, flags) of the segmentors that need no synthetic data, in the order they train: on its own
+        scenes, the judge (`judge_config`), scored on its own validation scenes; the downstream rows of real data
+        alone, extra real scenes and real mosaics; and on the labelled scenes, the segmentor (`seg_config`) that
+        guides CRFM and is the real-only downstream row, filters synthetic pixels and ranks masks by hardness, as a
+        user's one segmentor would. The guide, the shortest run (16 scenes, 1000 iterations), is last: it is what the
+        generator's core takes when the generator ends first, so the longer runs are not left for the end."""
         config = self.s.config_path(self.s.seg_config)
         return [
-            ("seg_real", self.segmentor_args("seg_real", self.s.seed, config=config)),
             ("seg_judge", self.segmentor_args(
                 "seg_judge", self.s.seed + 1, root="toydata_judge", val="val.jsonl",
                 config=self.s.config_path(self.s.judge_config), iters=self.s.judge_iters,
@@ -213,6 +214,7 @@ class Demo(StageRunner):
                 "seg_real_extra", self.s.seed, train="train_extra.jsonl", config=config, iters=self.mixed_iters()
             )),
             self.mixed_run(ROWS["real_mosaic"]),
+            ("seg_real", self.segmentor_args("seg_real", self.s.seed, config=config)),
         ]  # fmt: skip
 
     def models(self) -> None:
@@ -220,15 +222,12 @@ class Demo(StageRunner):
         the generator's core taking those still waiting when it ends first: neither needs the other, and one process
         per core beats two threads per process for these small models (`--parallel 1`: one after another, all
         threads each)."""
-        # The guide, the shortest run (16 scenes, 1000 iterations), last: it is what the generator's core takes when
-        # the generator ends first, and the longer runs are not left for the end.
-        runs = sorted(self.real_data_runs(), key=lambda run: run[0] == "seg_real")
         if self.s.parallel < 2:
-            self.train_segmentors(runs)
+            self.train_segmentors(self.real_data_runs())
             self.generator()
         else:
             generator = partial(self.generator, one_thread=True)
-            self.train_segmentors(runs, lanes=self.s.parallel - 1, beside=generator)
+            self.train_segmentors(self.real_data_runs(), lanes=self.s.parallel - 1, beside=generator)
 
     def models_results(self) -> list[Path]:
         return [self.path("train", "summary.json"), *(self.path(w, "metrics.json") for w, _ in self.real_data_runs())]
