@@ -8,9 +8,10 @@ For each (variant, run) the demo's own generator stage runs with the variant's k
 commands; the run's own generator is the `default` variant), then 2 images per validation mask, plain and CRFM
 (test.py defaults, the run's guide), from the same noise, scored by the run's judge (it never guides). The table:
 judge mIoU and IoU per class, mean ± std over runs, the paired difference to `default`, and seconds per fine-tuning
-step (one thread). Variants that differ only in sampling knobs (`SAMPLING_KNOBS`, e.g. `--mask_guidance_scale`)
-share one fine-tuning: the first of them trains it, the others wait and sample from it. Resumable: finished
-fine-tunings and syntheses are kept.
+step (one thread). A variant with `--base FOLDER` fine-tunes from that base (its text encoders must be the run's,
+as the run's prompt vectors are reused). Variants that differ only in sampling knobs (`SAMPLING_KNOBS`, e.g.
+`--mask_guidance_scale`) share one fine-tuning: the first of them trains it, the others wait and sample from it.
+Resumable: finished fine-tunings and syntheses are kept.
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def variant_dir(out: Path, variant: str, run: Path) -> Path:
     return out / variant / run.name
 
 
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def check_same_text_encoders(base: Path, run_base: Path) -> None:
+    """A variant with its own base (`--base FOLDER`) reuses the run's prompt vectors: only right when the two
+    bases encode prompts alike, e.g. a base whose transformer alone was trained on (`--continue_pretraining_on`)."""
+    for part in TEXT_PARTS:
+        for file in sorted((run_base / part).iterdir()):
+            if file.read_bytes() != (base / part / file.name).read_bytes():
+                raise SystemExit(f"{base}: {part}/{file.name} differs from the run's; the run's vectors do not fit")
+
+
 def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path, owner: str) -> None:
     """One (variant, run): the generator fine-tuned with the variant's knobs (or `owner` variant's, the same
     fine-tuning), the validation masks synthesized."""
@@ -66,16 +79,20 @@ def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path, owner: st
     settings = knob_settings(knobs, seed)
     folder = variant_dir(out, variant, run)
     folder.mkdir(parents=True, exist_ok=True)
-    links = {name: run / name for name in SHARED}
+    own_base = settings.base != json.loads((run / "demo_settings.json").read_text())["base"]
+    links = {name: run / name for name in SHARED if not (own_base and name == "tiny_sd35")}
     if owner == "default":
         links["train"] = run / "train"
     elif owner != variant:
         links["train"] = variant_dir(out, owner, run) / "train"
     for name, target in links.items():
         link = folder / name
-        if not link.exists():
+        if target.exists() and not link.is_symlink():  # a run made `--until models` has no real mosaics
             link.symlink_to(target.resolve(), target_is_directory=True)
     demo = Demo(folder, settings, progress=False)
+    if own_base and not (folder / "tiny_sd35").is_dir():
+        demo.pipeline()
+        check_same_text_encoders(folder / "tiny_sd35", run / "tiny_sd35")
     demo.generator_vectors()
     demo.generator(one_thread=True)
     for images, crfm in SYNTHESES.items():

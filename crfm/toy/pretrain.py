@@ -39,6 +39,7 @@ LOSS_LOG = "loss.jsonl"
 REPORT = "pretrain_report.json"
 VAE_MARKER = "vae_fitted.json"
 DECODER_MARKER = "vae_decoder_refit.json"
+CONTINUED_MARKER = "continued.json"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class PretrainSettings:
     batch_size: int = 8
     learning_rate: float = 1e-3
     warmup_steps: int = 500
+    lr_schedule: str = "constant"  # after warm-up; cosine decays to 0 over the run (an annealing phase)
     ema_decay: float = 0.999
     resolution: int = 64
     max_sequence_length: int = 32
@@ -221,9 +223,15 @@ def _load_checkpoint(folder: Path, modules: dict) -> tuple[int, float, dict | No
 
 
 def pretrain_transformer(
-    pipe_dir: str | Path, index_file: str | Path, work_dir: str | Path, settings: PretrainSettings, progress: bool
+    pipe_dir: str | Path,
+    index_file: str | Path,
+    work_dir: str | Path,
+    settings: PretrainSettings,
+    progress: bool,
+    stream: int = 0,
 ) -> dict:
-    """Train `pipe_dir/transformer` text-to-image on the corpus, resumably; writes the EMA weights back into it."""
+    """Train `pipe_dir/transformer` text-to-image on the corpus, resumably; writes the EMA weights back into it.
+    Phases that train the same weights again use other `stream`s, so they draw other batches and noise."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -239,8 +247,9 @@ def pretrain_transformer(
     vae = AutoencoderKL.from_pretrained(pipe_dir / "vae").eval().requires_grad_(False)
     transformer = SD3Transformer2DModel.from_pretrained(pipe_dir / "transformer").train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
+    schedule_name = {"constant": "constant_with_warmup", "cosine": "cosine"}[settings.lr_schedule]
     lr_schedule = get_scheduler(
-        "constant_with_warmup", optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps
+        schedule_name, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps
     )
     ema = EMAModel(transformer.parameters(), decay=settings.ema_decay)
     checkpoint = work_dir / CHECKPOINT
@@ -262,7 +271,7 @@ def pretrain_transformer(
     t0 = time.perf_counter()
     bar = tqdm(range(start, settings.steps), desc="pretrain tiny transformer", unit="step", disable=not progress)
     for step in bar:
-        gen = step_generator(settings.seed, 0, step)  # batch choice and every draw: resumable and repeatable
+        gen = step_generator(settings.seed, stream, step)  # batch choice and every draw: resumable and repeatable
         pick = torch.randint(len(images), (settings.batch_size,), generator=gen)
         rows = prompt_ids[pick]
         batch = {"image": images[pick], "prompt_embeds": embeds[rows], "pooled_prompt_embeds": pooled[rows]}
@@ -419,6 +428,40 @@ def refit_vae_decoder(
     return refit
 
 
+def continue_pretraining(
+    pipe_dir: str | Path,
+    index_file: str | Path,
+    work_dir: str | Path,
+    settings: PretrainSettings,
+    command: str,
+    progress: bool = True,
+) -> dict:
+    """A second phase for the transformer of a pretrained pipeline: `settings.steps` more steps on the corpus from its
+    shipped (EMA) weights, with a fresh optimizer and draws of their own (stream 1), resumably; VAE and text encoders
+    unchanged. The phase goes into the pipeline's report (`continued`), samples and model card, once."""
+    pipe_dir, work_dir = Path(pipe_dir), Path(work_dir)
+    report_path = pipe_dir / REPORT
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{pipe_dir} has no {REPORT}: continue a pretrained pipeline (--pretrain_on first)")
+    phase = _fit_once(
+        work_dir / CONTINUED_MARKER,
+        lambda: (
+            pretrain_transformer(pipe_dir, index_file, work_dir, settings, progress, stream=1)
+            | {"settings": asdict(settings), "command": command}
+        ),
+    )
+    report = json.loads(report_path.read_text())
+    if report.get("continued") != phase:
+        report["continued"] = phase
+        sample_grid(
+            pipe_dir, report["grid_prompts"], pipe_dir / "samples.png", settings.resolution,
+            settings.max_sequence_length,
+        )  # fmt: skip
+        write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
+        write_model_card(pipe_dir, report)
+    return report
+
+
 def _corpus_recipe(index_file: Path) -> dict:
     """The toydata settings of the corpus and the command that redraws it, when the corpus recorded them."""
     from crfm.toy.toydata import RECIPE_FILE
@@ -445,6 +488,21 @@ def decoder_line(report: dict) -> str:
     )
 
 
+def continued_line(report: dict) -> str:
+    """The model card's words on a second pretraining phase (`continue_pretraining`), or nothing."""
+    phase = report.get("continued")
+    if phase is None:
+        return ""
+    settings = phase["settings"]
+    return (
+        f" Then a second phase from those EMA weights (`continue_pretraining`): {phase['transformer_steps']} more "
+        f"steps, fresh AdamW, lr {settings['learning_rate']} ({settings['warmup_steps']} warm-up steps, then "
+        f"{settings['lr_schedule']}), batch {settings['batch_size']}, other draws, {phase['transformer_seconds']:.0f} "
+        f"s; mean loss {phase['first_500_loss']} over its first 500 steps, {phase['last_500_loss']} over its last 500; "
+        f"its EMA weights (decay {settings['ema_decay']}) shipped."
+    )
+
+
 def write_model_card(pipe_dir: Path, report: dict) -> None:
     settings, vae = report["settings"], report["vae"]
     config = json.loads((pipe_dir / "transformer" / "config.json").read_text())
@@ -455,6 +513,9 @@ def write_model_card(pipe_dir: Path, report: dict) -> None:
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     size_mb = sum(f.stat().st_size for f in pipe_dir.rglob("*") if f.is_file()) / 1e6
     prompts = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(report["grid_prompts"]))
+    schedule, continued = settings.get("lr_schedule", "constant"), continued_line(report)
+    later_steps = [report[step]["command"] for step in ("vae_decoder_refit", "continued") if step in report]
+    rebuild = "\n".join([report["command"], *later_steps])
     # Only the shipped folder is what the demo and the scripts load; any other pretrained folder is a candidate.
     shipped = pipe_dir.resolve() == SHIPPED_BASE
     title = "pretrained, embedded default" if shipped else "pretrained, not the shipped base"
@@ -486,11 +547,12 @@ SD3.5-medium that users of crfm fine-tune with masks. {role}
   MSE {vae["reconstruction_mse"]:.4f} (pixels in [-1, 1]), gradient error {vae.get("edge_error", float("nan")):.4f};
   shift {vae["shift_factor"]:.4f}, scale {vae["scaling_factor"]:.4f}.{decoder_line(report)}
 - **Transformer:** all parameters, SD3's rectified-flow objective (logit-normal timesteps), AdamW lr
-  {settings["learning_rate"]} ({settings["warmup_steps"]} warm-up steps), batch {settings["batch_size"]},
-  prompt dropout {settings["prompt_dropout"]}, flips{" and quarter turns" if settings.get("rot90") else ""},
-  compute {settings.get("mixed_precision", "no")} (weights fp32), {report["transformer_steps"]} steps in
-  {report["transformer_seconds"]:.0f} s; EMA weights (decay {settings["ema_decay"]}) shipped. Mean loss
-  {report["first_500_loss"]} over the first 500 steps, {report["last_500_loss"]} over the last 500.
+  {settings["learning_rate"]} ({settings["warmup_steps"]} warm-up steps, then {schedule}), batch
+  {settings["batch_size"]}, prompt dropout {settings["prompt_dropout"]},
+  flips{" and quarter turns" if settings.get("rot90") else ""}, compute {settings.get("mixed_precision", "no")}
+  (weights fp32), {report["transformer_steps"]} steps in {report["transformer_seconds"]:.0f} s; EMA weights (decay
+  {settings["ema_decay"]}) shipped. Mean loss {report["first_500_loss"]} over the first 500 steps,
+  {report["last_500_loss"]} over the last 500.{continued}
 - **Text encoders and tokenizers:** as built by `crfm.toy.tiny` (random, frozen); {settings["max_sequence_length"]} T5
   tokens per prompt while pretraining.
 
@@ -498,12 +560,12 @@ SD3.5-medium that users of crfm fine-tune with masks. {role}
 
 ```bash
 {report["corpus"]["command"]}
-{report["command"]}{chr(10) + report["vae_decoder_refit"]["command"] if "vae_decoder_refit" in report else ""}
+{rebuild}
 ```
 
-`bash scripts/pretrain_base.sh` runs both; re-run after an interruption, it continues from the last checkpoint
-(every draw of step i is a function of the seed and i, and the learning rate is constant after warm-up, so a
-resumed run equals an uninterrupted one).
+`bash scripts/pretrain_base.sh` runs {"them all" if continued else "both"}; re-run after an interruption, it continues
+from the last checkpoint (every draw of step i and its learning rate are functions of the seed and i, so a resumed
+run equals an uninterrupted one).
 
 ## Samples
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from crfm.toy.pretrain import PretrainSettings, fit_vae, run_pretraining
+from crfm.toy.pretrain import REPORT, PretrainSettings, continue_pretraining, fit_vae, run_pretraining
 from crfm.utils.fileio import refuse_changed_settings
 from crfm.utils.flags import UsageError, add_run_flags, bounded, entry_point, positive_float, positive_int
 
@@ -315,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         "transformer text-to-image on it (resumable; re-run the same command to continue)",
     )
     add("pretrain_steps", type=positive_int, default=PretrainSettings.steps, help="transformer pretraining steps")
+    add(
+        "pretrain_lr_schedule",
+        choices=["constant", "cosine"],
+        default=PretrainSettings.lr_schedule,
+        help="learning rate after warm-up: constant, or cosine decay to 0 (an annealing phase)",
+    )
     add("pretrain_batch_size", type=positive_int, default=PretrainSettings.batch_size, help="pretraining batch")
     add(
         "pretrain_lr",
@@ -346,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="index.jsonl: fit only the VAE decoder of the existing pipeline OUT_DIR on its images, --vae_steps steps "
         "(encoder, latent space and transformer unchanged; resumable in --pretrain_work_dir)",
     )
+    add(
+        "continue_pretraining_on",
+        type=Path,
+        help="index.jsonl: a second pretraining phase for the transformer of the pretrained pipeline OUT_DIR, "
+        "--pretrain_steps more steps from its EMA weights with --pretrain_lr and --pretrain_lr_schedule (VAE and "
+        "text encoders unchanged; resumable in --pretrain_work_dir, default OUT_DIR.continued)",
+    )
     add("pretrain_work_dir", type=Path, help="checkpoints and loss log of pretraining (default: OUT_DIR.work)")
     # --mixed_precision bf16: autocast while pretraining (weights and optimizer stay fp32)
     add_run_flags(
@@ -358,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags naming an index whose images the VAE is fitted to (one job each; they exclude each other).
-INDEX_FLAGS = ("fit_vae_on", "pretrain_on", "refit_vae_decoder_on")
+INDEX_FLAGS = ("fit_vae_on", "pretrain_on", "refit_vae_decoder_on", "continue_pretraining_on")
 
 
 def build(args: argparse.Namespace) -> int:
@@ -368,9 +381,11 @@ def build(args: argparse.Namespace) -> int:
         if not Path(getattr(args, flag)).is_file():
             raise UsageError(f"--{flag}: no index file at {getattr(args, flag)}")  # before minutes of work
     if len(given) > 1:
-        raise UsageError("--fit_vae_on, --pretrain_on and --refit_vae_decoder_on exclude each other")
+        raise UsageError(", ".join(f"--{flag}" for flag in INDEX_FLAGS) + " exclude each other")
     if args.refit_vae_decoder_on is not None:
         return refit_decoder(args)
+    if args.continue_pretraining_on is not None:
+        return continue_pretrain(args)
     # Every TinyConfig field that is a flag comes from the command line; the rest keep their defaults.
     config = TinyConfig(**{f.name: getattr(args, f.name) for f in fields(TinyConfig) if hasattr(args, f.name)})
     if args.pretrain_on is not None:
@@ -411,6 +426,37 @@ def refit_decoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def continue_pretrain(args: argparse.Namespace) -> int:
+    """A second pretraining phase for OUT_DIR's transformer (`crfm.toy.pretrain.continue_pretraining`): the data
+    settings (resolution, prompt length, augmentation, seed) stay the first phase's; the flags set the optimisation."""
+    import shlex
+    import sys
+
+    out = Path(args.out_dir)
+    if not (out / REPORT).is_file():
+        raise UsageError(f"--continue_pretraining_on: {out} holds no pretrained pipeline ({REPORT}); use --pretrain_on")
+    first = json.loads((out / REPORT).read_text())["settings"]
+    settings = PretrainSettings(
+        **{k: v for k, v in first.items() if k in {f.name for f in fields(PretrainSettings)}}
+        | {
+            "steps": args.pretrain_steps,
+            "batch_size": args.pretrain_batch_size,
+            "learning_rate": args.pretrain_lr,
+            "lr_schedule": args.pretrain_lr_schedule,
+            "mixed_precision": args.mixed_precision or "no",
+        }
+    )
+    work = args.pretrain_work_dir or out.with_name(out.name + ".continued")
+    command = "python -m crfm.toy.tiny " + shlex.join(sys.argv[1:])
+    phase = continue_pretraining(out, args.continue_pretraining_on, work, settings, command, not args.no_progress)
+    done = phase["continued"]
+    print(
+        f"continued pretraining {out}: {done['transformer_steps']} more steps in {done['transformer_seconds']:.0f} s, "
+        f"loss {done['first_500_loss']} -> {done['last_500_loss']}"
+    )
+    return 0
+
+
 def pretrain(args: argparse.Namespace, config: TinyConfig) -> int:
     """Build OUT_DIR once, then fit and pretrain it (`crfm.toy.pretrain`); a re-run resumes where it stopped."""
     import shlex
@@ -430,6 +476,7 @@ def pretrain(args: argparse.Namespace, config: TinyConfig) -> int:
         vae_steps=args.vae_steps,
         vae_edge_weight=args.vae_edge_weight,
         rot90=args.rot90,
+        lr_schedule=args.pretrain_lr_schedule,
         mixed_precision=args.mixed_precision or "no",
         seed=args.seed,
     )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
+
+import pytest
 
 from tests.helpers import REPO
 
@@ -21,3 +24,19 @@ def test_sampling_only_variants_share_the_fine_tuning_of_the_first():
     assert bench.generator_owners(variants) == {
         "default": "default", "guided": "default", "drop": "drop", "drop_g2": "drop", "drop_more": "drop_more",
     }  # fmt: skip
+
+
+def test_a_variant_base_must_encode_prompts_as_the_run_base_does(tmp_path):
+    """A `--base FOLDER` variant reuses the run's prompt vectors: refused when the text encoders differ."""
+    from crfm.toy.pretrain import SHIPPED_BASE
+
+    spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run_base, candidate = tmp_path / "run", tmp_path / "candidate"
+    for folder in (run_base, candidate):
+        shutil.copytree(SHIPPED_BASE, folder, ignore=shutil.ignore_patterns("transformer", "vae"))
+    bench.check_same_text_encoders(candidate, run_base)  # the same encoders: the vectors fit
+    (candidate / "tokenizer_3" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="tokenizer_3/tokenizer_config.json differs"):
+        bench.check_same_text_encoders(candidate, run_base)

@@ -242,6 +242,21 @@ def test_scratch_base_builds_a_random_pipeline_instead(tmp_path):
     assert not (out / "tiny_sd35" / "pretrain_report.json").exists()  # not the shipped base
 
 
+def test_a_base_folder_is_copied_as_the_base_and_a_missing_one_refused(tmp_path):
+    """`--base FOLDER`: another pretrained pipeline (e.g. a pretraining candidate) is what the demo starts from."""
+    from crfm.toy.pretrain import SHIPPED_BASE
+
+    candidate = tmp_path / "candidate"
+    shutil.copytree(SHIPPED_BASE, candidate)
+    (candidate / "README.md").write_text("# a candidate base\n")
+    proc = _demo(tmp_path / "out", "--base", str(candidate), "--until", "pipeline")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert (tmp_path / "out" / "tiny_sd35" / "README.md").read_text() == "# a candidate base\n"
+    missing = _demo(tmp_path / "other", "--base", str(tmp_path / "nowhere"), "--until", "pipeline")
+    assert missing.returncode == 2 and "no pretrained pipeline at" in missing.stderr
+    assert len(missing.stderr.splitlines()) == 1 and not (tmp_path / "other").exists()
+
+
 def test_the_shipped_base_refuses_another_resolution(tmp_path):
     proc = _demo(tmp_path / "out", "--resolution", "128")
     assert proc.returncode == 2 and "--base scratch" in proc.stderr and len(proc.stderr.splitlines()) == 1

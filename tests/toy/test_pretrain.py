@@ -194,3 +194,41 @@ def test_a_decoder_refit_changes_only_the_decoder_and_is_recorded(corpus, tmp_pa
     assert again.returncode == 0 and torch.equal(
         load_file(str(next((out / "vae").glob("*.safetensors"))))[sorted(changed)[0]], vae[sorted(changed)[0]]
     )
+
+
+def test_a_second_pretraining_phase_trains_only_the_transformer_once_and_is_recorded(corpus, tmp_path):
+    """`--continue_pretraining_on`: the transformer goes on learning from its shipped weights, with the first phase's
+    data settings and its own schedule; VAE and text encoders stay bit-identical; report, card and samples record
+    it; a re-run of the same command finds it done and leaves the weights alone."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "base"
+    assert _pretrain(out, corpus, 2).returncode == 0
+    parts = ("vae", "transformer", "text_encoder", "text_encoder_3")
+    before = {part: load_file(str(next((out / part).glob("*.safetensors")))) for part in parts}
+    cmd = [sys.executable, "-m", "crfm.toy.tiny", str(out), "--continue_pretraining_on", str(corpus), "--no_progress"]
+    cmd += ["--pretrain_steps", "3", "--pretrain_batch_size", "2", "--pretrain_lr_schedule", "cosine"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = {part: load_file(str(next((out / part).glob("*.safetensors")))) for part in parts}
+    for part in parts:
+        same = all(torch.equal(after[part][k], before[part][k]) for k in after[part])
+        assert same == (part != "transformer"), part
+    report = json.loads((out / "pretrain_report.json").read_text())
+    phase = report["continued"]
+    assert report["transformer_steps"] == 2 and phase["transformer_steps"] == 3
+    assert phase["settings"]["lr_schedule"] == "cosine" and phase["settings"]["resolution"] == 16  # the first's data
+    losses = [json.loads(line) for line in (tmp_path / "base.continued" / "loss.jsonl").open()]
+    assert [r["step"] for r in losses] == [1, 2, 3]
+    card = (out / "README.md").read_text()
+    assert phase["command"] in card and report["command"] in card and "second phase" in card
+    again = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    kept = load_file(str(next((out / "transformer").glob("*.safetensors"))))
+    assert all(torch.equal(kept[k], after["transformer"][k]) for k in kept)
+
+
+def test_a_second_phase_needs_a_pretrained_folder(corpus, fresh_base, tmp_path):
+    cmd = [sys.executable, "-m", "crfm.toy.tiny", str(fresh_base), "--continue_pretraining_on", str(corpus)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 2 and "--pretrain_on" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

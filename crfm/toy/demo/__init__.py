@@ -8,7 +8,8 @@ low-label regime: a generator pretrained on a large unlabelled corpus is fine-tu
     `bench/`), a small labelled split, as many further real scenes as synthetic ones (the `real_extra` upper
     bound), separate scenes for the judge (another seed), and 2 x 2 mosaics cut from the labelled pairs
     (`crfm.data.layouts --with_images`, the `real_mosaic` control);
- 2. the base: a copy of the shipped pretrained tiny SD3.5 (`crfm/toy/tiny_sd35_base`), or `--base scratch`;
+ 2. the base: a copy of the shipped pretrained tiny SD3.5 (`crfm/toy/tiny_sd35_base`) or of `--base FOLDER`, or
+    `--base scratch`;
  3. prompt vectors (`crfm.data.vectorize`, i.e. `preprocess/vectorize.py`);
  4. the models, side by side, one core each: the mask-conditioned MM-DiT fine-tuned on the labelled split
     (`crfm.training.train`, i.e. `train.py`), stage (a); beside it, one after another, the segmentors that need no

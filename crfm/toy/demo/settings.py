@@ -98,7 +98,8 @@ KNOB_HELP = {
     "judge_scenes": "separate toy scenes (another seed) the judge segmentor trains on",
     "scene_size": "px of the toy scenes",
     "resolution": "px the generator trains and samples at (the pretrained base: 64)",
-    "base": "pretrained: the shipped tiny SD3.5 base (crfm/toy/tiny_sd35_base); scratch: a random one, VAE "
+    "base": "pretrained: the shipped tiny SD3.5 base (crfm/toy/tiny_sd35_base); a folder: another pretrained tiny "
+    "pipeline (e.g. a candidate from scripts/pretrain_base.sh); scratch: a random one, VAE "
     "fitted to the labelled scenes",
     "mask_encoding": "how the mask enters the mask branch: onehot, palette or grey (the paper's)",
     "variant": "--base scratch: tiny pipeline sd3.5 (qk-norm, dual attention) or sd3",
@@ -211,24 +212,39 @@ def check_knobs(settings: DemoSettings) -> None:
             raise UsageError(f"--{knob} {getattr(settings, knob)}: no such packaged config or file")
     if settings.mask_guidance_scale > 1 and not (settings.mask_dropout > 0 and has_null_mask(settings.mask_encoding)):
         raise UsageError("--mask_guidance_scale > 1 needs --mask_dropout > 0 and --mask_encoding onehot")
-    if settings.base not in BASES:
-        raise UsageError(f"--base must be one of {BASES}, got {settings.base!r}")
     if settings.mixed_precision not in MIXED_PRECISION_CHOICES:
         raise UsageError(
             f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {settings.mixed_precision!r}"
         )
     if settings.mask_encoding not in MASK_ENCODINGS:
         raise UsageError(f"--mask_encoding must be one of {MASK_ENCODINGS}, got {settings.mask_encoding!r}")
-    if settings.base == "pretrained":
-        from crfm.toy.pretrain import SHIPPED_BASE
+    if settings.base != "scratch":
+        check_pretrained_base(settings)
 
-        if not (SHIPPED_BASE / "model_index.json").is_file():
-            raise UsageError(f"the shipped base {SHIPPED_BASE} is missing; reinstall crfm or use --base scratch")
-        if settings.resolution != SHIPPED_RESOLUTION:
-            raise UsageError(
-                f"the shipped base draws {SHIPPED_RESOLUTION} px images; use --resolution {SHIPPED_RESOLUTION} "
-                "or --base scratch"
-            )
+
+def pretrained_base(settings: DemoSettings) -> Path | None:
+    """The pretrained pipeline folder the demo copies: the shipped base, a folder given as --base, or None
+    (--base scratch)."""
+    from crfm.toy.pretrain import SHIPPED_BASE
+
+    return {"scratch": None, "pretrained": SHIPPED_BASE}.get(settings.base, Path(settings.base))
+
+
+def check_pretrained_base(settings: DemoSettings) -> None:
+    """A pretrained base must be a whole pipeline folder that draws --resolution px images."""
+    from crfm.utils.base_folder import check_base_folder, check_resolution
+
+    folder = pretrained_base(settings)
+    if not (folder / "model_index.json").is_file():
+        hint = "reinstall crfm or use --base scratch" if settings.base == "pretrained" else f"--base: one of {BASES}"
+        raise UsageError(f"no pretrained pipeline at {folder} ({hint}, or a pipeline folder)")
+    check_base_folder(folder, ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "scheduler"))
+    if settings.resolution != SHIPPED_RESOLUTION and settings.base == "pretrained":
+        raise UsageError(
+            f"the shipped base draws {SHIPPED_RESOLUTION} px images; use --resolution {SHIPPED_RESOLUTION} "
+            "or --base scratch"
+        )
+    check_resolution(folder, settings.resolution)
 
 
 def check_settings(out: Path, settings: DemoSettings) -> None:

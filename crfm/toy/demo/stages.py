@@ -30,6 +30,7 @@ from crfm.toy.demo.settings import (
     REFLOW_LEARNING_RATE,
     DemoSettings,
     judge_val_scenes,
+    pretrained_base,
     scene_splits,
 )
 from crfm.utils.fileio import write_jsonl_atomic, write_text_atomic
@@ -101,12 +102,11 @@ class Demo(StageRunner):
     def pipeline(self) -> None:
         final, tmp = self.path("tiny_sd35"), self.path("tiny_sd35.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        if self.s.base == "pretrained":
-            from crfm.toy.pretrain import SHIPPED_BASE
-
-            # As a user starts from a downloaded SD3.5: the shipped base, pretrained on other scenes, copied.
-            print(f"base: {SHIPPED_BASE} (see its README.md model card)")
-            shutil.copytree(SHIPPED_BASE, tmp)
+        pretrained = pretrained_base(self.s)
+        if pretrained is not None:
+            # As a user starts from a downloaded SD3.5: a pretrained base (on other scenes), copied.
+            print(f"base: {pretrained} (see its README.md model card)")
+            shutil.copytree(pretrained, tmp)
         else:
             latent_side = self.s.resolution // 2 ** (len(self.s.vae_channels.split(",")) - 1)
             # A position grid of exactly the tokens per side spaces positions one unit apart (see TinyConfig).
@@ -461,7 +461,9 @@ STAGES = (
         Demo.data,
         lambda demo: [demo.path(REAL_MOSAICS, "index.jsonl")],
     ),
-    Stage("pipeline", "the base: the shipped pretrained tiny SD3.5 (or a scratch one, --base scratch)", Demo.pipeline),
+    Stage(
+        "pipeline", "the base: the shipped pretrained tiny SD3.5 (or --base FOLDER, or a scratch one)", Demo.pipeline
+    ),
     Stage("vectors", "prompt vectors (SD3 encode_prompt)", Demo.vectors),
     Stage(
         "models",
