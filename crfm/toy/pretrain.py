@@ -49,6 +49,7 @@ class PretrainSettings:
     learning_rate: float = 1e-3
     warmup_steps: int = 500
     lr_schedule: str = "constant"  # after warm-up; cosine decays to 0 over the run (an annealing phase)
+    scheduler_shift: float | None = None  # written into the pipeline's scheduler first (None: keep the folder's)
     ema_decay: float = 0.999
     resolution: int = 64
     max_sequence_length: int = 32
@@ -259,7 +260,12 @@ def pretrain_transformer(
         ema.load_state_dict(saved["ema"])
         for _ in range(start):  # LambdaLR's state is its step count
             lr_schedule.step()
-    schedule = TrainTimesteps.from_scheduler(FlowMatchEulerDiscreteScheduler.from_pretrained(pipe_dir / "scheduler"))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pipe_dir / "scheduler")
+    if settings.scheduler_shift is not None and scheduler.config.shift != settings.scheduler_shift:
+        # The shift moves training draws and sampling steps alike: the folder keeps the one it was trained with.
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, shift=settings.scheduler_shift)
+        scheduler.save_pretrained(pipe_dir / "scheduler")
+    schedule = TrainTimesteps.from_scheduler(scheduler)
     config = FlowMatchingConfig(num_cls=1, prompt_dropout=settings.prompt_dropout, rot90=settings.rot90, use_mask=False)
     dtype = resolve_dtype(settings.mixed_precision)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
@@ -494,12 +500,14 @@ def continued_line(report: dict) -> str:
     if phase is None:
         return ""
     settings = phase["settings"]
+    shifted = settings.get("scheduler_shift")
+    shift = "" if shifted is None else f", the scheduler's shift set to {shifted} (training draws and sampling)"
     return (
         f" Then a second phase from those EMA weights (`continue_pretraining`): {phase['transformer_steps']} more "
         f"steps, fresh AdamW, lr {settings['learning_rate']} ({settings['warmup_steps']} warm-up steps, then "
         f"{settings['lr_schedule']}), batch {settings['batch_size']}, other draws, {phase['transformer_seconds']:.0f} "
-        f"s; mean loss {phase['first_500_loss']} over its first 500 steps, {phase['last_500_loss']} over its last 500; "
-        f"its EMA weights (decay {settings['ema_decay']}) shipped."
+        f"s{shift}; mean loss {phase['first_500_loss']} over its first 500 steps, {phase['last_500_loss']} over its "
+        f"last 500; its EMA weights (decay {settings['ema_decay']}) shipped."
     )
 
 

@@ -198,8 +198,8 @@ def test_a_decoder_refit_changes_only_the_decoder_and_is_recorded(corpus, tmp_pa
 
 def test_a_second_pretraining_phase_trains_only_the_transformer_once_and_is_recorded(corpus, tmp_path):
     """`--continue_pretraining_on`: the transformer goes on learning from its shipped weights, with the first phase's
-    data settings and its own schedule; VAE and text encoders stay bit-identical; report, card and samples record
-    it; a re-run of the same command finds it done and leaves the weights alone."""
+    data settings and its own schedule and scheduler shift; VAE and text encoders stay bit-identical; report, card
+    and samples record it; a re-run of the same command finds it done and leaves the weights alone."""
     from safetensors.torch import load_file
 
     out = tmp_path / "base"
@@ -208,6 +208,7 @@ def test_a_second_pretraining_phase_trains_only_the_transformer_once_and_is_reco
     before = {part: load_file(str(next((out / part).glob("*.safetensors")))) for part in parts}
     cmd = [sys.executable, "-m", "crfm.toy.tiny", str(out), "--continue_pretraining_on", str(corpus), "--no_progress"]
     cmd += ["--pretrain_steps", "3", "--pretrain_batch_size", "2", "--pretrain_lr_schedule", "cosine"]
+    cmd += ["--scheduler_shift", "1.5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = {part: load_file(str(next((out / part).glob("*.safetensors")))) for part in parts}
@@ -218,6 +219,8 @@ def test_a_second_pretraining_phase_trains_only_the_transformer_once_and_is_reco
     phase = report["continued"]
     assert report["transformer_steps"] == 2 and phase["transformer_steps"] == 3
     assert phase["settings"]["lr_schedule"] == "cosine" and phase["settings"]["resolution"] == 16  # the first's data
+    # The shift it trained with is the folder's from now on: fine-tuning and sampling read it there.
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == 1.5
     losses = [json.loads(line) for line in (tmp_path / "base.continued" / "loss.jsonl").open()]
     assert [r["step"] for r in losses] == [1, 2, 3]
     card = (out / "README.md").read_text()
