@@ -24,6 +24,9 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from PIL import Image
+
+from crfm.data.index import read_index
 from crfm.toy.toydata import CLASSES
 from crfm.utils.runs import REPO, Job, mean_std, print_table, run_jobs_or_exit, run_logged
 
@@ -107,6 +110,18 @@ def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path, owner: st
             ])  # fmt: skip
 
 
+def detail_of(data_root: Path, resolution: int, index: str = "index.jsonl") -> float:
+    """High-frequency energy (`crfm.fewstep.evaluate.detail`) of an index's images at `resolution` px."""
+    import torch
+
+    from crfm.data.dataset import image_to_tensor
+    from crfm.fewstep.evaluate import detail
+
+    items = read_index(data_root / index, data_root)
+    images = [image_to_tensor(Image.open(data_root / item.target).convert("RGB"), resolution) for item in items]
+    return detail(torch.stack(images))
+
+
 def read_variant(folder: Path) -> dict[str, float]:
     values: dict[str, float] = {}
     for images in SYNTHESES:
@@ -115,6 +130,11 @@ def read_variant(folder: Path) -> dict[str, float]:
             judged = json.loads(path.read_text())
             values[images] = 100 * judged["mIoU"]
             values.update({f"{images} IoU.{c}": 100 * v for c, v in zip(CLASSES, judged["IoU"], strict=True)})
+            # Blur, which the judge does not see: the samples' high-frequency energy as a share of the real images'.
+            synthetic = folder / f"val_{images}"
+            first = read_index(synthetic / "index.jsonl", synthetic)[0]
+            side = Image.open(synthetic / first.target).size[0]  # the real images at the generator's resolution
+            values[f"{images} detail"] = detail_of(synthetic, side) / detail_of(folder / "toydata", side, "val.jsonl")
     summary = folder / "train" / "summary.json"
     if summary.is_file():
         trained = json.loads(summary.read_text())
@@ -124,7 +144,8 @@ def read_variant(folder: Path) -> dict[str, float]:
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
-    scores = [f"{images}{part}" for images in SYNTHESES for part in ("", *(f" IoU.{c}" for c in CLASSES))]
+    parts = ("", *(f" IoU.{c}" for c in CLASSES), " detail")
+    scores = [f"{images}{part}" for images in SYNTHESES for part in parts]
     keys = [*scores, "s/step", "final loss"]
     names = list(results)
     lines = ["| quantity | " + " | ".join(f"{n} ({len(results[n])} runs)" for n in names) + " |"]
