@@ -376,6 +376,12 @@ def run_pretraining(
 ) -> dict:
     """VAE fit (once), transformer pretraining (resumable), sample grid and model card; returns the report."""
     pipe_dir, work_dir = Path(pipe_dir), Path(work_dir)
+    if (pipe_dir / REPORT).is_file():
+        # Finished with these settings: a re-run (of scripts/pretrain_base.sh) must not write this phase's weights
+        # over a later phase's (`continue_pretraining`). Fields added since the report was written take defaults.
+        report = json.loads((pipe_dir / REPORT).read_text())
+        if {**asdict(PretrainSettings()), **report["settings"]} == asdict(settings):
+            return report
     vae_stats = _fit_once(
         work_dir / VAE_MARKER,
         lambda: fit_vae(

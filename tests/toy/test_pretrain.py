@@ -227,8 +227,11 @@ def test_a_second_pretraining_phase_trains_only_the_transformer_once_and_is_reco
     assert phase["command"] in card and report["command"] in card and "second phase" in card
     again = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    # Re-running the whole recipe (both commands, as scripts/pretrain_base.sh does) leaves the second phase's weights.
+    assert _pretrain(out, corpus, 2).returncode == 0
     kept = load_file(str(next((out / "transformer").glob("*.safetensors"))))
     assert all(torch.equal(kept[k], after["transformer"][k]) for k in kept)
+    assert json.loads((out / "pretrain_report.json").read_text())["continued"] == phase
 
 
 def test_a_second_phase_needs_a_pretrained_folder(corpus, fresh_base, tmp_path):
