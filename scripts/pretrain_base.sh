@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the shipped tiny SD3.5 base (crfm/toy/tiny_sd35_base) from scratch on a CPU: the unlabelled corpus, then
 # the VAE fitted as an autoencoder with the edge-keeping loss (about 55 minutes on one core), then text-to-image
-# pretraining of the transformer (about 50 minutes). Resumable: run it again after an interruption and it continues
-# from the last checkpoint. Log: outputs/pretrain_base.log when run with nohup:
+# pretraining of the transformer (about 50 minutes), then its second phase at the flow-matching shift 1.0 with a
+# cosine-decayed learning rate (about 30 minutes). Resumable: run it again after an interruption and it continues
+# from the last checkpoint (a finished phase is not run again). Log: outputs/pretrain_base.log when run with nohup:
 #   nohup bash scripts/pretrain_base.sh > outputs/pretrain_base.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,3 +20,7 @@ python -m crfm.toy.tiny "$BASE" --variant sd3.5 --vae_channels 16,32,32 --latent
   --pos_embed_max_size 8 --layers 6 --heads 4 --head_dim 32 --clip_max_length 24 --max_sequence_length 24 \
   --seed 0 --pretrain_on "$CORPUS/index.jsonl" --vae_steps 8000 --vae_edge_weight 1.0 --vae_size 64 \
   --pretrain_steps 8000 --pretrain_work_dir "${WORK:-outputs/tiny_sd35_base.work}" "$@"
+# Phase 2: the built shift 3.0 (SD3's, for 1024 px) trains and samples almost nothing at low noise at 64 px; shift 1.0
+# does, and a cosine decay anneals (bench/results_base.md, part 4).
+python -m crfm.toy.tiny "$BASE" --continue_pretraining_on "$CORPUS/index.jsonl" --pretrain_steps 8000 \
+  --pretrain_lr_schedule cosine --scheduler_shift 1.0 --pretrain_work_dir "${WORK2:-outputs/tiny_sd35_base.continued}" "$@"

@@ -114,6 +114,14 @@ def test_the_shipped_base_loads_offline_and_is_documented():
     from crfm.toy.demo.settings import DemoSettings
 
     assert DemoSettings().max_sequence_length == report["settings"]["max_sequence_length"]
+    phase = report.get("continued")
+    if phase is not None:  # a second pretraining phase: the card and the script name it too, with its flags
+        assert phase["command"] in card and "--continue_pretraining_on" in script
+        second = script.split("--continue_pretraining_on")[1]
+        for flag in ("--pretrain_steps", "--pretrain_lr_schedule", "--scheduler_shift"):
+            assert f"{flag} {phase['command'].split(flag + ' ')[1].split()[0]}" in second, flag
+        shift = json.loads((SHIPPED_BASE / "scheduler" / "scheduler_config.json").read_text())["shift"]
+        assert shift == phase["settings"]["scheduler_shift"]  # the folder samples with the shift it was trained at
     refit = report.get("vae_decoder_refit")
     if refit is not None:  # the decoder fitted again: the card and the script name that step too
         assert refit["command"] in card and "--refit_vae_decoder_on" in script
