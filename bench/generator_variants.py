@@ -124,6 +124,7 @@ def detail_of(data_root: Path, resolution: int, index: str = "index.jsonl") -> f
 
 def read_variant(folder: Path) -> dict[str, float]:
     values: dict[str, float] = {}
+    real_detail: dict[int, float] = {}  # side -> the real validation images' detail, computed once
     for images in SYNTHESES:
         path = folder / f"val_{images}" / "judge.json"
         if path.is_file():
@@ -134,7 +135,9 @@ def read_variant(folder: Path) -> dict[str, float]:
             synthetic = folder / f"val_{images}"
             first = read_index(synthetic / "index.jsonl", synthetic)[0]
             side = Image.open(synthetic / first.target).size[0]  # the real images at the generator's resolution
-            values[f"{images} detail"] = detail_of(synthetic, side) / detail_of(folder / "toydata", side, "val.jsonl")
+            if side not in real_detail:
+                real_detail[side] = detail_of(folder / "toydata", side, "val.jsonl")
+            values[f"{images} detail"] = detail_of(synthetic, side) / real_detail[side]
     summary = folder / "train" / "summary.json"
     if summary.is_file():
         trained = json.loads(summary.read_text())

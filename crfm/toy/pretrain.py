@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -60,6 +60,11 @@ class PretrainSettings:
     rot90: bool = True  # quarter turns as well as flips: aerial scenes have no up
     mixed_precision: str = "no"  # bf16: autocast, for CPUs with AVX-512 BF16 / AMX (weights and optimizer fp32)
     seed: int = 0
+
+    @classmethod
+    def from_record(cls, record: dict) -> PretrainSettings:
+        """The settings a report recorded; fields added since it was written take their defaults."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
 
 def edge_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -378,9 +383,9 @@ def run_pretraining(
     pipe_dir, work_dir = Path(pipe_dir), Path(work_dir)
     if (pipe_dir / REPORT).is_file():
         # Finished with these settings: a re-run (of scripts/pretrain_base.sh) must not write this phase's weights
-        # over a later phase's (`continue_pretraining`). Fields added since the report was written take defaults.
+        # over a later phase's (`continue_pretraining`).
         report = json.loads((pipe_dir / REPORT).read_text())
-        if {**asdict(PretrainSettings()), **report["settings"]} == asdict(settings):
+        if PretrainSettings.from_record(report["settings"]) == settings:
             return report
     vae_stats = _fit_once(
         work_dir / VAE_MARKER,
@@ -432,12 +437,22 @@ def refit_vae_decoder(
             work_dir=work_dir, decoder_only=True,
         ) | {"steps": steps, "edge_weight": edge_weight, "command": command},
     )  # fmt: skip
-    report_path = pipe_dir / REPORT
-    if report_path.is_file():
-        report = json.loads(report_path.read_text()) | {"vae_decoder_refit": refit}
-        write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
-        write_model_card(pipe_dir, report)
+    if (pipe_dir / REPORT).is_file():
+        _record_phase(pipe_dir, "vae_decoder_refit", refit)
     return refit
+
+
+def _record_phase(pipe_dir: Path, key: str, record: dict, on_change: Callable[[dict], None] | None = None) -> dict:
+    """A later phase's record into the pipeline's report (under `key`) and model card, when it is new there;
+    `on_change(report)` first (e.g. new samples). Returns the report."""
+    report = json.loads((pipe_dir / REPORT).read_text())
+    if report.get(key) != record:
+        report[key] = record
+        if on_change is not None:
+            on_change(report)
+        write_text_atomic(pipe_dir / REPORT, json.dumps(report, indent=2) + "\n")
+        write_model_card(pipe_dir, report)
+    return report
 
 
 def continue_pretraining(
@@ -452,8 +467,7 @@ def continue_pretraining(
     shipped (EMA) weights, with a fresh optimizer and draws of their own (stream 1), resumably; VAE and text encoders
     unchanged. The phase goes into the pipeline's report (`continued`), samples and model card, once."""
     pipe_dir, work_dir = Path(pipe_dir), Path(work_dir)
-    report_path = pipe_dir / REPORT
-    if not report_path.is_file():
+    if not (pipe_dir / REPORT).is_file():
         raise FileNotFoundError(f"{pipe_dir} has no {REPORT}: continue a pretrained pipeline (--pretrain_on first)")
     phase = _fit_once(
         work_dir / CONTINUED_MARKER,
@@ -462,16 +476,13 @@ def continue_pretraining(
             | {"settings": asdict(settings), "command": command}
         ),
     )
-    report = json.loads(report_path.read_text())
-    if report.get("continued") != phase:
-        report["continued"] = phase
-        sample_grid(
+    return _record_phase(
+        pipe_dir, "continued", phase,
+        lambda report: sample_grid(
             pipe_dir, report["grid_prompts"], pipe_dir / "samples.png", settings.resolution,
             settings.max_sequence_length,
-        )  # fmt: skip
-        write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
-        write_model_card(pipe_dir, report)
-    return report
+        ),
+    )  # fmt: skip
 
 
 def _corpus_recipe(index_file: Path) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import string
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -432,6 +432,19 @@ def refit_decoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def optimisation_settings(args: argparse.Namespace) -> dict:
+    """The PretrainSettings that the flags set in every pretraining phase (a second phase keeps the first's data
+    settings and takes only these)."""
+    return {
+        "steps": args.pretrain_steps,
+        "batch_size": args.pretrain_batch_size,
+        "learning_rate": args.pretrain_lr,
+        "lr_schedule": args.pretrain_lr_schedule,
+        "scheduler_shift": args.scheduler_shift,
+        "mixed_precision": args.mixed_precision or "no",
+    }
+
+
 def continue_pretrain(args: argparse.Namespace) -> int:
     """A second pretraining phase for OUT_DIR's transformer (`crfm.toy.pretrain.continue_pretraining`): the data
     settings (resolution, prompt length, augmentation, seed) stay the first phase's; the flags set the optimisation."""
@@ -442,17 +455,7 @@ def continue_pretrain(args: argparse.Namespace) -> int:
     if not (out / REPORT).is_file():
         raise UsageError(f"--continue_pretraining_on: {out} holds no pretrained pipeline ({REPORT}); use --pretrain_on")
     first = json.loads((out / REPORT).read_text())["settings"]
-    settings = PretrainSettings(
-        **{k: v for k, v in first.items() if k in {f.name for f in fields(PretrainSettings)}}
-        | {
-            "steps": args.pretrain_steps,
-            "batch_size": args.pretrain_batch_size,
-            "learning_rate": args.pretrain_lr,
-            "lr_schedule": args.pretrain_lr_schedule,
-            "mixed_precision": args.mixed_precision or "no",
-            "scheduler_shift": args.scheduler_shift,
-        }
-    )
+    settings = replace(PretrainSettings.from_record(first), **optimisation_settings(args))
     work = args.pretrain_work_dir or out.with_name(out.name + ".continued")
     command = "python -m crfm.toy.tiny " + shlex.join(sys.argv[1:])
     phase = continue_pretraining(out, args.continue_pretraining_on, work, settings, command, not args.no_progress)
@@ -475,18 +478,13 @@ def pretrain(args: argparse.Namespace, config: TinyConfig) -> int:
     if not refuse_changed_settings(out / CONFIG_FILE, recorded, "a tiny pipeline", "resume with the same flags"):
         save_tiny_pipeline(out, config)
     settings = PretrainSettings(
-        steps=args.pretrain_steps,
-        batch_size=args.pretrain_batch_size,
-        learning_rate=args.pretrain_lr,
         resolution=args.vae_size,
         max_sequence_length=args.max_sequence_length,
         vae_steps=args.vae_steps,
         vae_edge_weight=args.vae_edge_weight,
         rot90=args.rot90,
-        lr_schedule=args.pretrain_lr_schedule,
-        scheduler_shift=args.scheduler_shift,
-        mixed_precision=args.mixed_precision or "no",
         seed=args.seed,
+        **optimisation_settings(args),
     )
     work = args.pretrain_work_dir or out.with_name(out.name + ".work")
     command = "python -m crfm.toy.tiny " + shlex.join(sys.argv[1:])
