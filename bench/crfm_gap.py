@@ -51,6 +51,70 @@ def judge_scores(out: Path) -> dict[str, list[float]]:
     return scores
 
 
+# Filtered sets the downstream rows train on -> (the unfiltered set: the masks as drawn, the filtered set)
+FILTERED = {
+    "plain x3": ("synth_train_plain", "synth_train_plain_filtered"),
+    "CRFM x3": ("synth_train", "synth_train_filtered"),
+}
+AUDIT = ("ignored", "kept, judge disagrees", "ignored, judge disagrees")
+
+
+def filter_audit(out: Path) -> dict[str, dict[str, list[float]]]:
+    """What the FreeMask filter (the guide's per-pixel loss) leaves of each ×3 set, per class of the mask and overall
+    (last): the share of pixels it ignores, and the judge's disagreement with the mask on the pixels kept (the label
+    noise the segmentor trains on) and on those ignored. CRFM pushes the images toward the guide's agreement, and
+    the filter asks the same guide: if the judge disagrees on the CRFM set's kept pixels as often as on plain's, the
+    filter no longer tells CRFM's errors apart (cached beside the folder)."""
+    import torch
+
+    from crfm.data.dataset import PairDataset
+    from crfm.data.index import read_index
+    from crfm.segmentation.adapter import load_segmentor
+
+    cache = out / "bench_crfm_filter_audit.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    resolution = json.loads((out / "demo_settings.json").read_text())["resolution"]
+    judge = load_segmentor(
+        out / "seg_judge" / "config.py", out / "seg_judge" / "segmentor.pth", device="cpu", num_cls=6
+    )
+    audit = {}
+    for name, (drawn, filtered) in FILTERED.items():
+        indexes = [read_index(out / w / "index.jsonl", out / w) for w in (drawn, filtered)]
+        if [item.target for item in indexes[0]] != [item.target for item in indexes[1]]:
+            raise SystemExit(f"{out}: {filtered} does not list {drawn}'s pairs in order")
+        sets = [
+            PairDataset(items, out / w, resolution, num_cls=6)
+            for items, w in zip(indexes, (drawn, filtered), strict=True)
+        ]
+        counts = torch.zeros(4, 7, dtype=torch.float64)  # pixels, ignored, kept wrong, ignored wrong; per class + all
+        for i in range(len(sets[0])):
+            first, second = sets[0][i], sets[1][i]
+            with torch.no_grad():
+                prediction = judge(first["image"][None]).argmax(dim=1)[0]
+            mask, ignored = first["label"], second["label"] == 255
+            valid, wrong = mask != 255, prediction != mask
+            for c in [*range(6), None]:
+                where = valid & (mask == c) if c is not None else valid
+                column = 6 if c is None else c
+                counts[:, column] += torch.stack(
+                    [
+                        where.sum(),
+                        (where & ignored).sum(),
+                        (where & ~ignored & wrong).sum(),
+                        (where & ignored & wrong).sum(),
+                    ]
+                ).double()
+        kept = counts[0] - counts[1]
+        audit[name] = {
+            "ignored": (100 * counts[1] / counts[0].clamp_min(1)).tolist(),
+            "kept, judge disagrees": (100 * counts[2] / kept.clamp_min(1)).tolist(),
+            "ignored, judge disagrees": (100 * counts[3] / counts[1].clamp_min(1)).tolist(),
+        }
+    cache.write_text(json.dumps(audit, indent=2) + "\n")
+    return audit
+
+
 def main() -> int:
     from crfm.toy.toydata import CLASSES
 
@@ -77,12 +141,26 @@ def main() -> int:
         gains = [[r[crfm][i] - r[plain][i] for r in per_run] for i in range(len(columns))]
         lines.append(f"| CRFM − plain, {crfm.split()[0]} | " + " | ".join(cell(g) for g in gains) + " |")
     downstream = [json.loads((out / "summary.json").read_text())["downstream"] for out in args.runs]
-    lines += ["", "Downstream IoU (%) per class, CRFM ×3 − plain ×3 (unfiltered) and filtered − unfiltered:", ""]
+    lines += [
+        "",
+        "Downstream IoU (%) per class, CRFM ×3 − plain ×3 (unfiltered, filtered) and filtered − unfiltered:",
+        "",
+    ]
     lines += ["| difference | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for label, (a, b) in {"CRFM − plain": ("real_synth", "real_synth_plain"),
+                          "CRFM − plain, filtered": ("real_synth_filtered", "real_synth_plain_filtered"),
                           "filtered − unfiltered": ("real_synth_filtered", "real_synth")}.items():  # fmt: skip
+        if any(a not in d or b not in d for d in downstream):  # unfiltered rows: `--preset full` only
+            continue
         keys = [f"IoU.{c}" for c in CLASSES] + ["mIoU"]
         lines.append(f"| {label} | " + " | ".join(cell([d[a][k] - d[b][k] for d in downstream]) for k in keys) + " |")
+    audits = [filter_audit(out) for out in args.runs]
+    lines += ["", "The filter's audit (`filter_audit`): % of each class's pixels of the ×3 sets, mean ± std:", ""]
+    lines += ["| set | share | " + " | ".join([*CLASSES, "all"]) + " |", "|---|---|" + "---|" * (len(CLASSES) + 1)]
+    for name in FILTERED:
+        for share in AUDIT:
+            cells = [cell([a[name][share][i] for a in audits]) for i in range(len(CLASSES) + 1)]
+            lines.append(f"| {name} | {share} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.table:

@@ -287,9 +287,25 @@ def test_ablation_rows_run_only_with_the_full_preset(tmp_path):
     assert not default & ablation_works and ablation_works <= full and full - default == ablation_works
     # CRFM and plain are compared after the paper's filtering; the unfiltered sets are ablations.
     assert {"seg_real_synth_filtered", "seg_real_synth_plain_filtered", "seg_real_mosaic_synth_layouts"} <= default
-    assert PRESETS["ci"]["ablations"] and PRESETS["full"] == {"ablations": True}
+    assert PRESETS["ci"]["ablations"] and PRESETS["full"] == {"ablations": True, "upper_bound": True}
     filtered = Demo(tmp_path, DemoSettings(), progress=False).filtered_sets()
     assert filtered == ("synth_train_plain", "synth_train")
+
+
+def test_upper_bound_row_trains_only_with_its_knob(tmp_path):
+    """The extra-real upper bound is neither the paper's chain nor a baseline it must beat: it trains beside the
+    generator only with `upper_bound` (`--preset full`, the ci smoke run); the judge, the real mosaics and the guide
+    always do, the guide last."""
+    from crfm.toy.demo.stages import Demo
+
+    def real_data_works(**knobs) -> list[str]:
+        return [work for work, _ in Demo(tmp_path, DemoSettings(**knobs), progress=False).real_data_runs()]
+
+    assert real_data_works() == ["seg_judge", "seg_real_mosaic", "seg_real"]
+    assert real_data_works(**PRESETS["full"]) == ["seg_judge", "seg_real_extra", "seg_real_mosaic", "seg_real"]
+    assert PRESETS["ci"]["upper_bound"]
+    rows = {row.key for row in Demo(tmp_path, DemoSettings(), progress=False).rows()}
+    assert "real_extra" not in rows and {"real_only", "real_mosaic", "real_mosaic_synth_layouts"} <= rows
 
 
 def test_generator_mosaics_train_on_the_labelled_pairs_and_their_real_mosaics(tmp_path):

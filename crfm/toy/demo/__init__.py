@@ -1,6 +1,6 @@
 """The whole TODSynth pipeline on the embedded default, offline, on a CPU: README's first command.
 
-    python -m crfm.toy.demo [--out outputs/demo] [--preset default|ci] [--fresh] [--KNOB VALUE ...]
+    python -m crfm.toy.demo [--out outputs/demo] [--preset default|full|ci] [--fresh] [--KNOB VALUE ...]
 
 Stages (each prints the command it runs, so every step can be repeated by hand at real scale), in the paper's
 low-label regime: a generator pretrained on a large unlabelled corpus is fine-tuned with masks on a few scenes.
@@ -16,7 +16,8 @@ low-label regime: a generator pretrained on a large unlabelled corpus is fine-tu
     synthetic data (`crfm.segmentation.downstream`, i.e. `scripts/train_segmentor.py`; mmseg): the frozen CRFM
     guide, which is also the real-only downstream segmentor and filters and ranks (`--seg_config`), on the
     labelled split only; the judge (`--judge_config`, a full-resolution U-Net) on its own scenes, which scores mask
-    fidelity and never guides; and the downstream rows of real data alone (extra real scenes, real mosaics);
+    fidelity and never guides; and the downstream rows of real data alone (real mosaics, and with
+    `--upper_bound` extra real scenes);
     the guide last, and the generator's core takes what still waits when the generator ends first;
  5. synthesis of the held-out masks from the same noise (`crfm.sampling.synthesis`, i.e. `test.py`), stage (b):
     plain, CRFM at the paper's settings, and CRFM at test.py's defaults;
@@ -93,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="ci: a few-minute smoke run")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="full: also the ablation rows and the upper bound (the 3-seed bench); ci: a few-minute smoke run",
+    )
     parser.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
     parser.add_argument("--until", choices=[stage.name for stage in STAGES], help="stop after this stage (no report)")
     knobs = parser.add_argument_group("knobs (override the preset)")

@@ -2,9 +2,9 @@
 
 A downstream row is one segmentor: its key in summary.json, its work dir, its name in summary.md and the synthetic
 set added to the labelled scenes (None: real data only). Rows of real data alone train beside the generator (the
-models stage); the others need synthetic pairs and train in the downstream stage. Ablation rows (not the paper's
-chain nor a baseline it must beat) run only with the `ablations` knob (`--preset full`, the 3-seed bench), which keeps
-the default demo inside its 15 minutes.
+models stage); the others need synthetic pairs and train in the downstream stage. Rows that are neither the paper's
+chain nor a baseline it must beat run only with their knob (`--preset full`, the 3-seed bench), which keeps the
+default demo inside its 15 minutes: the ablation rows with `ablations`, the extra-real upper bound with `upper_bound`.
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ class DownstreamRow:
     work: str  # the segmentor's work dir
     name: str  # summary.md's row name
     synthetic: str | None  # the set added to the labelled scenes, `synth_ratio` of the draws; None: real data only
-    ablation: bool = False  # only with the `ablations` knob
+    knob: str | None = None  # the `DemoSettings` knob the row needs on (None: always trained)
 
 
 DOWNSTREAM = (
     DownstreamRow("real_only", "seg_real", "real only (the labelled scenes)", None),
     # Unfiltered: ablations of the paper's recipe (which filters); CRFM and plain are compared after filtering.
     DownstreamRow(
-        "real_synth_plain", "seg_real_synth_plain", "real + plain synthetic", "synth_train_plain", ablation=True
+        "real_synth_plain", "seg_real_synth_plain", "real + plain synthetic", "synth_train_plain", knob="ablations"
     ),
-    DownstreamRow("real_synth", "seg_real_synth", "real + CRFM synthetic", "synth_train", ablation=True),
+    DownstreamRow("real_synth", "seg_real_synth", "real + CRFM synthetic", "synth_train", knob="ablations"),
     DownstreamRow(
         "real_synth_plain_filtered",
         "seg_real_synth_plain_filtered",
@@ -63,7 +63,7 @@ DOWNSTREAM = (
         "seg_real_synth_filtered_resampled",
         "real + CRFM synthetic, hardness-resampled and filtered",
         "synth_train_resampled_filtered",
-        ablation=True,
+        knob="ablations",
     ),
     DownstreamRow(
         "real_synth_layouts",
@@ -83,7 +83,9 @@ DOWNSTREAM = (
         "real + real mosaics + CRFM new layouts, filtered (synthesis on top of copy-paste)",
         MOSAICS_AND_SYNTH[0],
     ),
-    DownstreamRow("real_extra", "seg_real_extra", "real + as many extra real scenes (upper bound)", None),
+    DownstreamRow(
+        "real_extra", "seg_real_extra", "real + as many extra real scenes (upper bound)", None, knob="upper_bound"
+    ),
 )
 ROWS = {row.key: row for row in DOWNSTREAM}
 # Synthetic sets of real data only: their rows train beside the generator.
@@ -92,6 +94,7 @@ REAL_DATA_SETS = (None, REAL_MOSAICS)
 TSTR = "seg_tstr"
 
 
-def downstream_rows(ablations: bool) -> tuple[DownstreamRow, ...]:
-    """The rows a run trains: every row with `ablations`, else those of the paper's chain and its baselines."""
-    return tuple(row for row in DOWNSTREAM if ablations or not row.ablation)
+def downstream_rows(settings: object) -> tuple[DownstreamRow, ...]:
+    """The rows a run with these `DemoSettings` trains: the paper's chain and its baselines, and the rows whose knob
+    is on."""
+    return tuple(row for row in DOWNSTREAM if row.knob is None or getattr(settings, row.knob))

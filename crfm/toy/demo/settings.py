@@ -24,6 +24,7 @@ BASES = ("pretrained", "scratch")
 SHIPPED_RESOLUTION = 64  # the shipped base's position grid covers exactly 64 px images (8 x 8 tokens)
 JUDGE_SEED_OFFSET = 500
 NUM_CLS = len(CLASSES)
+SYNTHESIS_BATCH = 8  # images per test.py batch, and per CRFM backward pass (`Demo.guide_flags`)
 # Few-step student recipe (docs/fewstep.md), the 2-RF-from-a-CRFM-teacher row of bench/fewstep_runs.py: pairs from
 # the uniform grid, AdamW at this rate, EMA of the weights used for sampling.
 REFLOW_LEARNING_RATE = 1e-4
@@ -72,6 +73,7 @@ class DemoSettings:
     tolerance_margin: float = 1.25
     synth_ratio: float = 0.5
     ablations: bool = False
+    upper_bound: bool = False
     few_step: int = 0
     reflow_segments: int = 2
     reflow_per_mask: int = 2
@@ -140,6 +142,8 @@ KNOB_HELP = {
     "synth_ratio": "share of synthetic draws in the mixed downstream segmentors' batches",
     "ablations": "also the ablation rows: plain and CRFM unfiltered, CRFM hardness-resampled (synthesis, filter, "
     "downstream row) and train on synthetic, test on real (TSTR); off by default for time, on in --preset full",
+    "upper_bound": "also the upper-bound row: the labelled scenes and as many extra real scenes as synthetic pairs, "
+    "trained beside the generator; off by default for time, on in --preset full",
     "few_step": "Euler steps of the few-step student (docs/fewstep.md; 0: no few-step stage, the default, for "
     "time; bench/results_fewstep.md measured 2, from a 20-step teacher in 4 segments)",
     "reflow_segments": "time segments of the few-step student (1: 2-rectified flow; K > 1: K-SeqRF); must divide "
@@ -154,8 +158,8 @@ KNOB_HELP = {
 
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},
-    # The default demo and its ablation rows (bench/demo_runs.py runs this).
-    "full": dict(ablations=True),
+    # The default demo, its ablation rows and the upper bound (bench/demo_runs.py runs this).
+    "full": dict(ablations=True, upper_bound=True),
     # A few minutes on 2 cores: every stage and artefact, at sizes too small to learn anything.
     "ci": dict(
         train_scenes=12,
@@ -172,6 +176,7 @@ PRESETS: dict[str, dict[str, object]] = {
         max_per_mask=2,
         few_step=2,  # the stage is off by default; the smoke run covers it
         ablations=True,  # so are the ablation rows
+        upper_bound=True,  # and the upper bound
         reflow_per_mask=1,
         reflow_train_steps=4,
         figure_rows=3,
@@ -180,7 +185,12 @@ PRESETS: dict[str, dict[str, object]] = {
 
 
 # Knobs whose default is not what the demo did before they existed: a folder that records none of them was made so.
-KNOBS_BEFORE: dict[str, object] = {"mask_add": False, "mask_dropout": 0.0, "mask_guidance_scale": 1.0}
+KNOBS_BEFORE: dict[str, object] = {
+    "mask_add": False,
+    "mask_dropout": 0.0,
+    "mask_guidance_scale": 1.0,
+    "upper_bound": True,
+}
 
 
 def scene_splits(total: int, test: int, val: int) -> dict[str, range]:

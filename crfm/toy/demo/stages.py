@@ -28,6 +28,7 @@ from crfm.toy.demo.settings import (
     NUM_CLS,
     REFLOW_EMA_DECAY,
     REFLOW_LEARNING_RATE,
+    SYNTHESIS_BATCH,
     DemoSettings,
     judge_val_scenes,
     pretrained_base,
@@ -205,14 +206,15 @@ class Demo(StageRunner):
         user's one segmentor would. The guide, the shortest run (16 scenes, 1000 iterations), is last: it is what the
         generator's core takes when the generator ends first, so the longer runs are not left for the end."""
         config = self.s.config_path(self.s.seg_config)
+        extra = ROWS["real_extra"]
         return [
             ("seg_judge", self.segmentor_args(
                 "seg_judge", self.s.seed + 1, root="toydata_judge", val="val.jsonl",
                 config=self.s.config_path(self.s.judge_config), iters=self.s.judge_iters,
             )),
-            ("seg_real_extra", self.segmentor_args(
-                "seg_real_extra", self.s.seed, train="train_extra.jsonl", config=config, iters=self.mixed_iters()
-            )),
+            *([(extra.work, self.segmentor_args(
+                extra.work, self.s.seed, train="train_extra.jsonl", config=config, iters=self.mixed_iters()
+            ))] if extra in self.rows() else []),
             self.mixed_run(ROWS["real_mosaic"]),
             ("seg_real", self.segmentor_args("seg_real", self.s.seed, config=config)),
         ]  # fmt: skip
@@ -241,8 +243,8 @@ class Demo(StageRunner):
         ]  # fmt: skip
 
     def rows(self) -> tuple[DownstreamRow, ...]:
-        """The downstream rows this run trains (`ablations`: all of them)."""
-        return downstream_rows(self.s.ablations)
+        """The downstream rows this run trains (`ablations` and `upper_bound`: all of them)."""
+        return downstream_rows(self.s)
 
     def synth_train(self) -> None:
         """The labelled masks x`num_per_mask`, plain and CRFM; with `ablations`, CRFM with hardness-ranked counts."""
@@ -348,7 +350,12 @@ class Demo(StageRunner):
         if crfm is None:
             return []
         guide = self.path("seg_real")
-        rectify: list[object] = ["--mmseg_config", guide / "config.py", "--mmseg_ckpt", guide / "segmentor.pth"]
+        # The whole batch in one CRFM backward pass (test.py's default of one image bounds GPU memory at 1024 px): at
+        # 64 px on this CPU it halves CRFM's cost, and the images equal those of one image per pass to 3/255.
+        rectify: list[object] = [
+            "--mmseg_config", guide / "config.py", "--mmseg_ckpt", guide / "segmentor.pth",
+            "--crfm_chunk_size", SYNTHESIS_BATCH,
+        ]  # fmt: skip
         if crfm == "paper":  # the paper's scripts' setting; "default" is test.py's own
             from crfm.sampling.rectify import CRFMConfig
 
@@ -362,8 +369,8 @@ class Demo(StageRunner):
         return [
             "--pretrained_model_name_or_path", self.path("tiny_sd35"), "--data_root", self.path(root),
             "--json_file", json_file, "--vectors_path", self.path(vectors), "--lora_ckpt", generator,
-            "--work_dir", self.path(work), "--num_cls", NUM_CLS, "--resolution", self.s.resolution, "--batch_size", 8,
-            "--seed", self.s.seed, *self.quiet(),
+            "--work_dir", self.path(work), "--num_cls", NUM_CLS, "--resolution", self.s.resolution,
+            "--batch_size", SYNTHESIS_BATCH, "--seed", self.s.seed, *self.quiet(),
         ]  # fmt: skip
 
     def held_out_syntheses(self) -> None:
@@ -468,8 +475,8 @@ STAGES = (
     Stage(
         "models",
         "train the mask-conditioned MM-DiT (paper stage a); beside it the segmentors (mmseg) of real data: the CRFM "
-        "guide = real-only downstream segmentor, the judge (full-resolution U-Net, its own scenes), real + extra real, "
-        "real + real mosaics",
+        "guide = real-only downstream segmentor, the judge (full-resolution U-Net, its own scenes), real + real "
+        "mosaics (and real + extra real with --upper_bound)",
         Demo.models,
         Demo.models_results,
     ),
