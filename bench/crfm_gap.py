@@ -51,6 +51,44 @@ def judge_scores(out: Path) -> dict[str, list[float]]:
     return scores
 
 
+def view_scores(out: Path) -> dict[str, list[float]]:
+    """mIoU (%) of the guide and the judge on the held-out syntheses, plain and CRFM, seen as drawn and in each of
+    the 7 other dihedral views (predictions put back on the mask's pixels): an image that follows its mask scores
+    alike in every view, one pushed toward a segmentor's view-bound beliefs scores less once turned."""
+    import torch
+
+    from crfm.data.dataset import PairDataset
+    from crfm.data.index import read_index
+    from crfm.segmentation.adapter import load_segmentor
+    from crfm.segmentation.evaluate import mask_fidelity
+    from crfm.segmentation.views import back_from_view, dihedral_views, view_of
+
+    class Viewed(torch.nn.Module):
+        def __init__(self, segmentor: torch.nn.Module, view: tuple[int, bool]) -> None:
+            super().__init__()
+            self.segmentor, self.view = segmentor, view
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return back_from_view(self.segmentor(view_of(images, *self.view)), *self.view)
+
+    cache = out / "bench_crfm_views.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    resolution = json.loads((out / "demo_settings.json").read_text())["resolution"]
+    scores = {}
+    for segmentor_dir in ("seg_real", "seg_judge"):
+        segmentor = load_segmentor(out / segmentor_dir / "config.py", out / segmentor_dir / "segmentor.pth", num_cls=6)
+        for images in ("held-out plain", "held-out CRFM"):
+            work, index = SETS[images]
+            dataset = PairDataset(read_index(out / work / index, out / work), out / work, resolution, num_cls=6)
+            scores[f"{segmentor_dir} {images}"] = [
+                100 * mask_fidelity(Viewed(segmentor, view), dataset, 6, progress=False)["mIoU"]
+                for view in dihedral_views(8)
+            ]
+    cache.write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
 # Filtered sets the downstream rows train on -> (the unfiltered set: the masks as drawn, the filtered set)
 FILTERED = {
     "plain x3": ("synth_train_plain", "synth_train_plain_filtered"),
@@ -154,6 +192,14 @@ def main() -> int:
             continue
         keys = [f"IoU.{c}" for c in CLASSES] + ["mIoU"]
         lines.append(f"| {label} | " + " | ".join(cell([d[a][k] - d[b][k] for d in downstream]) for k in keys) + " |")
+    viewed = [view_scores(out) for out in args.runs]
+    lines += ["", "The held-out syntheses as drawn and turned or mirrored (`view_scores`), mIoU (%), mean ± std:", ""]
+    lines += ["| segmentor | images | as drawn | the 7 other views (mean) | drop |", "|---|---|---|---|---|"]
+    for key in viewed[0]:
+        drawn, others = [v[key][0] for v in viewed], [sum(v[key][1:]) / 7 for v in viewed]
+        who = "guide (drives CRFM, filters)" if key.startswith("seg_real") else "judge (never guides)"
+        drop = cell([d - o for d, o in zip(drawn, others, strict=True)])
+        lines.append(f"| {who} | {key.split(' ', 1)[1]} | {cell(drawn)} | {cell(others)} | {drop} |")
     audits = [filter_audit(out) for out in args.runs]
     lines += ["", "The filter's audit (`filter_audit`): % of each class's pixels of the ×3 sets, mean ± std:", ""]
     lines += ["| set | share | " + " | ".join([*CLASSES, "all"]) + " |", "|---|---|" + "---|" * (len(CLASSES) + 1)]

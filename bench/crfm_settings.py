@@ -51,6 +51,9 @@ SETTINGS: dict[str, str | None] = {
     "s300_r10_n1": crfm_flags(10, 300.0, 1),
     "s30_r3_n3": crfm_flags(3, 30.0, 3),
     "s30_r10_n3_constant": crfm_flags(10, 30.0, 3, step_scheme="C"),
+    "views4": crfm_flags(12, 30.0, 3, views=4),
+    "views8": crfm_flags(12, 30.0, 3, views=8),
+    "views8_s100": crfm_flags(12, 100.0, 3, views=8),
 }
 
 

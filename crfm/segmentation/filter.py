@@ -11,6 +11,12 @@ real set, each class's mean per-pixel cross-entropy over the real images; a synt
 `--tolerance_margin` times the mean of its mask's class is set to 255 (ignored by the loss). A class absent from the
 real set has no mean: its synthetic pixels are kept (the report says so).
 
+`--views N` averages the segmentor's class probabilities over N dihedral views of each image (1: the image as is;
+2: and its mirror image; 4: its quarter turns; 8: both) before the loss, for the real means and the synthetic pixels
+alike. CRFM pushes a synthetic image toward what its guide predicts in the one view it sees, and much of that push
+does not survive a quarter turn (bench/results_crfm_gap.md); when the guide also filters, averaging over views keeps
+the filter from trusting what CRFM made it believe.
+
 `--work_dir` becomes a dataset in crfm's layout that `python -m crfm.segmentation.downstream --synth_root` takes:
 `label/` (the filtered masks), `img/` (hard links to the synthetic images, or copies across file systems; the
 originals are never modified or moved), `index.jsonl` (the synthetic index lines, `source` on the filtered mask,
@@ -39,6 +45,7 @@ from PIL import Image
 
 from crfm.data.dataset import PairDataset, check_index_pairs
 from crfm.data.index import CLASSES_FILE, IGNORE_INDEX, IndexItem, read_classes_json
+from crfm.segmentation.views import VIEW_COUNTS, back_from_view, dihedral_views, view_of
 from crfm.utils.fileio import (
     append_records,
     atomic_path,
@@ -86,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="resize the real pairs (short side + centre crop) first, e.g. to the synthesis --resolution; "
         "synthetic pairs are scored at their own size",
     )
+    parser.add_argument(
+        "--views",
+        type=int,
+        choices=VIEW_COUNTS,
+        default=1,
+        help="dihedral views the segmentor's probabilities are averaged over before the loss (1: the image as is)",
+    )
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per segmentor call")
     add_run_flags(parser, seed_help=None, device=True)
     return parser
@@ -110,11 +124,22 @@ def _device(module: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def pixel_losses(segmentor: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-pixel cross-entropy [B, H, W] (CPU, float32) of the segmentor's logits vs `labels`; 0 where 255."""
+def pixel_losses(
+    segmentor: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, views: int = 1
+) -> torch.Tensor:
+    """Per-pixel cross-entropy [B, H, W] (CPU, float32) of the segmentor vs `labels`; 0 where 255. With `views`
+    > 1, of its class probabilities averaged over that many dihedral views."""
     device = _device(segmentor)
-    logits = segmentor(images.to(device)).float()
-    return F.cross_entropy(logits, labels.to(device), ignore_index=IGNORE_INDEX, reduction="none").cpu()
+    images, labels = images.to(device), labels.to(device)
+    if views == 1:
+        logits = segmentor(images).float()
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").cpu()
+    probabilities = torch.stack([
+        back_from_view(segmentor(view_of(images, turns, mirror)).float().softmax(dim=1), turns, mirror)
+        for turns, mirror in dihedral_views(views)
+    ]).mean(dim=0)  # fmt: skip
+    log_probabilities = probabilities.clamp_min(torch.finfo(torch.float32).tiny).log()
+    return F.nll_loss(log_probabilities, labels, ignore_index=IGNORE_INDEX, reduction="none").cpu()
 
 
 def batches(dataset: PairDataset, positions: Iterable[int], batch_size: int) -> Iterator[list[dict]]:
@@ -131,9 +156,9 @@ def batches(dataset: PairDataset, positions: Iterable[int], batch_size: int) -> 
         yield batch
 
 
-def batch_losses(segmentor: torch.nn.Module, batch: list[dict]) -> np.ndarray:
+def batch_losses(segmentor: torch.nn.Module, batch: list[dict], views: int = 1) -> np.ndarray:
     images = torch.stack([s["image"] for s in batch])
-    return pixel_losses(segmentor, images, torch.stack([s["label"] for s in batch])).double().numpy()
+    return pixel_losses(segmentor, images, torch.stack([s["label"] for s in batch]), views).double().numpy()
 
 
 def class_counts(labels: np.ndarray, num_cls: int) -> np.ndarray:
@@ -143,15 +168,17 @@ def class_counts(labels: np.ndarray, num_cls: int) -> np.ndarray:
 
 
 def class_mean_losses(
-    segmentor: torch.nn.Module, dataset: PairDataset, num_cls: int, batch_size: int = 8, progress: bool = True
-) -> ClassLosses:
-    """Sum and pixel count of the per-pixel cross-entropy per class (of the label) over every item of `dataset`."""
+    segmentor: torch.nn.Module, dataset: PairDataset, num_cls: int, batch_size: int = 8, progress: bool = True,
+    views: int = 1,
+) -> ClassLosses:  # fmt: skip
+    """Sum and pixel count of the per-pixel cross-entropy per class (of the label) over every item of `dataset`
+    (`views`: as `pixel_losses`)."""
     from tqdm.auto import tqdm
 
     losses = ClassLosses(np.zeros(num_cls), np.zeros(num_cls, np.int64), np.zeros((len(dataset), num_cls), np.int64))
     bar = tqdm(total=len(dataset), desc="real class losses", unit="img", disable=not progress)
     for batch in batches(dataset, range(len(dataset)), batch_size):
-        for sample, loss in zip(batch, batch_losses(segmentor, batch), strict=True):
+        for sample, loss in zip(batch, batch_losses(segmentor, batch, views), strict=True):
             label = sample["label"].numpy()
             valid = label != IGNORE_INDEX
             losses.loss_sum += np.bincount(label[valid], weights=loss[valid], minlength=num_cls)[:num_cls]
@@ -250,6 +277,7 @@ def class_loss_inputs(args: argparse.Namespace) -> dict:
         "real_index": _stamp(Path(args.data_root) / args.json_file),
         "resolution": args.resolution,
         "num_cls": args.num_cls,
+        **({"views": args.views} if args.views != 1 else {}),  # a cache from before --views existed: one view
     }
 
 
@@ -299,7 +327,9 @@ def real_class_means(
     if means is not None:
         return means
     dataset = PairDataset(items, args.data_root, resolution=args.resolution, num_cls=args.num_cls)
-    losses = class_mean_losses(segmentor, dataset, args.num_cls, args.batch_size, progress=not args.no_progress)
+    losses = class_mean_losses(
+        segmentor, dataset, args.num_cls, args.batch_size, progress=not args.no_progress, views=args.views
+    )
     means = losses.means()
     cache = {
         "inputs": inputs,
@@ -314,6 +344,8 @@ def real_class_means(
 def settings_key(args: argparse.Namespace, class_means: Sequence[float | None]) -> str:
     """What a filtered mask depends on besides its own pair: a record made under another key is redone."""
     settings = {"tolerance_margin": args.tolerance_margin, "class_mean_loss": list(class_means)}
+    if args.views != 1:  # records made before --views existed keep their key
+        settings["views"] = args.views
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -343,7 +375,8 @@ def filter_report(
 
 def format_report(report: dict) -> str:
     lines = [
-        f"FreeMask filtering, tolerance margin {report['tolerance_margin']} ({report['items']} synthetic items)",
+        f"FreeMask filtering, tolerance margin {report['tolerance_margin']}, {report.get('views', 1)} view(s) "
+        f"({report['items']} synthetic items)",
         "",
         "| class | real mean loss | synthetic px | filtered px | filtered (%) |",
         "|---|---|---|---|---|",
@@ -396,7 +429,7 @@ def filter_synthetic(args: argparse.Namespace) -> dict:
     for batch in batches(dataset, pending, args.batch_size):
         records = [
             filter_item(target, synth_items[s["position"]], s, loss)
-            for s, loss in zip(batch, batch_losses(segmentor, batch), strict=True)
+            for s, loss in zip(batch, batch_losses(segmentor, batch, args.views), strict=True)
         ]
         append_records(work_dir / RECORDS, records)  # after the files they stand for
         done.update((r["unit"], r) for r in records)
@@ -411,7 +444,7 @@ def filter_synthetic(args: argparse.Namespace) -> dict:
             write_text_atomic(work_dir / CLASSES_FILE, classes.read_text(encoding="utf-8"))
             names = list(read_classes_json(classes)["classes"])  # the dataset's names over the model's numbers
             break
-    report = filter_report(records, names, class_means, args.tolerance_margin)
+    report = filter_report(records, names, class_means, args.tolerance_margin) | {"views": args.views}
     write_text_atomic(work_dir / REPORT, json.dumps(report, indent=2) + "\n")
     print(format_report(report))
     print(f"wrote {work_dir / 'index.jsonl'} ({done_before} items done before, {len(pending)} now) and {REPORT}")

@@ -18,6 +18,8 @@ LEGACY_MASK_ENCODING = "grey"
 # that train.py's flags offer them without loading diffusers' model code.
 TRAIN_MODES = ("full", "lora")
 MASK_INITS = ("copy", "fresh")
+# Dihedral views a segmentor's probabilities can be averaged over (the FreeMask filter's --views).
+VIEW_COUNTS = (1, 2, 4, 8)
 
 # Files that hold a diffusers component's weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

@@ -132,6 +132,36 @@ def test_items_are_rectified_independently_of_their_batch(vae):
     assert torch.allclose(together, alone, atol=1e-5)
 
 
+class PositionBiasedSegmentor(ColourSegmentor):
+    """ColourSegmentor plus a fixed logit map over the pixels: beliefs bound to one orientation."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = images.shape[-1]
+        ramp = torch.linspace(-4.0, 4.0, size).expand(size, size)
+        return super().forward(images) + torch.stack([ramp * (c - 2.5) for c in range(NUM_CLS)])
+
+
+def test_views_ask_the_guide_about_each_orientation_in_turn(vae):
+    """--crfm_views: a guide that treats every pixel alike gives the same rectified velocity in every view; one with
+    orientation-bound beliefs does not. Only a non-default count enters test.py's record (older records resume)."""
+    labels = labels_for(2)
+    latents, velocity = torch.randn(2, 16, 8, 8), 0.3 * torch.randn(2, 16, 8, 8)
+    sigma = torch.tensor(0.7)
+    config = CRFMConfig(rectified_step=2, max_step_size=0.5, num_rectified=2)
+    for segmentor, alike in ((ColourSegmentor(), True), (PositionBiasedSegmentor(), False)):
+        results = [
+            ControlRectifier(CRFMConfig(**{**config.__dict__, "views": views}), segmentor, vae, labels, 10)(
+                1, sigma, latents, velocity
+            )
+            for views in (1, 8)
+        ]
+        assert torch.allclose(*results, atol=1e-4) == alike
+    assert "views" not in CRFMConfig().record() and CRFMConfig(views=8).record()["views"] == 8
+    assert CRFMConfig(views=4).flags() == ["--crfm_views", "4"]
+    with pytest.raises(ValueError, match="views"):
+        CRFMConfig(views=3)
+
+
 def test_works_under_no_grad_and_touches_no_weights(vae):
     segmentor = ColourSegmentor()
     segmentor.head.weight.requires_grad_(True)  # even a segmentor that forgot to freeze keeps its weights clean

@@ -20,7 +20,7 @@ from PIL import Image
 
 from crfm.data.index import read_index
 from crfm.segmentation import filter as freemask
-from crfm.segmentation import hardness
+from crfm.segmentation import hardness, views
 from tests.helpers import TOY_SEGFORMER, vectorized_toy_data
 
 CLASSES = ("water", "forest", "field")  # "field" never occurs in the real set
@@ -184,6 +184,67 @@ def test_pixels_above_margin_times_class_mean_are_ignored(data, segmentor, tmp_p
     stricter = run_filter(data, work, "--tolerance_margin", "1.0")
     assert stricter["done_before"] == 0 and stricter["filtered_pixels"] == [1, 1, 0]
     assert labels(work)["syn0"][10, 10] == 255
+
+
+@pytest.mark.parametrize("count", views.VIEW_COUNTS)
+def test_each_view_maps_back_onto_the_image(count):
+    """`count` distinct dihedral views, each put back exactly where it came from (a non-square map too)."""
+    dihedral = views.dihedral_views(count)
+    maps = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    seen = {tuple(views.view_of(maps[:, :, :4, :4], *view).flatten().tolist()) for view in dihedral}
+    assert len(dihedral) == len(seen) == count and dihedral[0] == (0, False)
+    for view in dihedral:
+        torch.testing.assert_close(views.back_from_view(views.view_of(maps, *view), *view), maps)
+
+
+class PositionSegmentor(torch.nn.Module):
+    """Logits that ignore the image: a fixed map over the pixels, as an overfitted guide's view-bound beliefs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], -1, -1, -1)
+
+
+def test_losses_averaged_over_views_see_only_what_every_view_agrees_on():
+    """One view: the plain cross-entropy. Eight: of the probabilities averaged over the dihedral views, so what a
+    segmentor believes only in one orientation is averaged out (a uniform label's loss map becomes symmetric),
+    while a segmentor that treats every pixel alike (PaintSegmentor) loses nothing."""
+    import torch.nn.functional as F
+
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    labels = torch.ones(2, SIZE, SIZE, dtype=torch.long)
+    position = PositionSegmentor()
+    one = freemask.pixel_losses(position, images, labels)
+    torch.testing.assert_close(one, F.cross_entropy(position(images), labels, reduction="none"))
+    eight = freemask.pixel_losses(position, images, labels, views=8)
+    assert not torch.allclose(eight, one)
+    for symmetric in (eight.flip(-1), eight.flip(-2), eight.transpose(-2, -1), torch.rot90(eight, 1, (-2, -1))):
+        torch.testing.assert_close(symmetric, eight)
+    labels[:, 0, 0] = 255  # ignored pixels cost nothing, the others are unchanged
+    ignored = freemask.pixel_losses(position, images, labels, views=8)
+    assert ignored[:, 0, 0].eq(0).all() and torch.equal(ignored[:, 1:], eight[:, 1:])
+    paint = PaintSegmentor()
+    colours = (images > 0.5).float()
+    torch.testing.assert_close(
+        freemask.pixel_losses(paint, colours, labels, views=8), freemask.pixel_losses(paint, colours, labels)
+    )
+
+
+def test_views_are_recorded_and_a_change_redoes_the_filter(data, segmentor, tmp_path):
+    """--views: a per-pixel segmentor filters the same pixels in 8 views as in one; the report and the class-mean
+    cache record the views, and another count redoes the means and every item."""
+    work = tmp_path / "out"
+    one = run_filter(data, work)
+    eight = run_filter(data, work, "--views", "8")
+    assert eight["done_before"] == 0 and eight["views"] == 8 and one["views"] == 1
+    assert eight["filtered_pixels"] == one["filtered_pixels"] == [1, 0, 0]
+    assert json.loads((work / freemask.CLASS_LOSSES).read_text())["inputs"]["views"] == 8
+    assert json.loads((work / freemask.REPORT).read_text())["views"] == 8
+    with pytest.raises(SystemExit):
+        freemask.build_parser().parse_args(cli(data, work, "--views", "3"))
 
 
 def test_a_killed_run_resumes_without_redoing_finished_items(data, segmentor, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import crfm
 from crfm.models.conditioning import MASK_ENCODINGS, has_null_mask
 from crfm.toy.toydata import CLASSES
+from crfm.utils.constants import VIEW_COUNTS
 from crfm.utils.fileio import refuse_changed_settings, write_text_atomic
 from crfm.utils.flags import MIXED_PRECISION_CHOICES, UsageError
 
@@ -71,6 +72,7 @@ class DemoSettings:
     min_per_mask: int = 1
     max_per_mask: int = 5
     tolerance_margin: float = 1.25
+    filter_views: int = 8
     synth_ratio: float = 0.5
     ablations: bool = False
     upper_bound: bool = False
@@ -139,6 +141,8 @@ KNOB_HELP = {
     "min_per_mask": "hardness-resampled synthesis: images for the easiest labelled mask",
     "max_per_mask": "hardness-resampled synthesis: images for the hardest labelled mask",
     "tolerance_margin": "FreeMask filter: a synthetic pixel is ignored above this times its class's mean real loss",
+    "filter_views": "FreeMask filter: dihedral views the guide's probabilities are averaged over (filter --views; "
+    "CRFM fools the guide in the one view it sees, bench/results_crfm_gap.md; 1: the image as is)",
     "synth_ratio": "share of synthetic draws in the mixed downstream segmentors' batches",
     "ablations": "also the ablation rows: plain and CRFM unfiltered, CRFM hardness-resampled (synthesis, filter, "
     "downstream row) and train on synthetic, test on real (TSTR); off by default for time, on in --preset full",
@@ -190,6 +194,7 @@ KNOBS_BEFORE: dict[str, object] = {
     "mask_dropout": 0.0,
     "mask_guidance_scale": 1.0,
     "upper_bound": True,
+    "filter_views": 1,
 }
 
 
@@ -226,6 +231,8 @@ def check_knobs(settings: DemoSettings) -> None:
         raise UsageError(
             f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {settings.mixed_precision!r}"
         )
+    if settings.filter_views not in VIEW_COUNTS:
+        raise UsageError(f"--filter_views must be one of {VIEW_COUNTS}, got {settings.filter_views}")
     if settings.mask_encoding not in MASK_ENCODINGS:
         raise UsageError(f"--mask_encoding must be one of {MASK_ENCODINGS}, got {settings.mask_encoding!r}")
     if settings.base != "scratch":

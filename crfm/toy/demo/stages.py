@@ -262,11 +262,12 @@ class Demo(StageRunner):
         )
 
     def filter_synthetic(self, synth: str) -> None:
-        """FreeMask: synthetic pixels the real-only segmentor finds implausible for their class -> ignore."""
+        """FreeMask: synthetic pixels the real-only segmentor finds implausible for their class (its probabilities
+        averaged over `filter_views` dihedral views) -> ignore."""
         self.run(
             "crfm.segmentation.filter", *self.filter_flags(), "--json_file", "train.jsonl",
             "--synth_root", self.path(synth), "--work_dir", self.path(f"{synth}_filtered"),
-            "--tolerance_margin", self.s.tolerance_margin,
+            "--tolerance_margin", self.s.tolerance_margin, "--views", self.s.filter_views,
         )  # fmt: skip
 
     def filtered_sets(self) -> tuple[str, ...]:
