@@ -77,7 +77,7 @@ python -m crfm.segmentation.evaluate --data_root "$WORK/synth_loveda" --num_cls 
 #    synthetic, unfiltered and filtered, each row in its own work dir, at equal real exposure; scored on val.jsonl
 python -m crfm.segmentation.filter --data_root "$DATA" --json_file train.jsonl --num_cls 7 \
   --mmseg_config "$WORK/seg_real/config.py" --mmseg_ckpt "$WORK/seg_real/segmentor.pth" \
-  --synth_root "$WORK/synth_loveda" --work_dir "$WORK/synth_loveda_filtered" --resolution "$RESOLUTION"
+  --synth_root "$WORK/synth_loveda" --work_dir "$WORK/synth_loveda_filtered" --resolution "$RESOLUTION" --views 8
 DATA_ROOT=$DATA SYNTH_ROOT=$WORK/synth_loveda MMSEG_CONFIG=$SEG_CONFIG NUM_CLS=7 WORK_DIR=$WORK/seg_real_synth \
   bash downstream.sh --real_repeat 10 --match_real_exposure --max_iters "$SEG_ITERS" --batch_size "$SEG_BATCH" \
   --device "$DEVICE" $SEG_FLAGS

@@ -5,7 +5,8 @@ x̂₀ = x_t − σ_t·v, decoded by the VAE, and a frozen segmentor's cross-ent
 counted only on pixels that are valid (not 255) and currently misclassified, averaged per image — is
 differentiated with respect to v. Then v ← (1−η)·v − η·g (the (1−η) shrink only with `shrink_velocity`), optionally
 with g L2-normalised per sample, and v is clamped to [−c, c] (c = `velocity_clamp`, 1 in the paper's scripts; 0
-turns the clamp off); this repeats `num_rectified` times. η follows
+turns the clamp off); this repeats `num_rectified` times, the segmentor seeing the decoded image in one of `views`
+dihedral views per pass in turn (its prediction turned back onto the mask). η follows
 `step_scheme`: LD η_max·(1−(i+1)/N), LI η_max·(i+1)/N, C η_max, with N the number of sampling steps.
 
 Each image's loss is its own (summed over the batch, not averaged), so an item's correction does not depend
@@ -68,8 +69,8 @@ class CRFMConfig:
     # The guide's beliefs bound to one orientation are what a long CRFM push exploits (bench/results_crfm_gap.md):
     # cycling its view over the passes asks for what every view agrees on, at no extra cost.
     views: int = option(
-        1, "dihedral views the guide sees, one per CRFM pass in turn (1: the image as is)", flag="crfm_views",
-        kind=int, choices=VIEW_COUNTS,
+        8, "dihedral views the guide sees, one per CRFM pass in turn (1: the image as is, as the paper's scripts)",
+        flag="crfm_views", kind=int, choices=VIEW_COUNTS,
     )  # fmt: skip
     # SD3-scaled velocities (noise - x0) have a std of ~1.4, so the paper scripts' clamp to [-1, 1] also clips many
     # components CRFM never touched.
@@ -89,8 +90,11 @@ class CRFMConfig:
 
     @classmethod
     def paper(cls, **overrides: object) -> CRFMConfig:
-        """The setting of the paper's scripts (4 of 23 steps, eta_max 0.1, one raw pass, clamp 1), with overrides."""
-        settings = dict(rectified_step=4, max_step_size=0.1, num_rectified=1, l2_norm=False, velocity_clamp=1.0)
+        """The setting of the paper's scripts (4 of 23 steps, eta_max 0.1, one raw pass, clamp 1, the image as is),
+        with overrides."""
+        settings = dict(
+            rectified_step=4, max_step_size=0.1, num_rectified=1, l2_norm=False, velocity_clamp=1.0, views=1
+        )
         return cls(**{**settings, **overrides})
 
     def flags(self) -> list[str]:

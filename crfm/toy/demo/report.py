@@ -97,7 +97,7 @@ ROW_NAMES = {
     "crfm_paper": "CRFM, paper settings (the first {paper_rectified} of {steps} steps, eta_max "
     "{paper.max_step_size:g}, clamp {paper.velocity_clamp:g})",
     "crfm": "CRFM, test.py defaults (the first {rectified} of {steps} steps x {num_rectified}, eta_max "
-    "{max_step_size:g}, L2-normalised {l2_norm}, clamp {velocity_clamp:g})",
+    "{max_step_size:g}, L2-normalised {l2_norm}, clamp {velocity_clamp:g}, {views} view(s))",
     FEW_STEP[0]: "few-step: {student} student of the CRFM teacher, {few_step} Euler step(s), no segmentor",
 }
 

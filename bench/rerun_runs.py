@@ -1,0 +1,181 @@
+"""Later stages of finished demo runs again, with other sampling or filter knobs or the current code: the same
+generator, guide, judge and real-data rows, paired against the run's own rows.
+
+    python bench/rerun_runs.py --runs outputs/bench_demo/default/seed0 outputs/bench_demo/default/seed1 \
+        outputs/bench_demo/default/seed2 --variant views8="--filter_views 8"                  # the filter alone
+    python bench/rerun_runs.py --runs ... --from synthesis --variant now=""                 # syntheses too
+
+`--from filter` (the default): the run's syntheses filtered again and the filtered downstream rows trained again,
+so a difference is the filter's alone (the layouts stage's syntheses are the run's: only its filter and the union
+are redone, by the demo's own code). `--from synthesis`: every synthesis, the fidelity table, the filter and the
+downstream rows made again by the current code (e.g. test.py's CRFM defaults), from the run's models. Each
+(variant, run) is a copy of the run without what is redone, its settings with the variant's knobs (only those of
+`KNOBS`), then `python -m crfm.toy.demo`, which reuses every finished stage. Resumable: finished copies are reused.
+The table: the rows that changed (mIoU, road and building IoU), mean ± std over runs, and the paired difference to
+the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+
+from crfm.toy.demo.rows import DOWNSTREAM, GENERATOR_DATA, GENERATOR_VECTORS, MOSAICS_AND_SYNTH, REAL_MOSAICS
+from crfm.utils.runs import REPO, Job, mean_std, print_table, run_jobs_or_exit, run_logged
+
+KNOBS = ("tolerance_margin", "filter_views", "num_inference_steps", "mask_guidance_scale", "num_per_mask")
+SAMPLING_KNOBS = ("num_inference_steps", "mask_guidance_scale", "num_per_mask")  # only with --from synthesis
+# The rows trained on synthetic pairs, and the mosaics + layouts union's.
+SYNTHETIC_ROWS = [row for row in DOWNSTREAM if row.synthetic and row.synthetic != REAL_MOSAICS]
+FILTERED_ROWS = [row for row in SYNTHETIC_ROWS if row.synthetic.endswith("_filtered")]
+UNION_ROW = next(row for row in DOWNSTREAM if row.synthetic == MOSAICS_AND_SYNTH[0])
+REPORT = {"summary.json", "summary.md", "samples.png"}
+# --from filter: what a copy leaves behind (the filtered sets, their union, the rows trained on them).
+REDONE = {
+    *(row.work for row in FILTERED_ROWS), *(row.synthetic for row in FILTERED_ROWS), MOSAICS_AND_SYNTH[0],
+    UNION_ROW.work, *REPORT,
+}  # fmt: skip
+# --from synthesis: what a copy keeps (the data, base, vectors and the models stage's products).
+KEPT = {
+    "demo_settings.json", "stages", "logs", "toydata", "toydata_judge", REAL_MOSAICS, "tiny_sd35", "vectors",
+    GENERATOR_VECTORS, GENERATOR_DATA[0], "train", "seg_judge",
+    *(row.work for row in DOWNSTREAM if row.synthetic in (None, REAL_MOSAICS)),
+}  # fmt: skip
+FIRST_STAGES = ("data", "pipeline", "vectors", "models")
+REDONE_STAGES = ("filter", "layouts", "downstream")
+
+
+def knob_values(knobs: str, start: str) -> dict[str, object]:
+    from crfm.toy.demo import build_parser
+
+    args = build_parser().parse_args(shlex.split(knobs))
+    allowed = KNOBS if start == "synthesis" else tuple(k for k in KNOBS if k not in SAMPLING_KNOBS)
+    values = {name: getattr(args, name) for name in allowed if getattr(args, name) is not None}
+    others = [word for word in shlex.split(knobs) if word.startswith("--") and word[2:] not in allowed]
+    if others:
+        raise SystemExit(f"{knobs!r}: from {start}, only the knobs {allowed} can change, not {others}")
+    return values
+
+
+def left_behind(run: Path, start: str, where: str, names: list[str]) -> list[str]:
+    """copytree's ignore, in the run's own folder only (train/summary.json is the generator's): from the filter,
+    `REDONE` and bench scripts' caches (`bench_*`); from synthesis, all but `KEPT`."""
+    if Path(where) != run:
+        return []
+    if start == "synthesis":
+        return [name for name in names if name not in KEPT]
+    return [name for name in names if name in REDONE or name.startswith("bench_")]
+
+
+def rerun(run: Path, folder: Path, knobs: str, start: str) -> None:
+    """Copy `run` to `folder` without what is redone from `start`, with the variant's knobs; run the demo on it."""
+    from crfm.toy.demo.stages import Demo
+
+    if not (folder / "demo_settings.json").is_file():
+        partial_copy = folder.with_name(folder.name + ".copying")
+        shutil.rmtree(partial_copy, ignore_errors=True)
+        shutil.copytree(
+            run, partial_copy, symlinks=True, ignore=lambda where, names: left_behind(run, start, where, names)
+        )
+        for marker in (partial_copy / "stages").iterdir():
+            if marker.stem in REDONE_STAGES or (start == "synthesis" and marker.stem not in FIRST_STAGES):
+                marker.unlink()
+        settings = json.loads((run / "demo_settings.json").read_text()) | knob_values(knobs, start)
+        (partial_copy / "demo_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+        partial_copy.rename(folder)
+    settings_values = json.loads((folder / "demo_settings.json").read_text())
+    if start == "filter" and not (folder / "stages" / "layouts.json").is_file():
+        from crfm.toy.demo.settings import DemoSettings
+
+        # The layouts stage's syntheses are the run's: only its filter and the union are redone, in the demo's code.
+        demo = Demo(folder, DemoSettings(**settings_values), progress=False)
+        demo.filter()
+        demo.filter_synthetic("synth_layouts")
+        demo.union_dataset(*MOSAICS_AND_SYNTH)
+        for stage in ("filter", "layouts"):
+            (folder / "stages" / f"{stage}.json").write_text(json.dumps({"seconds": 0.0}) + "\n")
+    run_logged([
+        sys.executable, "-m", "crfm.toy.demo", "--out", str(folder), "--no_progress", *demo_flags(settings_values)
+    ], folder.with_suffix(".log"), threads=None)  # fmt: skip
+
+
+def demo_flags(recorded: dict[str, object]) -> list[str]:
+    """The demo's command-line knobs that reproduce recorded settings (a knob recorded by none: `KNOBS_BEFORE`)."""
+    import dataclasses
+
+    from crfm.toy.demo.settings import KNOBS_BEFORE, DemoSettings
+
+    flags = []
+    for field in dataclasses.fields(DemoSettings):
+        value = recorded.get(field.name, KNOBS_BEFORE.get(field.name, field.default))
+        if isinstance(field.default, bool):
+            flags.append(f"--{field.name}" if value else f"--no-{field.name}")
+        else:
+            flags += [f"--{field.name}", str(value)]
+    return flags
+
+
+def rows_of(folder: Path) -> dict[str, float]:
+    summary = json.loads((folder / "summary.json").read_text())
+    down = summary["downstream"]
+    values = {f"judge {images}": row["judge_mIoU"] for images, row in summary["mask_fidelity"].items()}
+    for row in SYNTHETIC_ROWS:
+        if row.key in down:
+            values[row.key] = down[row.key]["mIoU"]
+            values |= {f"{row.key} IoU.{c}": down[row.key][f"IoU.{c}"] for c in ("road", "building")}
+    if "real_synth_filtered" in values and "real_synth_plain_filtered" in values:
+        values["CRFM − plain, filtered"] = values["real_synth_filtered"] - values["real_synth_plain_filtered"]
+    if "real_mosaic" in down and "real_mosaic_synth_layouts" in values:
+        values["mosaics + layouts − mosaics"] = values["real_mosaic_synth_layouts"] - down["real_mosaic"]["mIoU"]
+    if "real_mosaic" in down and "real_synth_layouts" in values:
+        values["layouts − mosaics"] = values["real_synth_layouts"] - down["real_mosaic"]["mIoU"]
+    return values
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    names = list(results)
+    keys = list(results["run"][0])
+    lines = ["| quantity | " + " | ".join(f"{n} ({len(results[n])} runs)" for n in names) + " |"]
+    lines.append("|---|" + "---|" * len(names))
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(mean_std(r[key] for r in results[n]) for n in names) + " |")
+    lines += ["", "Paired difference to the run (same models, same seed):", ""]
+    lines += ["| quantity | " + " | ".join(names[1:]) + " |", "|---|" + "---|" * len(names[1:])]
+    for key in keys:
+        cells = [mean_std(r[key] - b[key] for r, b in zip(results[n], results["run"], strict=True)) for n in names[1:]]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="finished demo runs")
+    parser.add_argument("--variant", action="append", required=True, help='NAME="--knob value ..." (KNOBS)')
+    parser.add_argument("--from", dest="start", choices=("filter", "synthesis"), default="filter")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "rerun")
+    parser.add_argument("--jobs", type=int, default=1, help="(variant, run) pairs at once")
+    parser.add_argument("--table", type=Path, help="also write the markdown table here")
+    args = parser.parse_args()
+    variants = dict(v.split("=", 1) for v in args.variant)
+    for knobs in variants.values():
+        knob_values(knobs, args.start)  # refused before anything is copied
+    runs = [run.resolve() for run in args.runs]
+    out = args.out.resolve()
+    jobs = [
+        Job(f"{name}/{run.name}", [], partial(rerun, run, out / name / run.name, knobs, args.start))
+        for name, knobs in variants.items() for run in runs
+    ]  # fmt: skip
+    run_jobs_or_exit(jobs, args.jobs)
+    results = {"run": [rows_of(run) for run in runs]}
+    results |= {name: [rows_of(out / name / run.name) for run in runs] for name in variants}
+    print_table(table(results), args.table, "python bench/rerun_runs.py " + shlex.join(sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
