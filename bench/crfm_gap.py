@@ -61,7 +61,7 @@ def view_scores(out: Path) -> dict[str, list[float]]:
     from crfm.data.index import read_index
     from crfm.segmentation.adapter import load_segmentor
     from crfm.segmentation.evaluate import mask_fidelity
-    from crfm.segmentation.views import back_from_view, dihedral_views, view_of
+    from crfm.segmentation.views import dihedral_views, predict_in_view
 
     class Viewed(torch.nn.Module):
         def __init__(self, segmentor: torch.nn.Module, view: tuple[int, bool]) -> None:
@@ -69,7 +69,7 @@ def view_scores(out: Path) -> dict[str, list[float]]:
             self.segmentor, self.view = segmentor, view
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
-            return back_from_view(self.segmentor(view_of(images, *self.view)), *self.view)
+            return predict_in_view(self.segmentor, images, *self.view)
 
     cache = out / "bench_crfm_views.json"
     if cache.is_file():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from crfm.segmentation.views import VIEW_COUNTS, back_from_view, dihedral_views, view_of
+from crfm.segmentation.views import VIEW_COUNTS, dihedral_views, predict_in_view
 from crfm.utils.constants import IGNORE_INDEX
 from crfm.utils.flags import (
     UsageError,
@@ -175,7 +175,7 @@ class ControlRectifier:
             images = torch.utils.checkpoint.checkpoint(decode_latents, self.vae, clean, use_reentrant=False)
         else:
             images = decode_latents(self.vae, clean)
-        logits = back_from_view(self.segmentor(view_of(images, *view)), *view)
+        logits = predict_in_view(self.segmentor, images, *view)
         if logits.shape[-2:] != self.labels.shape[-2:]:
             raise ValueError(
                 f"segmentor logits {tuple(logits.shape)} do not match the masks {tuple(self.labels.shape)}"

@@ -45,7 +45,7 @@ from PIL import Image
 
 from crfm.data.dataset import PairDataset, check_index_pairs
 from crfm.data.index import CLASSES_FILE, IGNORE_INDEX, IndexItem, read_classes_json
-from crfm.segmentation.views import VIEW_COUNTS, back_from_view, dihedral_views, view_of
+from crfm.segmentation.views import VIEW_COUNTS, dihedral_views, predict_in_view
 from crfm.utils.fileio import (
     append_records,
     atomic_path,
@@ -135,7 +135,7 @@ def pixel_losses(
         logits = segmentor(images).float()
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").cpu()
     probabilities = torch.stack([
-        back_from_view(segmentor(view_of(images, turns, mirror)).float().softmax(dim=1), turns, mirror)
+        predict_in_view(segmentor, images, turns, mirror).float().softmax(dim=1)
         for turns, mirror in dihedral_views(views)
     ]).mean(dim=0)  # fmt: skip
     log_probabilities = probabilities.clamp_min(torch.finfo(torch.float32).tiny).log()

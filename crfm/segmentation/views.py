@@ -6,11 +6,13 @@ filter's `--views` and CRFM's `--crfm_views` use.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from crfm.utils.constants import VIEW_COUNTS
 
-__all__ = ["VIEW_COUNTS", "back_from_view", "dihedral_views", "view_of"]
+__all__ = ["VIEW_COUNTS", "back_from_view", "dihedral_views", "predict_in_view", "view_of"]
 
 
 def dihedral_views(count: int) -> list[tuple[int, bool]]:
@@ -33,3 +35,10 @@ def back_from_view(maps: torch.Tensor, turns: int, mirror: bool) -> torch.Tensor
     """The inverse of `view_of`: maps predicted on a view, put back on the image's pixels."""
     unmirrored = maps.flip(-1) if mirror else maps
     return torch.rot90(unmirrored, -turns, dims=(-2, -1))
+
+
+def predict_in_view(
+    segmentor: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, turns: int, mirror: bool
+) -> torch.Tensor:
+    """The segmentor's maps of `images` seen in one view, put back on the images' pixels."""
+    return back_from_view(segmentor(view_of(images, turns, mirror)), turns, mirror)
