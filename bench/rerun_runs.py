@@ -74,6 +74,7 @@ def left_behind(run: Path, start: str, where: str, names: list[str]) -> list[str
 
 def rerun(run: Path, folder: Path, knobs: str, start: str) -> None:
     """Copy `run` to `folder` without what is redone from `start`, with the variant's knobs; run the demo on it."""
+    from crfm.toy.demo.settings import recorded_knobs
     from crfm.toy.demo.stages import Demo
 
     if not (folder / "demo_settings.json").is_file():
@@ -88,7 +89,8 @@ def rerun(run: Path, folder: Path, knobs: str, start: str) -> None:
         settings = json.loads((run / "demo_settings.json").read_text()) | knob_values(knobs, start)
         (partial_copy / "demo_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
         partial_copy.rename(folder)
-    settings_values = json.loads((folder / "demo_settings.json").read_text())
+    # Every knob, as the demo reads a folder's (the Demo below and the demo's command line must agree).
+    settings_values = recorded_knobs(json.loads((folder / "demo_settings.json").read_text()))
     if start == "filter" and not (folder / "stages" / "layouts.json").is_file():
         from crfm.toy.demo.settings import DemoSettings
 
@@ -105,14 +107,14 @@ def rerun(run: Path, folder: Path, knobs: str, start: str) -> None:
 
 
 def demo_flags(recorded: dict[str, object]) -> list[str]:
-    """The demo's command-line knobs that reproduce recorded settings (a knob recorded by none: `KNOBS_BEFORE`)."""
+    """The demo's command-line knobs that reproduce complete recorded settings."""
     import dataclasses
 
-    from crfm.toy.demo.settings import KNOBS_BEFORE, DemoSettings
+    from crfm.toy.demo.settings import DemoSettings
 
     flags = []
     for field in dataclasses.fields(DemoSettings):
-        value = recorded.get(field.name, KNOBS_BEFORE.get(field.name, field.default))
+        value = recorded[field.name]
         if isinstance(field.default, bool):
             flags.append(f"--{field.name}" if value else f"--no-{field.name}")
         else:

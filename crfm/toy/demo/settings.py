@@ -264,13 +264,17 @@ def check_pretrained_base(settings: DemoSettings) -> None:
     check_resolution(folder, settings.resolution)
 
 
+def recorded_knobs(record: dict[str, object]) -> dict[str, object]:
+    """Every knob of a folder's recorded settings; one added since the folder was made counts as what the demo did
+    before it existed (`KNOBS_BEFORE`, else its default)."""
+    return {**dataclasses.asdict(DemoSettings()), **KNOBS_BEFORE, **record}
+
+
 def check_settings(out: Path, settings: DemoSettings) -> None:
-    """Refuse to mix results of different settings in one output folder (a knob added since the folder was made
-    counts as what the demo did before it existed: `KNOBS_BEFORE`, else its default)."""
+    """Refuse to mix results of different settings in one output folder (`recorded_knobs` reads the folder's)."""
     current = dataclasses.asdict(settings)
-    defaults = {**dataclasses.asdict(DemoSettings()), **KNOBS_BEFORE}
     if not refuse_changed_settings(
-        out / SETTINGS_FILE, current, "demo results", "add --fresh or choose another --out", defaults
+        out / SETTINGS_FILE, current, "demo results", "add --fresh or choose another --out", recorded_knobs({})
     ):
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / SETTINGS_FILE, json.dumps(current, indent=2) + "\n")
