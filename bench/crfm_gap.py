@@ -153,6 +153,78 @@ def filter_audit(out: Path) -> dict[str, dict[str, list[float]]]:
     return audit
 
 
+DIVERSITY = ("colour spread", "edge energy")  # per class of the mask, and over all classes (last)
+
+
+def diversity(out: Path) -> dict[str, dict[str, list[float]]]:
+    """How varied and how sharp the pairs a downstream segmentor trains on are, against the labelled real images:
+    per class of the mask, the spread (std over images, mean over RGB) of the class's mean colour, and its edge energy
+    (mean absolute difference of neighbouring pixels inside the class, both in [0, 1] units); for the ×3 sets also
+    the RMS difference between the images of one mask (0: three copies) and to the real image of that mask. A set
+    whose images of one mask look alike, or are smoother than the real ones, teaches a segmentor less than its judge
+    score says (cached beside the folder)."""
+    import torch
+
+    from crfm.data.dataset import PairDataset
+    from crfm.data.index import read_index
+
+    cache = out / "bench_crfm_diversity.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    resolution = json.loads((out / "demo_settings.json").read_text())["resolution"]
+
+    def load(work: str, index: str) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
+        items = read_index(out / work / index, out / work)
+        dataset = PairDataset(items, out / work, resolution, num_cls=6)
+        samples = [dataset[i] for i in range(len(dataset))]
+        return items, [(x["image"] + 1) / 2 for x in samples], [x["label"] for x in samples]
+
+    def per_class(images: list[torch.Tensor], labels: list[torch.Tensor]) -> dict[str, list[float]]:
+        colours: list[list[torch.Tensor]] = [[] for _ in range(6)]
+        edges = torch.zeros(2, 7, dtype=torch.float64)  # summed |neighbour difference|, pixel pairs; per class + all
+        for image, label in zip(images, labels, strict=True):
+            for c in range(6):
+                where = label == c
+                if where.sum() >= 16:
+                    colours[c].append(image[:, where].mean(dim=1))
+            for dim in (1, 2):  # neighbours down and right, both pixels of the pair inside one class
+                size = label.shape[dim - 1] - 1
+                first, second = label.narrow(dim - 1, 0, size), label.narrow(dim - 1, 1, size)
+                step = (image.narrow(dim, 0, size) - image.narrow(dim, 1, size)).abs().mean(dim=0)
+                for c in range(6):
+                    same = (first == c) & (second == c)
+                    for column in (c, 6):
+                        edges[0, column] += step[same].sum()
+                        edges[1, column] += same.sum()
+        spread = [torch.stack(cs).std(dim=0).mean().item() if len(cs) > 1 else float("nan") for cs in colours]
+        spread.append(sum(v for v in spread if v == v) / max(1, sum(v == v for v in spread)))
+        return {"colour spread": spread, "edge energy": (edges[0] / edges[1].clamp_min(1)).tolist()}
+
+    real_items, real_images, real_labels = load("toydata", "train.jsonl")
+    real_by_mask = {Path(item.source).name: image for item, image in zip(real_items, real_images, strict=True)}
+    result = {"real labelled": per_class(real_images, real_labels)}
+    for name, (drawn, _) in FILTERED.items():
+        items, images, labels = load(drawn, "index.jsonl")
+        groups: dict[str, list[torch.Tensor]] = {}
+        for item, image in zip(items, images, strict=True):
+            groups.setdefault(Path(item.record["source_mask"]).name, []).append(image)
+        within = [
+            (a - b).pow(2).mean().sqrt().item()
+            for group in groups.values()
+            for i, a in enumerate(group)
+            for b in group[i + 1 :]
+        ]
+        to_real = [(image - real_by_mask[mask]).pow(2).mean().sqrt().item()
+                   for mask, group in groups.items() for image in group]  # fmt: skip
+        result[name] = {
+            **per_class(images, labels),
+            "RMS within a mask": [sum(within) / len(within)],
+            "RMS to the real image": [sum(to_real) / len(to_real)],
+        }
+    cache.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main() -> int:
     from crfm.toy.toydata import CLASSES
 
@@ -207,6 +279,18 @@ def main() -> int:
         for share in AUDIT:
             cells = [cell([a[name][share][i] for a in audits]) for i in range(len(CLASSES) + 1)]
             lines.append(f"| {name} | {share} | " + " | ".join(cells) + " |")
+    varied = [diversity(out) for out in args.runs]
+    lines += ["", "Diversity and sharpness (`diversity`), [0, 1] pixel units, mean ± std:", ""]
+    lines += ["| set | measure | " + " | ".join([*CLASSES, "all"]) + " |", "|---|---|" + "---|" * (len(CLASSES) + 1)]
+    cell3 = partial(mean_std, digits=3)
+    for name in varied[0]:
+        for measure in DIVERSITY:
+            cells = [cell3([v[name][measure][i] for v in varied]) for i in range(len(CLASSES) + 1)]
+            lines.append(f"| {name} | {measure} | " + " | ".join(cells) + " |")
+    for name in FILTERED:
+        within = cell3([v[name]["RMS within a mask"][0] for v in varied])
+        to_real = cell3([v[name]["RMS to the real image"][0] for v in varied])
+        lines.append(f"\n{name}: RMS between the images of one mask {within}, to the mask's real image {to_real}")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.table:

@@ -6,8 +6,8 @@ generator, guide, judge and real-data rows, paired against the run's own rows.
     python bench/rerun_runs.py --runs ... --from synthesis --variant now=""                 # syntheses too
 
 `--from filter` (the default): the run's syntheses filtered again and the filtered downstream rows trained again,
-so a difference is the filter's alone (the layouts stage's syntheses are the run's: only its filter and the union
-are redone, by the demo's own code). `--from synthesis`: every synthesis, the fidelity table, the filter and the
+so a difference is the filter's alone (the new layouts' syntheses are the run's too: the demo's filter stage filters
+them and makes the union again). `--from synthesis`: every synthesis, the fidelity table, the filter and the
 downstream rows made again by the current code (e.g. test.py's CRFM defaults), from the run's models. Each
 (variant, run) is a copy of the run without what is redone, its settings with the variant's knobs (only those of
 `KNOBS`), then `python -m crfm.toy.demo`, which reuses every finished stage. Resumable: finished copies are reused.
@@ -25,7 +25,15 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from crfm.toy.demo.rows import DOWNSTREAM, GENERATOR_DATA, GENERATOR_VECTORS, MOSAICS_AND_SYNTH, REAL_MOSAICS
+from crfm.toy.demo.rows import (
+    DOWNSTREAM,
+    GENERATOR_DATA,
+    GENERATOR_VECTORS,
+    LAYOUT_VECTORS,
+    LAYOUTS,
+    MOSAICS_AND_SYNTH,
+    REAL_MOSAICS,
+)
 from crfm.utils.runs import REPO, Job, mean_std, print_table, run_jobs_or_exit, run_logged
 
 KNOBS = ("tolerance_margin", "filter_views", "num_inference_steps", "mask_guidance_scale", "num_per_mask")
@@ -42,12 +50,12 @@ REDONE = {
 }  # fmt: skip
 # --from synthesis: what a copy keeps (the data, base, vectors and the models stage's products).
 KEPT = {
-    "demo_settings.json", "stages", "logs", "toydata", "toydata_judge", REAL_MOSAICS, "tiny_sd35", "vectors",
-    GENERATOR_VECTORS, GENERATOR_DATA[0], "train", "seg_judge",
+    "demo_settings.json", "stages", "logs", "toydata", "toydata_judge", REAL_MOSAICS, LAYOUTS, "tiny_sd35", "vectors",
+    LAYOUT_VECTORS, GENERATOR_VECTORS, GENERATOR_DATA[0], "train", "seg_judge",
     *(row.work for row in DOWNSTREAM if row.synthetic in (None, REAL_MOSAICS)),
 }  # fmt: skip
 FIRST_STAGES = ("data", "pipeline", "vectors", "models")
-REDONE_STAGES = ("filter", "layouts", "downstream")
+REDONE_STAGES = ("filter", "layouts", "downstream")  # "layouts": a stage of folders made before the filter took it
 
 
 def knob_values(knobs: str, start: str) -> dict[str, object]:
@@ -75,7 +83,6 @@ def left_behind(run: Path, start: str, where: str, names: list[str]) -> list[str
 def rerun(run: Path, folder: Path, knobs: str, start: str) -> None:
     """Copy `run` to `folder` without what is redone from `start`, with the variant's knobs; run the demo on it."""
     from crfm.toy.demo.settings import recorded_knobs
-    from crfm.toy.demo.stages import Demo
 
     if not (folder / "demo_settings.json").is_file():
         partial_copy = folder.with_name(folder.name + ".copying")
@@ -89,18 +96,8 @@ def rerun(run: Path, folder: Path, knobs: str, start: str) -> None:
         settings = json.loads((run / "demo_settings.json").read_text()) | knob_values(knobs, start)
         (partial_copy / "demo_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
         partial_copy.rename(folder)
-    # Every knob, as the demo reads a folder's (the Demo below and the demo's command line must agree).
+    # Every knob, as the demo reads a folder's.
     settings_values = recorded_knobs(json.loads((folder / "demo_settings.json").read_text()))
-    if start == "filter" and not (folder / "stages" / "layouts.json").is_file():
-        from crfm.toy.demo.settings import DemoSettings
-
-        # The layouts stage's syntheses are the run's: only its filter and the union are redone, in the demo's code.
-        demo = Demo(folder, DemoSettings(**settings_values), progress=False)
-        demo.filter()
-        demo.filter_synthetic("synth_layouts")
-        demo.union_dataset(*MOSAICS_AND_SYNTH)
-        for stage in ("filter", "layouts"):
-            (folder / "stages" / f"{stage}.json").write_text(json.dumps({"seconds": 0.0}) + "\n")
     run_logged([
         sys.executable, "-m", "crfm.toy.demo", "--out", str(folder), "--no_progress", *demo_flags(settings_values)
     ], folder.with_suffix(".log"), threads=None)  # fmt: skip

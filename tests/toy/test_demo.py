@@ -43,13 +43,14 @@ def test_every_stage_ran_and_wrote_its_artefacts(demo_run):
         assert (out / "stages" / f"{stage.name}.json").is_file(), stage.name
     # Every tool runs as a module of the package (no checkout needed), each command printed before it runs.
     commands = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
-    modules = ["crfm.data.layouts", "crfm.data.vectorize"]  # real mosaics; the base is the shipped one, copied
+    modules = ["crfm.data.layouts"] * 2  # real mosaics and the new layouts' masks; the base is the shipped one, copied
+    modules += ["crfm.data.vectorize"] * 2  # the scenes' and the new layouts' prompts
     # Beside the generator: guide = real-only, judge, extra real, real mosaics (all printed before it starts).
     modules += ["crfm.segmentation.downstream"] * 4 + ["crfm.training.train"]
     modules += ["crfm.sampling.synthesis"] * 3  # held-out syntheses
-    modules += ["crfm.sampling.synthesis"] * 2 + ["crfm.segmentation.hardness", "crfm.sampling.synthesis"]
-    modules += ["crfm.segmentation.filter"] * 3  # plain, CRFM, resampled CRFM
-    modules += ["crfm.data.layouts", "crfm.data.vectorize", "crfm.sampling.synthesis", "crfm.segmentation.filter"]
+    # The hardness ranking, then the training pairs: CRFM x3, new layouts, plain x3, resampled CRFM
+    modules += ["crfm.segmentation.hardness"] + ["crfm.sampling.synthesis"] * 4
+    modules += ["crfm.segmentation.filter"] * 4  # CRFM, plain, resampled CRFM, new layouts
     modules += ["crfm.segmentation.downstream"] * 8  # the synthetic mixes (one on real mosaics too) and TSTR
     modules += ["crfm.reflow", "crfm.training.train", "crfm.sampling.synthesis"]  # the few-step stage
     assert [line.split()[3] for line in commands] == modules and all(c.startswith("$ python -m ") for c in commands)
@@ -196,7 +197,8 @@ def test_rerun_reuses_and_a_lost_stage_is_redone(demo_run, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("reused") == len(STAGES) and "$ python" not in proc.stdout
     # A stage whose results are lost (or that gained rows since) is run again, and only that stage; in it only
-    # what is lost: a downstream row, a real-data segmentor trained beside the (kept) generator, the real mosaics.
+    # what is lost: a downstream row, a real-data segmentor trained beside the (kept) generator, the real mosaics
+    # (not the new layouts' masks beside them).
     lost_results = {"seg_real_synth": "downstream", "seg_real_mosaic": "models", "layouts_real": "data"}
     for lost, stage in lost_results.items():
         shutil.rmtree(copy / lost)
@@ -282,14 +284,19 @@ def test_ablation_rows_run_only_with_the_full_preset(tmp_path):
     def works(**knobs) -> set[str]:
         return {work for work, _ in Demo(tmp_path, DemoSettings(**knobs), progress=False).downstream_runs()}
 
-    ablation_works = {"seg_real_synth_filtered_resampled", "seg_tstr", "seg_real_synth", "seg_real_synth_plain"}
+    ablation_works = {
+        "seg_real_synth_filtered_resampled", "seg_tstr", "seg_real_synth", "seg_real_synth_plain",
+        "seg_real_synth_plain_filtered", "seg_real_synth_layouts",
+    }  # fmt: skip
     default, full = works(), works(**PRESETS["full"])
     assert not default & ablation_works and ablation_works <= full and full - default == ablation_works
-    # CRFM and plain are compared after the paper's filtering; the unfiltered sets are ablations.
-    assert {"seg_real_synth_filtered", "seg_real_synth_plain_filtered", "seg_real_mosaic_synth_layouts"} <= default
+    # The paper's chain (filtered CRFM pairs) and synthesis on top of copy-paste; CRFM against plain, the new layouts
+    # alone and the unfiltered sets are ablations.
+    assert default == {"seg_real_synth_filtered", "seg_real_mosaic_synth_layouts"}
     assert PRESETS["ci"]["ablations"] and PRESETS["full"] == {"ablations": True, "upper_bound": True}
-    filtered = Demo(tmp_path, DemoSettings(), progress=False).filtered_sets()
-    assert filtered == ("synth_train_plain", "synth_train")
+    assert Demo(tmp_path, DemoSettings(), progress=False).filtered_sets() == ("synth_train",)
+    full_sets = Demo(tmp_path, DemoSettings(**PRESETS["full"]), progress=False).filtered_sets()
+    assert full_sets == ("synth_train", "synth_train_plain", "synth_train_resampled")
 
 
 def test_upper_bound_row_trains_only_with_its_knob(tmp_path):
@@ -370,3 +377,21 @@ def test_the_lane_beside_takes_the_waiting_runs_when_it_ends_first(tmp_path):
         [waits_for("a", "b"), waits_for("b", "a")], lanes=1, beside=lambda: None
     )
     assert (tmp_path / "a").exists() and (tmp_path / "b").exists()
+
+
+def test_commands_side_by_side_take_one_thread_each_and_a_lone_command_every_lane(tmp_path):
+    """Independent commands run one thread each (two processes use two cores better than two threads of one);
+    a command alone gets the threads of every lane, and a lane beside another job (the generator) only its own."""
+    from crfm.toy.demo.runner import StageRunner
+
+    def records_threads(name: str) -> tuple[Path, str, list[object]]:
+        path = str(tmp_path / name)
+        code = f"import os, pathlib; pathlib.Path({path!r}).write_text(os.environ['OMP_NUM_THREADS'])"
+        return tmp_path / f"{name}.log", "timeit", ["-n", "1", "-r", "1", code]
+
+    runner = StageRunner(tmp_path, parallel=2, progress=False)
+    runner.run_together([records_threads("a"), records_threads("b"), records_threads("c")])
+    runner.run_together([records_threads("alone")])
+    runner.run_together([records_threads("beside")], lanes=1, beside=lambda: None)
+    threads = {name: (tmp_path / name).read_text() for name in ("a", "b", "c", "alone", "beside")}
+    assert threads == {"a": "1", "b": "1", "c": "1", "alone": "2", "beside": "1"}

@@ -4,13 +4,14 @@
 
 Stages (each prints the command it runs, so every step can be repeated by hand at real scale), in the paper's
 low-label regime: a generator pretrained on a large unlabelled corpus is fine-tuned with masks on a few scenes.
+Independent commands of a stage (vectors, syntheses, filters, segmentors) run side by side, one thread each.
  1. toy remote-sensing scenes: a held-out split (only for the tables), a validation split (for choices, in
     `bench/`), a small labelled split, as many further real scenes as synthetic ones (the `real_extra` upper
-    bound), separate scenes for the judge (another seed), and 2 x 2 mosaics cut from the labelled pairs
-    (`crfm.data.layouts --with_images`, the `real_mosaic` control);
+    bound), separate scenes for the judge (another seed), and 2 x 2 mosaics of the labelled masks (`crfm.data.layouts`,
+    the new layouts): cut from the labelled pairs too (`--with_images`, the `real_mosaic` control) and as masks only;
  2. the base: a copy of the shipped pretrained tiny SD3.5 (`crfm/toy/tiny_sd35_base`) or of `--base FOLDER`, or
     `--base scratch`;
- 3. prompt vectors (`crfm.data.vectorize`, i.e. `preprocess/vectorize.py`);
+ 3. prompt vectors of the scenes and the new layouts (`crfm.data.vectorize`, i.e. `preprocess/vectorize.py`);
  4. the models, side by side, one core each: the mask-conditioned MM-DiT fine-tuned on the labelled split
     (`crfm.training.train`, i.e. `train.py`), stage (a); beside it, one after another, the segmentors that need no
     synthetic data (`crfm.segmentation.downstream`, i.e. `scripts/train_segmentor.py`; mmseg): the frozen CRFM
@@ -23,18 +24,20 @@ low-label regime: a generator pretrained on a large unlabelled corpus is fine-tu
     plain, CRFM at the paper's settings, and CRFM at test.py's defaults;
  6. mask fidelity of the real held-out images, of the same images through the VAE (the ceiling), and of the
     three syntheses;
- 7. synthesis of the *labelled* masks (held-out masks would leak held-out labels into training): plain and CRFM
-    x`num_per_mask`, and CRFM with more images for harder masks (`crfm.segmentation.hardness`);
- 8. FreeMask-style filtering of the CRFM pairs (`crfm.segmentation.filter`): noisy synthetic pixels -> ignore;
- 9. new layouts: 2 x 2 mosaics of the labelled masks (`crfm.data.layouts`), CRFM-synthesized and filtered;
-10. downstream, stage (c): segmentors on real + synthetic (plain, CRFM, filtered, filtered and resampled, new
-    layouts, real mosaics + new layouts) and on the synthetic pairs alone, all scored on the held-out real scenes
+ 7. synthesis of the training pairs with CRFM: the *labelled* masks x`num_per_mask` (held-out masks would leak
+    held-out labels into training) and the new layouts' masks (with `--ablations` also plain, and CRFM with more
+    images for harder masks, `crfm.segmentation.hardness`);
+ 8. FreeMask-style filtering of every synthetic set (`crfm.segmentation.filter`): noisy synthetic pixels -> ignore;
+    then the real mosaics and the filtered new layouts as one dataset;
+ 9. downstream, stage (c): segmentors on real + filtered CRFM pairs and on real + real mosaics + filtered CRFM new
+    layouts (with `--ablations` also plain, unfiltered, hardness-resampled, new layouts alone, and the synthetic
+    pairs alone), all scored on the held-out real scenes
     like the real-data rows of stage 4; mixed runs see each real image as often as the real-only run
     (`--match_real_exposure`);
-11. few-step (docs/fewstep.md): reflow pairs of the labelled masks from the CRFM-guided generator
+10. few-step (docs/fewstep.md): reflow pairs of the labelled masks from the CRFM-guided generator
     (`crfm.reflow`), a k-SeqRF (or 2-RF) student trained on them (`train.py --reflow_pairs`), and the held-out masks
     drawn by the student in `--few_step` Euler steps with no segmentor, scored like the other syntheses;
-12. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM paper | CRFM default | few-step |
+11. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM paper | CRFM default | few-step |
     real).
 
 Every tool runs as `python -m <module>` of the installed (or checked-out) package, so no checkout is needed.

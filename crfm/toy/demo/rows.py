@@ -4,7 +4,8 @@ A downstream row is one segmentor: its key in summary.json, its work dir, its na
 set added to the labelled scenes (None: real data only). Rows of real data alone train beside the generator (the
 models stage); the others need synthetic pairs and train in the downstream stage. Rows that are neither the paper's
 chain nor a baseline it must beat run only with their knob (`--preset full`, the 3-seed bench), which keeps the
-default demo inside its 15 minutes: the ablation rows with `ablations`, the extra-real upper bound with `upper_bound`.
+default demo inside its 15 minutes: the ablation rows with `ablations` (unfiltered, plain, hardness-resampled, new
+layouts alone), the extra-real upper bound with `upper_bound`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ FEW_STEP = ("fewstep", "synth_fewstep")  # (image set, work dir) of the few-step
 FIGURE_TITLES = ("mask", "plain", "CRFM paper", "CRFM default", "real")
 
 REAL_MOSAICS = "layouts_real"  # the labelled pairs cut into the new layouts' mosaics (the data stage)
+LAYOUTS, LAYOUT_VECTORS = "layouts", "vectors_layouts"  # the same mosaics' masks for the generator, their vectors
 # Unions: (work dir, index files of the parts, relative to the demo folder).
 # The real mosaics and the filtered synthetic layouts: what a user with both would train on.
 MOSAICS_AND_SYNTH = ("mosaics_and_synth_layouts", (f"{REAL_MOSAICS}/index.jsonl", "synth_layouts_filtered/index.jsonl"))
@@ -54,6 +56,7 @@ DOWNSTREAM = (
         "seg_real_synth_plain_filtered",
         "real + plain synthetic, filtered",
         "synth_train_plain_filtered",
+        knob="ablations",  # CRFM against plain; the mask-fidelity table compares them in every run
     ),
     DownstreamRow(
         "real_synth_filtered", "seg_real_synth_filtered", "real + CRFM synthetic, filtered", "synth_train_filtered"
@@ -70,6 +73,7 @@ DOWNSTREAM = (
         "seg_real_synth_layouts",
         "real + CRFM synthetic of new layouts (mosaics of the labelled masks), filtered",
         "synth_layouts_filtered",
+        knob="ablations",  # the generator against copy-paste; the default trains what a user would, both together
     ),
     DownstreamRow(
         "real_mosaic",

@@ -18,6 +18,8 @@ from crfm.toy.demo.settings import PACKAGE_PARENT
 from crfm.utils.fileio import write_text_atomic
 from crfm.utils.runs import offline_env
 
+Job = tuple[Path, str, list[object]]  # (log file, module, args) of a command `run_together` runs
+
 
 class StageRunner:
     """Commands and stage markers under the output folder `out`; `parallel` commands at once in `run_together`."""
@@ -46,22 +48,27 @@ class StageRunner:
         print(f"$ python -m {module} {shown}", flush=True)
         return [sys.executable, "-m", module, *args]
 
+    def job(self, work: str, module: str, args: list[object]) -> Job:
+        """`python -m module args` for `run_together`, logging to logs/<work>.log."""
+        return self.path("logs", f"{work}.log"), module, args
+
     def run(self, module: str, *cmd: object, one_thread: bool = False) -> None:
         """One command in this process's folder, its output shown; on one thread while others run beside it."""
         env = {**self.env, "OMP_NUM_THREADS": "1"} if one_thread else self.env
         subprocess.run(self.command(module, *cmd), check=True, env=env)
 
     def run_together(
-        self, jobs: list[tuple[Path, str, list[object]]], lanes: int | None = None,
-        beside: Callable[[], object] | None = None,
-    ) -> None:  # fmt: skip
+        self, jobs: list[Job], lanes: int | None = None, beside: Callable[[], object] | None = None
+    ) -> None:
         """Independent commands (log file, module, args), `lanes` (default `parallel`) at a time on one thread each:
-        the small models of the demo use two cores better as two processes than as two threads of one. Each
-        command's output goes to its log file; its last line is shown, and a failure shows the log's end and stops
-        the stage. `beside` runs in this thread meanwhile (after every command was printed); when it ends first, this
-        thread takes the commands still waiting, so neither core idles while the other has a queue."""
+        the small models of the demo use two cores better as two processes than as two threads of one (fewer
+        commands than lanes share the lanes' threads). Each command's output goes to its log file; its last line is
+        shown, and a failure shows the log's end and stops the stage. `beside` runs in this thread meanwhile (after
+        every command was printed); when it ends first, this thread takes the commands still waiting, so neither core
+        idles while the other has a queue."""
         lanes = max(1, self.parallel if lanes is None else lanes)
-        env = {**self.env, "OMP_NUM_THREADS": "1"} if self.parallel > 1 else self.env
+        threads = max(1, lanes // max(1, len(jobs)))
+        env = {**self.env, "OMP_NUM_THREADS": str(threads)} if self.parallel > 1 else self.env
         commands = [(log, self.command(module, *args)) for log, module, args in jobs]
 
         def one(job: tuple[Path, list[str]]) -> None:

@@ -144,7 +144,8 @@ KNOB_HELP = {
     "filter_views": "FreeMask filter: dihedral views the guide's probabilities are averaged over (filter --views; "
     "CRFM fools the guide in the one view it sees, bench/results_crfm_gap.md; 1: the image as is)",
     "synth_ratio": "share of synthetic draws in the mixed downstream segmentors' batches",
-    "ablations": "also the ablation rows: plain and CRFM unfiltered, CRFM hardness-resampled (synthesis, filter, "
+    "ablations": "also the ablation rows: plain x3 filtered (CRFM against plain), CRFM new layouts alone (the "
+    "generator against the real mosaics), plain and CRFM unfiltered, CRFM hardness-resampled (synthesis, filter, "
     "downstream row) and train on synthetic, test on real (TSTR); off by default for time, on in --preset full",
     "upper_bound": "also the upper-bound row: the labelled scenes and as many extra real scenes as synthetic pairs, "
     "trained beside the generator; off by default for time, on in --preset full",

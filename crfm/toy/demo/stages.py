@@ -13,6 +13,8 @@ from crfm.toy.demo.rows import (
     FEW_STEP,
     GENERATOR_DATA,
     GENERATOR_VECTORS,
+    LAYOUT_VECTORS,
+    LAYOUTS,
     MOSAICS_AND_SYNTH,
     REAL_DATA_SETS,
     REAL_MOSAICS,
@@ -22,7 +24,7 @@ from crfm.toy.demo.rows import (
     DownstreamRow,
     downstream_rows,
 )
-from crfm.toy.demo.runner import StageRunner
+from crfm.toy.demo.runner import Job, StageRunner
 from crfm.toy.demo.settings import (
     JUDGE_SEED_OFFSET,
     NUM_CLS,
@@ -94,6 +96,7 @@ class Demo(StageRunner):
         write_text_atomic(judge_root / "train.jsonl", "".join(lines[cut:]))
         write_text_atomic(judge_root / "val.jsonl", "".join(lines[:cut]))
         self.mosaics(REAL_MOSAICS, "--with_images")  # the control: real data only, trained beside the generator
+        self.mosaics(LAYOUTS)  # the same masks, for the generator to draw (new layouts)
         print(
             f"{self.s.test_scenes} held-out + {self.s.val_scenes} validation + {self.s.train_scenes} labelled + "
             f"{self.s.extra_scenes} extra real scenes in {root}; {self.s.judge_scenes} judge scenes (seed "
@@ -122,17 +125,18 @@ class Demo(StageRunner):
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # complete or absent
 
-    def vectorize(self, root: str, vectors: str) -> None:
+    def vectorize_job(self, root: str, vectors: str) -> Job:
         """`index.jsonl` of `root` -> prompt vectors in `vectors` and the index `index_.jsonl` that points at them."""
-        self.run(
-            "crfm.data.vectorize", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
-            "--data_root", self.path(root), "--json_file", "index.jsonl", "--out_json_file", "index_.jsonl",
-            "--work_dir", self.path(vectors), "--max_sequence_length", self.s.max_sequence_length,
-            "--mixed_precision", "no", "--device", "cpu", *self.quiet(),
-        )  # fmt: skip
+        return self.job(vectors, "crfm.data.vectorize", [
+            "--pretrained_model_name_or_path", self.path("tiny_sd35"), "--data_root", self.path(root),
+            "--json_file", "index.jsonl", "--out_json_file", "index_.jsonl", "--work_dir", self.path(vectors),
+            "--max_sequence_length", self.s.max_sequence_length, "--mixed_precision", "no", "--device", "cpu",
+            *self.quiet(),
+        ])  # fmt: skip
 
     def vectors(self) -> None:
-        self.vectorize("toydata", "vectors")
+        """The labelled scenes' prompt vectors and the new layouts' (both cheap, each mostly imports: side by side)."""
+        self.run_together([self.vectorize_job("toydata", "vectors"), self.vectorize_job(LAYOUTS, LAYOUT_VECTORS)])
         self.split(self.path("toydata", "index_.jsonl"), suffix="_")
         self.generator_vectors()
 
@@ -140,7 +144,7 @@ class Demo(StageRunner):
         """With `generator_mosaics`: the generator's dataset (labelled pairs + real mosaics) and its prompt vectors."""
         if self.s.generator_mosaics:
             self.union_dataset(*GENERATOR_DATA)
-            self.vectorize(GENERATOR_DATA[0], GENERATOR_VECTORS)
+            self.run_together([self.vectorize_job(GENERATOR_DATA[0], GENERATOR_VECTORS)])
 
     def generator_data(self) -> tuple[Path, str, Path]:
         """(data root, index file, vectors) the generator is fine-tuned on: the labelled pairs, and with
@@ -182,7 +186,7 @@ class Demo(StageRunner):
             if self.path(work, "metrics.json").is_file():
                 print(f"{work}: finished in an earlier run, kept", flush=True)
             else:
-                jobs.append((self.path("logs", f"{work}.log"), "crfm.segmentation.downstream", args))
+                jobs.append(self.job(work, "crfm.segmentation.downstream", args))
         self.run_together(jobs, lanes, beside)
 
     def segmentor_args(
@@ -247,54 +251,64 @@ class Demo(StageRunner):
         return downstream_rows(self.s)
 
     def synth_train(self) -> None:
-        """The labelled masks x`num_per_mask`, plain and CRFM; with `ablations`, CRFM with hardness-ranked counts."""
-        for work, setting in (("synth_train_plain", None), ("synth_train", "default")):
-            self.synthesize("train_.jsonl", work, setting, self.s.num_per_mask)
-        if not self.s.ablations:
-            return
-        self.run(
-            "crfm.segmentation.hardness", *self.filter_flags(), "--json_file", "train.jsonl",
-            "--out", self.path("hardness.json"), "--min_per_mask", self.s.min_per_mask,
-            "--max_per_mask", self.s.max_per_mask,
-        )  # fmt: skip
-        self.synthesize(
-            "train_.jsonl", "synth_train_resampled", "default", num_per_mask_file=self.path("hardness.json")
-        )
+        """The synthetic pairs for training, side by side: the labelled masks x`num_per_mask` and the new layouts'
+        masks once each, with CRFM; with `ablations` also the labelled masks plain, and with CRFM in hardness-ranked
+        counts."""
+        jobs = [
+            self.synthesis_job("train_.jsonl", "synth_train", "default", self.s.num_per_mask),
+            self.synthesis_job("index_.jsonl", "synth_layouts", "default", root=LAYOUTS, vectors=LAYOUT_VECTORS),
+        ]
+        if self.s.ablations:
+            self.run(
+                "crfm.segmentation.hardness", *self.filter_flags(), "--json_file", "train.jsonl",
+                "--out", self.path("hardness.json"), "--min_per_mask", self.s.min_per_mask,
+                "--max_per_mask", self.s.max_per_mask,
+            )  # fmt: skip
+            jobs += [
+                self.synthesis_job("train_.jsonl", "synth_train_plain", None, self.s.num_per_mask),
+                self.synthesis_job(
+                    "train_.jsonl", "synth_train_resampled", "default", num_per_mask_file=self.path("hardness.json")
+                ),
+            ]
+        self.run_together(jobs)
 
-    def filter_synthetic(self, synth: str) -> None:
+    def synth_train_results(self) -> list[Path]:
+        return [self.path(work, "index.jsonl") for work in (*self.filtered_sets(), "synth_layouts")]
+
+    def filter_job(self, synth: str) -> Job:
         """FreeMask: synthetic pixels the real-only segmentor finds implausible for their class (its probabilities
         averaged over `filter_views` dihedral views) -> ignore."""
-        self.run(
-            "crfm.segmentation.filter", *self.filter_flags(), "--json_file", "train.jsonl",
-            "--synth_root", self.path(synth), "--work_dir", self.path(f"{synth}_filtered"),
-            "--tolerance_margin", self.s.tolerance_margin, "--views", self.s.filter_views,
-        )  # fmt: skip
+        return self.job(f"{synth}_filtered", "crfm.segmentation.filter", [
+            *self.filter_flags(), "--json_file", "train.jsonl", "--synth_root", self.path(synth),
+            "--work_dir", self.path(f"{synth}_filtered"), "--tolerance_margin", self.s.tolerance_margin,
+            "--views", self.s.filter_views,
+        ])  # fmt: skip
 
     def filtered_sets(self) -> tuple[str, ...]:
         """The synthetic sets of the labelled masks this run filters (the new layouts' are filtered with them)."""
-        return ("synth_train_plain", "synth_train", *(("synth_train_resampled",) if self.s.ablations else ()))
+        return ("synth_train", *(("synth_train_plain", "synth_train_resampled") if self.s.ablations else ()))
 
     def filter(self) -> None:
-        for synth in self.filtered_sets():
-            self.filter_synthetic(synth)
+        """Every synthetic set filtered, side by side; then the real mosaics + filtered new layouts as one dataset."""
+        self.run_together([self.filter_job(synth) for synth in (*self.filtered_sets(), "synth_layouts")])
+        self.union_dataset(*MOSAICS_AND_SYNTH)
+
+    def filter_results(self) -> list[Path]:
+        filtered = [self.path(f"{synth}_filtered", "index.jsonl") for synth in (*self.filtered_sets(), "synth_layouts")]
+        return [*filtered, self.path(MOSAICS_AND_SYNTH[0], "index.jsonl")]
 
     def mosaics(self, work: str, *images: str) -> None:
         """2 x 2 mosaics of the labelled masks, as many as synthetic pairs per run (with `--with_images`, cut from the
-        real pairs too); the same seed, so the synthetic layouts and the real-image control share their masks."""
+        real pairs too); the same seed, so the synthetic layouts and the real-image control share their masks. A set
+        whose index exists (written last) is complete and kept."""
+        if self.path(work, "index.jsonl").is_file():
+            print(f"{work}: made in an earlier run, kept", flush=True)
+            return
         self.run(
             "crfm.data.layouts", "--data_root", self.path("toydata"), "--json_file", "train.jsonl",
             "--work_dir", self.path(work), "--num_layouts", self.s.extra_scenes, "--seed", self.s.seed,
             *images, *self.quiet(),
         )  # fmt: skip
-
-    def layouts(self) -> None:
-        """Layouts no labelled scene has, CRFM-synthesized and filtered like the labelled masks' pairs; the same
-        mosaics cut from the real pairs (the data stage) are the control that tells new layouts from new images."""
-        self.mosaics("layouts")
-        self.vectorize("layouts", "vectors_layouts")
-        self.synthesize("index_.jsonl", "synth_layouts", "default", root="layouts", vectors="vectors_layouts")
-        self.filter_synthetic("synth_layouts")
-        self.union_dataset(*MOSAICS_AND_SYNTH)
 
     def union_dataset(self, work: str, indexes: Iterable[str]) -> None:
         """One dataset listing the pairs of several index files (relative to the demo folder; paths relative to the
@@ -375,21 +389,22 @@ class Demo(StageRunner):
         ]  # fmt: skip
 
     def held_out_syntheses(self) -> None:
-        for work, crfm in SYNTHESES.values():
-            self.synthesize("test_.jsonl", work, crfm)
+        """The held-out masks plain and with CRFM, side by side (the longest, CRFM at test.py's defaults, first)."""
+        works = sorted(SYNTHESES.values(), key=lambda synthesis: synthesis[1] != "default")
+        self.run_together([self.synthesis_job("test_.jsonl", work, crfm) for work, crfm in works])
 
-    def synthesize(
+    def synthesis_job(
         self, json_file: str, work: str, crfm: str | None, num_per_mask: int = 1, num_per_mask_file: Path | None = None,
         root: str = "toydata", vectors: str = "vectors",
-    ) -> None:  # fmt: skip
+    ) -> Job:  # fmt: skip
         """Synthesis (`test.py`) by the generator, CRFM as in `guide_flags`; counts per mask from a file if given."""
         counts = ["--num_per_mask_file", num_per_mask_file] if num_per_mask_file else ["--num_per_mask", num_per_mask]
         generator = self.path("train", "final")
-        self.run(
-            "crfm.sampling.synthesis", *self.sampling_flags(json_file, work, generator, root, vectors), *counts,
+        return self.job(work, "crfm.sampling.synthesis", [
+            *self.sampling_flags(json_file, work, generator, root, vectors), *counts,
             "--num_inference_steps", self.s.num_inference_steps, "--mask_guidance_scale", self.s.mask_guidance_scale,
             *self.guide_flags(crfm),
-        )  # fmt: skip
+        ])  # fmt: skip
 
     def few_step(self) -> None:
         """CRFM-teacher reflow pairs of the labelled masks -> a 2-RF or k-SeqRF student -> the held-out masks in
@@ -467,12 +482,17 @@ STAGES = (
         "data",
         "toy remote-sensing scenes: held-out / validation / labelled / extra splits, and the judge's own scenes",
         Demo.data,
-        lambda demo: [demo.path(REAL_MOSAICS, "index.jsonl")],
+        lambda demo: [demo.path(REAL_MOSAICS, "index.jsonl"), demo.path(LAYOUTS, "index.jsonl")],
     ),
     Stage(
         "pipeline", "the base: the shipped pretrained tiny SD3.5 (or --base FOLDER, or a scratch one)", Demo.pipeline
     ),
-    Stage("vectors", "prompt vectors (SD3 encode_prompt)", Demo.vectors),
+    Stage(
+        "vectors",
+        "prompt vectors (SD3 encode_prompt) of the scenes and the new layouts",
+        Demo.vectors,
+        lambda demo: [demo.path("toydata", "index_.jsonl"), demo.path(LAYOUTS, "index_.jsonl")],
+    ),
     Stage(
         "models",
         "train the mask-conditioned MM-DiT (paper stage a); beside it the segmentors (mmseg) of real data: the CRFM "
@@ -489,11 +509,17 @@ STAGES = (
     Stage("fidelity", "mask fidelity: real vs VAE ceiling vs plain vs CRFM", Demo.fidelity),
     Stage(
         "synth_train",
-        "synthesize the labelled masks: plain and CRFM x num_per_mask, CRFM resampled by hardness",
+        "synthesize the training pairs with CRFM: the labelled masks x num_per_mask and the new layouts (mosaics of "
+        "the labelled masks); with --ablations also plain, and resampled by hardness",
         Demo.synth_train,
+        Demo.synth_train_results,
     ),
-    Stage("filter", "FreeMask filtering of the CRFM pairs: noisy synthetic pixels -> ignore", Demo.filter),
-    Stage("layouts", "new layouts: mosaics of the labelled masks, CRFM-synthesized and filtered", Demo.layouts),
+    Stage(
+        "filter",
+        "FreeMask filtering of the synthetic pairs: noisy synthetic pixels -> ignore; real mosaics + new layouts",
+        Demo.filter,
+        Demo.filter_results,
+    ),
     Stage(
         "downstream",
         "downstream segmentors: real + each synthetic set, synthetic only (stage c)",
