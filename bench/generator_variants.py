@@ -32,7 +32,7 @@ from crfm.utils.runs import REPO, Job, mean_std, print_table, run_jobs_or_exit, 
 
 # What a variant's folder takes from the run unchanged (links): data, base, vectors, guide, real mosaics.
 SHARED = ("toydata", "tiny_sd35", "vectors", "seg_real", "layouts_real")
-SYNTHESES = {"plain": None, "crfm": "default"}  # image set -> Demo.synthesize's CRFM setting
+SYNTHESES = {"plain": None, "crfm": "default"}  # image set -> Demo.synthesis_job's CRFM setting
 PER_MASK = 2
 SAMPLING_KNOBS = ("mask_guidance_scale", "num_inference_steps")  # knobs that leave the fine-tuned generator as it is
 
@@ -99,7 +99,8 @@ def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path, owner: st
     demo.generator_vectors()
     demo.generator(one_thread=True)
     for images, crfm in SYNTHESES.items():
-        demo.synthesize("val_.jsonl", f"val_{images}", crfm, num_per_mask=PER_MASK)
+        # One lane: this bench runs its own jobs side by side, so each synthesis keeps to one thread.
+        demo.run_together([demo.synthesis_job("val_.jsonl", f"val_{images}", crfm, num_per_mask=PER_MASK)], lanes=1)
         judged = folder / f"val_{images}" / "judge.json"
         if not judged.is_file():
             run_logged([

@@ -294,9 +294,9 @@ def test_ablation_rows_run_only_with_the_full_preset(tmp_path):
     # alone and the unfiltered sets are ablations.
     assert default == {"seg_real_synth_filtered", "seg_real_mosaic_synth_layouts"}
     assert PRESETS["ci"]["ablations"] and PRESETS["full"] == {"ablations": True, "upper_bound": True}
-    assert Demo(tmp_path, DemoSettings(), progress=False).filtered_sets() == ("synth_train",)
+    assert Demo(tmp_path, DemoSettings(), progress=False).filtered_sets() == ("synth_train", "synth_layouts")
     full_sets = Demo(tmp_path, DemoSettings(**PRESETS["full"]), progress=False).filtered_sets()
-    assert full_sets == ("synth_train", "synth_train_plain", "synth_train_resampled")
+    assert full_sets == ("synth_train", "synth_train_plain", "synth_train_resampled", "synth_layouts")
 
 
 def test_upper_bound_row_trains_only_with_its_knob(tmp_path):

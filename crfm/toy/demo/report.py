@@ -44,7 +44,7 @@ def write_report(demo: Demo) -> dict:
         },
         "filter": {
             synth: json.loads(demo.path(f"{synth}_filtered", "filter_report.json").read_text())
-            for synth in (*demo.filtered_sets(), "synth_layouts")
+            for synth in demo.filtered_sets()
         },
         "stage_seconds": dict(demo.timings),
         "total_seconds": round(sum(demo.timings.values()), 1),

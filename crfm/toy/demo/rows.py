@@ -26,9 +26,13 @@ FIGURE_TITLES = ("mask", "plain", "CRFM paper", "CRFM default", "real")
 
 REAL_MOSAICS = "layouts_real"  # the labelled pairs cut into the new layouts' mosaics (the data stage)
 LAYOUTS, LAYOUT_VECTORS = "layouts", "vectors_layouts"  # the same mosaics' masks for the generator, their vectors
+SYNTH_LAYOUTS = "synth_layouts"  # the generator's images of them (CRFM), one per layout
 # Unions: (work dir, index files of the parts, relative to the demo folder).
 # The real mosaics and the filtered synthetic layouts: what a user with both would train on.
-MOSAICS_AND_SYNTH = ("mosaics_and_synth_layouts", (f"{REAL_MOSAICS}/index.jsonl", "synth_layouts_filtered/index.jsonl"))
+MOSAICS_AND_SYNTH = (
+    "mosaics_and_synth_layouts",
+    (f"{REAL_MOSAICS}/index.jsonl", f"{SYNTH_LAYOUTS}_filtered/index.jsonl"),
+)
 # The generator's data with `generator_mosaics`: the labelled pairs and their real mosaics (more layouts to learn
 # mask-following from; no new image).
 GENERATOR_DATA = ("generator_data", ("toydata/train.jsonl", f"{REAL_MOSAICS}/index.jsonl"))
@@ -72,7 +76,7 @@ DOWNSTREAM = (
         "real_synth_layouts",
         "seg_real_synth_layouts",
         "real + CRFM synthetic of new layouts (mosaics of the labelled masks), filtered",
-        "synth_layouts_filtered",
+        f"{SYNTH_LAYOUTS}_filtered",
         knob="ablations",  # the generator against copy-paste; the default trains what a user would, both together
     ),
     DownstreamRow(

@@ -19,6 +19,7 @@ from crfm.toy.demo.rows import (
     REAL_DATA_SETS,
     REAL_MOSAICS,
     ROWS,
+    SYNTH_LAYOUTS,
     SYNTHESES,
     TSTR,
     DownstreamRow,
@@ -256,7 +257,7 @@ class Demo(StageRunner):
         counts."""
         jobs = [
             self.synthesis_job("train_.jsonl", "synth_train", "default", self.s.num_per_mask),
-            self.synthesis_job("index_.jsonl", "synth_layouts", "default", root=LAYOUTS, vectors=LAYOUT_VECTORS),
+            self.synthesis_job("index_.jsonl", SYNTH_LAYOUTS, "default", root=LAYOUTS, vectors=LAYOUT_VECTORS),
         ]
         if self.s.ablations:
             self.run(
@@ -273,7 +274,7 @@ class Demo(StageRunner):
         self.run_together(jobs)
 
     def synth_train_results(self) -> list[Path]:
-        return [self.path(work, "index.jsonl") for work in (*self.filtered_sets(), "synth_layouts")]
+        return [self.path(work, "index.jsonl") for work in self.filtered_sets()]
 
     def filter_job(self, synth: str) -> Job:
         """FreeMask: synthetic pixels the real-only segmentor finds implausible for their class (its probabilities
@@ -285,16 +286,17 @@ class Demo(StageRunner):
         ])  # fmt: skip
 
     def filtered_sets(self) -> tuple[str, ...]:
-        """The synthetic sets of the labelled masks this run filters (the new layouts' are filtered with them)."""
-        return ("synth_train", *(("synth_train_plain", "synth_train_resampled") if self.s.ablations else ()))
+        """The synthetic sets this run makes and filters: of the labelled masks, and of the new layouts."""
+        labelled = ("synth_train", *(("synth_train_plain", "synth_train_resampled") if self.s.ablations else ()))
+        return (*labelled, SYNTH_LAYOUTS)
 
     def filter(self) -> None:
         """Every synthetic set filtered, side by side; then the real mosaics + filtered new layouts as one dataset."""
-        self.run_together([self.filter_job(synth) for synth in (*self.filtered_sets(), "synth_layouts")])
+        self.run_together([self.filter_job(synth) for synth in self.filtered_sets()])
         self.union_dataset(*MOSAICS_AND_SYNTH)
 
     def filter_results(self) -> list[Path]:
-        filtered = [self.path(f"{synth}_filtered", "index.jsonl") for synth in (*self.filtered_sets(), "synth_layouts")]
+        filtered = [self.path(f"{synth}_filtered", "index.jsonl") for synth in self.filtered_sets()]
         return [*filtered, self.path(MOSAICS_AND_SYNTH[0], "index.jsonl")]
 
     def mosaics(self, work: str, *images: str) -> None:
