@@ -127,7 +127,7 @@ KNOB_HELP = {
     "rot90": "random quarter turns of each pair while fine-tuning (train.py --rot90); --no-rot90: flips only, as the "
     "paper",
     "mixed_precision": "MM-DiT fine-tuning compute dtype (train.py --mixed_precision): bf16 autocast is faster on CPUs "
-    "with AVX-512 BF16 / AMX (this project's), slower where it is emulated: use no there",
+    "with AVX-512 BF16 / AMX, slower where it is emulated (CPUs without them): use no there",
     "seg_config": "mmseg config of the CRFM guide and the downstream segmentors (the real-only one is the guide): a "
     "packaged one (toy_segformer, toy_unet) or a path",
     "judge_config": "mmseg config of the judge: a packaged one (toy_unet: full resolution, sees every class) or a path",
