@@ -27,25 +27,30 @@ SETS = {  # image set -> (work dir, index)
 }
 
 
-def judge_scores(out: Path) -> dict[str, list[float]]:
-    """Judge IoU (%) per class and the mIoU (last) of each image set of one demo folder (cached beside it)."""
+def image_set(out: Path, work: str, index: str = "index.jsonl"):
+    """(index items, `PairDataset`) of one image set of a demo folder, at the folder's resolution."""
     from crfm.data.dataset import PairDataset
     from crfm.data.index import read_index
+
+    resolution = json.loads((out / "demo_settings.json").read_text())["resolution"]
+    items = read_index(out / work / index, out / work)
+    return items, PairDataset(items, out / work, resolution, num_cls=6)
+
+
+def judge_scores(out: Path) -> dict[str, list[float]]:
+    """Judge IoU (%) per class and the mIoU (last) of each image set of one demo folder (cached beside it)."""
     from crfm.segmentation.adapter import load_segmentor
     from crfm.segmentation.evaluate import mask_fidelity
 
     cache = out / "bench_crfm_gap.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    settings = json.loads((out / "demo_settings.json").read_text())
     judge = load_segmentor(
         out / "seg_judge" / "config.py", out / "seg_judge" / "segmentor.pth", device="cpu", num_cls=6
     )
     scores = {}
     for name, (work, index) in SETS.items():
-        items = read_index(out / work / index, out / work)
-        dataset = PairDataset(items, out / work, resolution=settings["resolution"], num_cls=6)
-        result = mask_fidelity(judge, dataset, 6, progress=False)
+        result = mask_fidelity(judge, image_set(out, work, index)[1], 6, progress=False)
         scores[name] = [100 * v for v in result["IoU"]] + [100 * result["mIoU"]]
     cache.write_text(json.dumps(scores, indent=2) + "\n")
     return scores
@@ -57,8 +62,6 @@ def view_scores(out: Path) -> dict[str, list[float]]:
     alike in every view, one pushed toward a segmentor's view-bound beliefs scores less once turned."""
     import torch
 
-    from crfm.data.dataset import PairDataset
-    from crfm.data.index import read_index
     from crfm.segmentation.adapter import load_segmentor
     from crfm.segmentation.evaluate import mask_fidelity
     from crfm.segmentation.views import dihedral_views, predict_in_view
@@ -74,13 +77,11 @@ def view_scores(out: Path) -> dict[str, list[float]]:
     cache = out / "bench_crfm_views.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    resolution = json.loads((out / "demo_settings.json").read_text())["resolution"]
     scores = {}
     for segmentor_dir in ("seg_real", "seg_judge"):
         segmentor = load_segmentor(out / segmentor_dir / "config.py", out / segmentor_dir / "segmentor.pth", num_cls=6)
         for images in ("held-out plain", "held-out CRFM"):
-            work, index = SETS[images]
-            dataset = PairDataset(read_index(out / work / index, out / work), out / work, resolution, num_cls=6)
+            dataset = image_set(out, *SETS[images])[1]
             scores[f"{segmentor_dir} {images}"] = [
                 100 * mask_fidelity(Viewed(segmentor, view), dataset, 6, progress=False)["mIoU"]
                 for view in dihedral_views(8)
@@ -105,29 +106,22 @@ def filter_audit(out: Path) -> dict[str, dict[str, list[float]]]:
     filter no longer tells CRFM's errors apart (cached beside the folder)."""
     import torch
 
-    from crfm.data.dataset import PairDataset
-    from crfm.data.index import read_index
     from crfm.segmentation.adapter import load_segmentor
 
     cache = out / "bench_crfm_filter_audit.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    resolution = json.loads((out / "demo_settings.json").read_text())["resolution"]
     judge = load_segmentor(
         out / "seg_judge" / "config.py", out / "seg_judge" / "segmentor.pth", device="cpu", num_cls=6
     )
     audit = {}
     for name, (drawn, filtered) in FILTERED.items():
-        indexes = [read_index(out / w / "index.jsonl", out / w) for w in (drawn, filtered)]
-        if [item.target for item in indexes[0]] != [item.target for item in indexes[1]]:
+        (drawn_items, drawn_set), (filtered_items, filtered_set) = (image_set(out, w) for w in (drawn, filtered))
+        if [item.target for item in drawn_items] != [item.target for item in filtered_items]:
             raise SystemExit(f"{out}: {filtered} does not list {drawn}'s pairs in order")
-        sets = [
-            PairDataset(items, out / w, resolution, num_cls=6)
-            for items, w in zip(indexes, (drawn, filtered), strict=True)
-        ]
         counts = torch.zeros(4, 7, dtype=torch.float64)  # pixels, ignored, kept wrong, ignored wrong; per class + all
-        for i in range(len(sets[0])):
-            first, second = sets[0][i], sets[1][i]
+        for i in range(len(drawn_set)):
+            first, second = drawn_set[i], filtered_set[i]
             with torch.no_grad():
                 prediction = judge(first["image"][None]).argmax(dim=1)[0]
             mask, ignored = first["label"], second["label"] == 255
@@ -165,17 +159,12 @@ def diversity(out: Path) -> dict[str, dict[str, list[float]]]:
     score says (cached beside the folder)."""
     import torch
 
-    from crfm.data.dataset import PairDataset
-    from crfm.data.index import read_index
-
     cache = out / "bench_crfm_diversity.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    resolution = json.loads((out / "demo_settings.json").read_text())["resolution"]
 
     def load(work: str, index: str) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
-        items = read_index(out / work / index, out / work)
-        dataset = PairDataset(items, out / work, resolution, num_cls=6)
+        items, dataset = image_set(out, work, index)
         samples = [dataset[i] for i in range(len(dataset))]
         return items, [(x["image"] + 1) / 2 for x in samples], [x["label"] for x in samples]
 
@@ -197,7 +186,8 @@ def diversity(out: Path) -> dict[str, dict[str, list[float]]]:
                         edges[0, column] += step[same].sum()
                         edges[1, column] += same.sum()
         spread = [torch.stack(cs).std(dim=0).mean().item() if len(cs) > 1 else float("nan") for cs in colours]
-        spread.append(sum(v for v in spread if v == v) / max(1, sum(v == v for v in spread)))
+        # over the classes present in more than one image
+        spread.append(torch.tensor(spread, dtype=torch.float64).nanmean().item())
         return {"colour spread": spread, "edge energy": (edges[0] / edges[1].clamp_min(1)).tolist()}
 
     real_items, real_images, real_labels = load("toydata", "train.jsonl")

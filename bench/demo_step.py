@@ -2,9 +2,9 @@
 
     OMP_NUM_THREADS=1 python bench/demo_step.py outputs/demo [--steps 80] [--compile]
 
-Runs `crfm.training.train` with the demo's generator flags (onehot masks added to the image tokens, mask dropout,
-quarter turns, batch 8, 64 px) on a finished demo folder's base, labelled scenes and vectors, into a temporary work
-dir, and times every step (the first ones include `torch.compile`'s compiling). Prints the first steps and the
+Runs `crfm.training.train` with the demo's own generator flags (`Demo.generator_flags`, from the folder's recorded
+knobs) on a finished demo folder's base, labelled scenes and vectors, into a temporary work dir, `--steps` steps,
+and times every step (the first ones include `torch.compile`'s compiling). Prints the first steps and the
 median of the last half: what a compiled model must save per step to pay for its compile time.
 """
 
@@ -24,9 +24,13 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     args = parser.parse_args()
 
+    import json
+
     import torch
 
     import crfm.training.train as train_module
+    from crfm.toy.demo.settings import SETTINGS_FILE, DemoSettings, recorded_knobs
+    from crfm.toy.demo.stages import Demo
 
     build_model = train_module.build_model
 
@@ -46,16 +50,11 @@ def main() -> int:
     if args.compile:
         train_module.build_model = build_compiled
     train_module.train_step = timed_step
-    demo = args.demo
+    settings = DemoSettings(**recorded_knobs(json.loads((args.demo / SETTINGS_FILE).read_text())))
+    demo_flags = Demo(args.demo.resolve(), settings, progress=False).generator_flags()
     with tempfile.TemporaryDirectory() as work:
-        flags = [
-            "--pretrained_model_name_or_path", demo / "tiny_sd35", "--data_root", demo / "toydata",
-            "--json_file", "train_.jsonl", "--vectors_path", demo / "vectors", "--work_dir", work,
-            "--mask_encoding", "onehot", "--mask_dropout", 0.1, "--mask_add", "--rot90", "--num_cls", 6,
-            "--resolution", 64, "--train_batch_size", 8, "--max_train_steps", args.steps, "--learning_rate", 1e-3,
-            "--lr_warmup_steps", max(1, args.steps // 10), "--checkpointing_steps", args.steps + 1, "--seed", 0,
-            "--mixed_precision", "no", "--no_progress",
-        ]  # fmt: skip
+        # The later of two equal flags wins: a temporary work dir, `--steps` steps, no checkpoint but the last.
+        flags = [*demo_flags, "--work_dir", work, "--max_train_steps", args.steps, "--checkpointing_steps", args.steps]
         train_module.train(train_module.build_parser().parse_args([str(f) for f in flags]))
     tail = statistics.median(seconds[len(seconds) // 2 :])
     mode = "compiled" if args.compile else "eager"

@@ -158,9 +158,13 @@ class Demo(StageRunner):
         if self.path("train", "summary.json").is_file():  # written last: finished (train.py would only reload it)
             print("generator: finished in an earlier run, kept", flush=True)
             return
+        self.run("crfm.training.train", *self.generator_flags(), one_thread=one_thread)
+
+    def generator_flags(self) -> list[object]:
+        """train.py's flags of the generator's fine-tuning (also timed by bench/demo_step.py)."""
         root, index, vectors = self.generator_data()
-        self.run(
-            "crfm.training.train", "--pretrained_model_name_or_path", self.path("tiny_sd35"),
+        return [
+            "--pretrained_model_name_or_path", self.path("tiny_sd35"),
             "--data_root", root, "--json_file", index, "--vectors_path", vectors, "--work_dir", self.path("train"),
             "--mask_encoding", self.s.mask_encoding, "--class_balance", self.s.class_balance,
             "--mask_dropout", self.s.mask_dropout, "--num_cls", NUM_CLS, "--resolution", self.s.resolution,
@@ -169,8 +173,8 @@ class Demo(StageRunner):
             "--lr_warmup_steps", min(50, self.s.train_steps // 10), "--checkpointing_steps",
             max(1, self.s.train_steps // 4), "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest",
             "--seed", self.s.seed, *(["--rot90"] if self.s.rot90 else []), *self.mask_add_flag(),
-            "--mixed_precision", self.s.mixed_precision, *self.quiet(), one_thread=one_thread,
-        )  # fmt: skip
+            "--mixed_precision", self.s.mixed_precision, *self.quiet(),
+        ]  # fmt: skip
 
     def mask_add_flag(self) -> list[str]:
         """The generator's architecture flag, for its fine-tuning and the few-step student started from it."""
@@ -251,27 +255,31 @@ class Demo(StageRunner):
         """The downstream rows this run trains (`ablations` and `upper_bound`: all of them)."""
         return downstream_rows(self.s)
 
+    def training_syntheses(self) -> dict[str, Job]:
+        """The synthetic sets for training (work dir -> synthesis): the labelled masks x`num_per_mask` and the new
+        layouts' masks once each, with CRFM; with `ablations` also the labelled masks plain, and with CRFM in
+        hardness-ranked counts (`hardness.json`, made first by `synth_train`)."""
+        labelled = {"synth_train": self.synthesis_job("train_.jsonl", "synth_train", "default", self.s.num_per_mask)}
+        if self.s.ablations:
+            hardness = self.path("hardness.json")
+            labelled["synth_train_plain"] = self.synthesis_job(
+                "train_.jsonl", "synth_train_plain", None, self.s.num_per_mask
+            )
+            labelled["synth_train_resampled"] = self.synthesis_job(
+                "train_.jsonl", "synth_train_resampled", "default", num_per_mask_file=hardness
+            )
+        layouts = self.synthesis_job("index_.jsonl", SYNTH_LAYOUTS, "default", root=LAYOUTS, vectors=LAYOUT_VECTORS)
+        return {**labelled, SYNTH_LAYOUTS: layouts}
+
     def synth_train(self) -> None:
-        """The synthetic pairs for training, side by side: the labelled masks x`num_per_mask` and the new layouts'
-        masks once each, with CRFM; with `ablations` also the labelled masks plain, and with CRFM in hardness-ranked
-        counts."""
-        jobs = [
-            self.synthesis_job("train_.jsonl", "synth_train", "default", self.s.num_per_mask),
-            self.synthesis_job("index_.jsonl", SYNTH_LAYOUTS, "default", root=LAYOUTS, vectors=LAYOUT_VECTORS),
-        ]
+        """Every training synthesis side by side (with `ablations`, after the masks' hardness ranking)."""
         if self.s.ablations:
             self.run(
                 "crfm.segmentation.hardness", *self.filter_flags(), "--json_file", "train.jsonl",
                 "--out", self.path("hardness.json"), "--min_per_mask", self.s.min_per_mask,
                 "--max_per_mask", self.s.max_per_mask,
             )  # fmt: skip
-            jobs += [
-                self.synthesis_job("train_.jsonl", "synth_train_plain", None, self.s.num_per_mask),
-                self.synthesis_job(
-                    "train_.jsonl", "synth_train_resampled", "default", num_per_mask_file=self.path("hardness.json")
-                ),
-            ]
-        self.run_together(jobs)
+        self.run_together(list(self.training_syntheses().values()))
 
     def synth_train_results(self) -> list[Path]:
         return [self.path(work, "index.jsonl") for work in self.filtered_sets()]
@@ -287,8 +295,7 @@ class Demo(StageRunner):
 
     def filtered_sets(self) -> tuple[str, ...]:
         """The synthetic sets this run makes and filters: of the labelled masks, and of the new layouts."""
-        labelled = ("synth_train", *(("synth_train_plain", "synth_train_resampled") if self.s.ablations else ()))
-        return (*labelled, SYNTH_LAYOUTS)
+        return tuple(self.training_syntheses())
 
     def filter(self) -> None:
         """Every synthetic set filtered, side by side; then the real mosaics + filtered new layouts as one dataset."""
