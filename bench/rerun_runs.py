@@ -4,11 +4,14 @@ generator, guide, judge and real-data rows, paired against the run's own rows.
     python bench/rerun_runs.py --runs outputs/bench_demo/default/seed0 outputs/bench_demo/default/seed1 \
         outputs/bench_demo/default/seed2 --variant views8="--filter_views 8"                  # the filter alone
     python bench/rerun_runs.py --runs ... --from synthesis --variant now=""                 # syntheses too
+    python bench/rerun_runs.py --runs ... --from models --variant v6="--base outputs/base_v6/tiny_sd35_base"
 
 `--from filter` (the default): the run's syntheses filtered again and the filtered downstream rows trained again,
 so a difference is the filter's alone (the new layouts' syntheses are the run's too: the demo's filter stage filters
 them and makes the union again). `--from synthesis`: every synthesis, the fidelity table, the filter and the
-downstream rows made again by the current code (e.g. test.py's CRFM defaults), from the run's models. Each
+downstream rows made again by the current code (e.g. test.py's CRFM defaults), from the run's models. `--from
+models`: the base copied again (a variant's `--base`), the generator fine-tuned again on it and everything after it
+made again, beside the run's own data, judge and real-data segmentors (which no base changes). Each
 (variant, run) is a copy of the run without what is redone, its settings with the variant's knobs (only those of
 `KNOBS`), then `python -m crfm.toy.demo`, which reuses every finished stage. Resumable: finished copies are reused.
 The table: the rows that changed (mIoU, road and building IoU), mean ± std over runs, and the paired difference to
@@ -36,8 +39,9 @@ from crfm.toy.demo.rows import (
 )
 from crfm.utils.runs import REPO, Job, mean_std, print_table, run_jobs_or_exit, run_logged
 
-KNOBS = ("tolerance_margin", "filter_views", "num_inference_steps", "mask_guidance_scale", "num_per_mask")
-SAMPLING_KNOBS = ("num_inference_steps", "mask_guidance_scale", "num_per_mask")  # only with --from synthesis
+KNOBS = ("tolerance_margin", "filter_views", "num_inference_steps", "mask_guidance_scale", "num_per_mask", "base")
+SAMPLING_KNOBS = ("num_inference_steps", "mask_guidance_scale", "num_per_mask")  # from synthesis or earlier
+MODEL_KNOBS = ("base",)  # only with --from models
 # The rows trained on synthetic pairs, and the mosaics + layouts union's.
 SYNTHETIC_ROWS = [row for row in DOWNSTREAM if row.synthetic and row.synthetic != REAL_MOSAICS]
 FILTERED_ROWS = [row for row in SYNTHETIC_ROWS if row.synthetic.endswith("_filtered")]
@@ -54,7 +58,13 @@ KEPT = {
     LAYOUT_VECTORS, GENERATOR_VECTORS, GENERATOR_DATA[0], "train", "seg_judge",
     *(row.work for row in DOWNSTREAM if row.synthetic in (None, REAL_MOSAICS)),
 }  # fmt: skip
-FIRST_STAGES = ("data", "pipeline", "vectors", "models")
+# --from models: what a copy keeps (the data and the segmentors that no base changes).
+KEPT_FROM_MODELS = {
+    "demo_settings.json", "stages", "logs", "toydata", "toydata_judge", REAL_MOSAICS, LAYOUTS, "seg_judge",
+    *(row.work for row in DOWNSTREAM if row.synthetic in (None, REAL_MOSAICS)),
+}  # fmt: skip
+# The stages a copy keeps as done, by where it starts.
+KEPT_STAGES = {"synthesis": ("data", "pipeline", "vectors", "models"), "models": ("data",)}
 REDONE_STAGES = ("filter", "layouts", "downstream")  # "layouts": a stage of folders made before the filter took it
 
 
@@ -62,7 +72,8 @@ def knob_values(knobs: str, start: str) -> dict[str, object]:
     from crfm.toy.demo import build_parser
 
     args = build_parser().parse_args(shlex.split(knobs))
-    allowed = KNOBS if start == "synthesis" else tuple(k for k in KNOBS if k not in SAMPLING_KNOBS)
+    refused = {"filter": SAMPLING_KNOBS + MODEL_KNOBS, "synthesis": MODEL_KNOBS, "models": ()}[start]
+    allowed = tuple(k for k in KNOBS if k not in refused)
     values = {name: getattr(args, name) for name in allowed if getattr(args, name) is not None}
     others = [word for word in shlex.split(knobs) if word.startswith("--") and word[2:] not in allowed]
     if others:
@@ -72,11 +83,13 @@ def knob_values(knobs: str, start: str) -> dict[str, object]:
 
 def left_behind(run: Path, start: str, where: str, names: list[str]) -> list[str]:
     """copytree's ignore, in the run's own folder only (train/summary.json is the generator's): from the filter,
-    `REDONE` and bench scripts' caches (`bench_*`); from synthesis, all but `KEPT`."""
+    `REDONE` and bench scripts' caches (`bench_*`); from synthesis, all but `KEPT`; from the models, all but
+    `KEPT_FROM_MODELS`."""
     if Path(where) != run:
         return []
-    if start == "synthesis":
-        return [name for name in names if name not in KEPT]
+    if start in KEPT_STAGES:
+        kept = KEPT if start == "synthesis" else KEPT_FROM_MODELS
+        return [name for name in names if name not in kept]
     return [name for name in names if name in REDONE or name.startswith("bench_")]
 
 
@@ -91,7 +104,7 @@ def rerun(run: Path, folder: Path, knobs: str, start: str) -> None:
             run, partial_copy, symlinks=True, ignore=lambda where, names: left_behind(run, start, where, names)
         )
         for marker in (partial_copy / "stages").iterdir():
-            if marker.stem in REDONE_STAGES or (start == "synthesis" and marker.stem not in FIRST_STAGES):
+            if marker.stem in REDONE_STAGES or (start in KEPT_STAGES and marker.stem not in KEPT_STAGES[start]):
                 marker.unlink()
         settings = json.loads((run / "demo_settings.json").read_text()) | knob_values(knobs, start)
         (partial_copy / "demo_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -138,7 +151,8 @@ def rows_of(folder: Path) -> dict[str, float]:
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
     names = list(results)
-    keys = list(results["run"][0])
+    # A variant without the run's ablation rows (e.g. a default run of a full one) is compared on the rows both have.
+    keys = [key for key in results["run"][0] if all(key in row for rows in results.values() for row in rows)]
     lines = ["| quantity | " + " | ".join(f"{n} ({len(results[n])} runs)" for n in names) + " |"]
     lines.append("|---|" + "---|" * len(names))
     for key in keys:
@@ -155,7 +169,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="finished demo runs")
     parser.add_argument("--variant", action="append", required=True, help='NAME="--knob value ..." (KNOBS)')
-    parser.add_argument("--from", dest="start", choices=("filter", "synthesis"), default="filter")
+    parser.add_argument("--from", dest="start", choices=("filter", "synthesis", "models"), default="filter")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "rerun")
     parser.add_argument("--jobs", type=int, default=1, help="(variant, run) pairs at once")
     parser.add_argument("--table", type=Path, help="also write the markdown table here")

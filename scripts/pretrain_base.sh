@@ -2,7 +2,8 @@
 # Rebuild the shipped tiny SD3.5 base (crfm/toy/tiny_sd35_base) from scratch on a CPU: the unlabelled corpus, then
 # the VAE fitted as an autoencoder with the edge-keeping loss (about 55 minutes on one core), then text-to-image
 # pretraining of the transformer (about 50 minutes), then its second phase at the flow-matching shift 1.0 with a
-# cosine-decayed learning rate (about 30 minutes). Resumable: run it again after an interruption and it continues
+# cosine-decayed learning rate (about 30 minutes), then a third, longer cosine cycle (about 50 minutes on two threads,
+# 65 on one). Resumable: run it again after an interruption and it continues
 # from the last checkpoint (a finished phase is not run again). Log: outputs/pretrain_base.log when run with nohup:
 #   nohup bash scripts/pretrain_base.sh > outputs/pretrain_base.log 2>&1 &
 set -euo pipefail
@@ -24,3 +25,7 @@ python -m crfm.toy.tiny "$BASE" --variant sd3.5 --vae_channels 16,32,32 --latent
 # does, and a cosine decay anneals (bench/results_base.md, part 4).
 python -m crfm.toy.tiny "$BASE" --continue_pretraining_on "$CORPUS/index.jsonl" --pretrain_steps 8000 \
   --pretrain_lr_schedule cosine --scheduler_shift 1.0 --pretrain_work_dir "${WORK2:-outputs/tiny_sd35_base.continued}" "$@"
+# Phase 3: 12000 more steps from phase 2's EMA weights, a new cosine cycle, draws of its own: the transformer was
+# still learning (bench/results_base.md, part 5).
+python -m crfm.toy.tiny "$BASE" --continue_pretraining_on "$CORPUS/index.jsonl" --pretrain_steps 12000 \
+  --pretrain_lr_schedule cosine --scheduler_shift 1.0 --pretrain_work_dir "${WORK3:-outputs/tiny_sd35_base.phase3}" "$@"

@@ -455,6 +455,12 @@ def _record_phase(pipe_dir: Path, key: str, record: dict, on_change: Callable[[d
     return report
 
 
+def continued_phases(report: dict) -> list[dict]:
+    """The later pretraining phases a report recorded, in order (reports before the third phase held one record)."""
+    phases = report.get("continued", [])
+    return phases if isinstance(phases, list) else [phases]
+
+
 def continue_pretraining(
     pipe_dir: str | Path,
     index_file: str | Path,
@@ -463,21 +469,25 @@ def continue_pretraining(
     command: str,
     progress: bool = True,
 ) -> dict:
-    """A second phase for the transformer of a pretrained pipeline: `settings.steps` more steps on the corpus from its
-    shipped (EMA) weights, with a fresh optimizer and draws of their own (stream 1), resumably; VAE and text encoders
-    unchanged. The phase goes into the pipeline's report (`continued`), samples and model card, once."""
+    """A later phase for the transformer of a pretrained pipeline: `settings.steps` more steps on the corpus from its
+    shipped (EMA) weights, with a fresh optimizer, resumably; VAE and text encoders unchanged. Phase k after the
+    first draws stream k, so no two phases see the same batches and noise. The phase is appended to the pipeline's
+    report (`continued`), samples and model card, once; a finished phase's command run again changes nothing."""
     pipe_dir, work_dir = Path(pipe_dir), Path(work_dir)
     if not (pipe_dir / REPORT).is_file():
         raise FileNotFoundError(f"{pipe_dir} has no {REPORT}: continue a pretrained pipeline (--pretrain_on first)")
+    earlier = continued_phases(json.loads((pipe_dir / REPORT).read_text()))
     phase = _fit_once(
         work_dir / CONTINUED_MARKER,
         lambda: (
-            pretrain_transformer(pipe_dir, index_file, work_dir, settings, progress, stream=1)
-            | {"settings": asdict(settings), "command": command}
+            pretrain_transformer(pipe_dir, index_file, work_dir, settings, progress, stream=len(earlier) + 1)
+            | {"settings": asdict(settings), "stream": len(earlier) + 1, "command": command}
         ),
     )
+    if phase in earlier:
+        return json.loads((pipe_dir / REPORT).read_text())
     return _record_phase(
-        pipe_dir, "continued", phase,
+        pipe_dir, "continued", [*earlier, phase],
         lambda report: sample_grid(
             pipe_dir, report["grid_prompts"], pipe_dir / "samples.png", settings.resolution,
             settings.max_sequence_length,
@@ -511,21 +521,26 @@ def decoder_line(report: dict) -> str:
     )
 
 
+ORDINALS = ("second", "third", "fourth", "fifth", "sixth")
+
+
 def continued_line(report: dict) -> str:
-    """The model card's words on a second pretraining phase (`continue_pretraining`), or nothing."""
-    phase = report.get("continued")
-    if phase is None:
-        return ""
-    settings = phase["settings"]
-    shifted = settings.get("scheduler_shift")
-    shift = "" if shifted is None else f", the scheduler's shift set to {shifted} (training draws and sampling)"
-    return (
-        f" Then a second phase from those EMA weights (`continue_pretraining`): {phase['transformer_steps']} more "
-        f"steps, fresh AdamW, lr {settings['learning_rate']} ({settings['warmup_steps']} warm-up steps, then "
-        f"{settings['lr_schedule']}), batch {settings['batch_size']}, other draws, {phase['transformer_seconds']:.0f} "
-        f"s{shift}; mean loss {phase['first_500_loss']} over its first 500 steps, {phase['last_500_loss']} over its "
-        f"last 500; its EMA weights (decay {settings['ema_decay']}) shipped."
-    )
+    """The model card's words on the later pretraining phases (`continue_pretraining`), or nothing."""
+    lines = []
+    for number, phase in enumerate(continued_phases(report)):
+        settings = phase["settings"]
+        shifted = settings.get("scheduler_shift")
+        shift = "" if shifted is None else f", the scheduler's shift set to {shifted} (training draws and sampling)"
+        ordinal = ORDINALS[number] if number < len(ORDINALS) else f"{number + 2}th"
+        lines.append(
+            f" Then a {ordinal} phase from those EMA weights (`continue_pretraining`): {phase['transformer_steps']} "
+            f"more steps, fresh AdamW, lr {settings['learning_rate']} ({settings['warmup_steps']} warm-up steps, then "
+            f"{settings['lr_schedule']}), batch {settings['batch_size']}, other draws, "
+            f"{phase['transformer_seconds']:.0f} s{shift}; mean loss {phase['first_500_loss']} over its first 500 "
+            f"steps, {phase['last_500_loss']} over its last 500; its EMA weights (decay {settings['ema_decay']}) "
+            "shipped."
+        )
+    return "".join(lines)
 
 
 def write_model_card(pipe_dir: Path, report: dict) -> None:
@@ -539,7 +554,8 @@ def write_model_card(pipe_dir: Path, report: dict) -> None:
     size_mb = sum(f.stat().st_size for f in pipe_dir.rglob("*") if f.is_file()) / 1e6
     prompts = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(report["grid_prompts"]))
     schedule, continued = settings.get("lr_schedule", "constant"), continued_line(report)
-    later_steps = [report[step]["command"] for step in ("vae_decoder_refit", "continued") if step in report]
+    refit = [report["vae_decoder_refit"]["command"]] if "vae_decoder_refit" in report else []
+    later_steps = refit + [phase["command"] for phase in continued_phases(report)]
     rebuild = "\n".join([report["command"], *later_steps])
     # Only the shipped folder is what the demo and the scripts load; any other pretrained folder is a candidate.
     shipped = pipe_dir.resolve() == SHIPPED_BASE

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from crfm.toy.pretrain import REPORT, PretrainSettings, continue_pretraining, fit_vae, run_pretraining
+from crfm.toy.pretrain import (
+    REPORT,
+    PretrainSettings,
+    continue_pretraining,
+    continued_phases,
+    fit_vae,
+    run_pretraining,
+)
 from crfm.utils.fileio import refuse_changed_settings
 from crfm.utils.flags import UsageError, add_run_flags, bounded, entry_point, positive_float, positive_int
 
@@ -361,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "continue_pretraining_on",
         type=Path,
-        help="index.jsonl: a second pretraining phase for the transformer of the pretrained pipeline OUT_DIR, "
+        help="index.jsonl: a later pretraining phase for the transformer of the pretrained pipeline OUT_DIR, "
         "--pretrain_steps more steps from its EMA weights with --pretrain_lr and --pretrain_lr_schedule (VAE and "
         "text encoders unchanged; resumable in --pretrain_work_dir, default OUT_DIR.continued)",
     )
@@ -446,7 +453,7 @@ def optimisation_settings(args: argparse.Namespace) -> dict:
 
 
 def continue_pretrain(args: argparse.Namespace) -> int:
-    """A second pretraining phase for OUT_DIR's transformer (`crfm.toy.pretrain.continue_pretraining`): the data
+    """A later pretraining phase for OUT_DIR's transformer (`crfm.toy.pretrain.continue_pretraining`): the data
     settings (resolution, prompt length, augmentation, seed) stay the first phase's; the flags set the optimisation."""
     import shlex
     import sys
@@ -459,7 +466,7 @@ def continue_pretrain(args: argparse.Namespace) -> int:
     work = args.pretrain_work_dir or out.with_name(out.name + ".continued")
     command = "python -m crfm.toy.tiny " + shlex.join(sys.argv[1:])
     phase = continue_pretraining(out, args.continue_pretraining_on, work, settings, command, not args.no_progress)
-    done = phase["continued"]
+    done = continued_phases(phase)[-1]
     print(
         f"continued pretraining {out}: {done['transformer_steps']} more steps in {done['transformer_seconds']:.0f} s, "
         f"loss {done['first_500_loss']} -> {done['last_500_loss']}"

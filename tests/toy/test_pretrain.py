@@ -93,7 +93,7 @@ def test_pretraining_refuses_a_folder_of_another_configuration(corpus, tmp_path)
 def test_the_shipped_base_loads_offline_and_is_documented():
     from diffusers import StableDiffusion3Pipeline
 
-    from crfm.toy.pretrain import SHIPPED_BASE
+    from crfm.toy.pretrain import SHIPPED_BASE, continued_phases
 
     files = [f for f in SHIPPED_BASE.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 60e6  # the base stays small enough to ship in git
@@ -114,14 +114,16 @@ def test_the_shipped_base_loads_offline_and_is_documented():
     from crfm.toy.demo.settings import DemoSettings
 
     assert DemoSettings().max_sequence_length == report["settings"]["max_sequence_length"]
-    phase = report.get("continued")
-    if phase is not None:  # a second pretraining phase: the card and the script name it too, with its flags
-        assert phase["command"] in card and "--continue_pretraining_on" in script
-        second = script.split("--continue_pretraining_on")[1]
+    phases = continued_phases(report)
+    # Each later pretraining phase: the card and the script name it too, in order, with its flags.
+    assert len(script.split("--continue_pretraining_on")) == len(phases) + 1
+    for phase, step in zip(phases, script.split("--continue_pretraining_on")[1:], strict=True):
+        assert phase["command"] in card
         for flag in ("--pretrain_steps", "--pretrain_lr_schedule", "--scheduler_shift"):
-            assert f"{flag} {phase['command'].split(flag + ' ')[1].split()[0]}" in second, flag
+            assert f"{flag} {phase['command'].split(flag + ' ')[1].split()[0]}" in step.split("python -m")[0], flag
+    if phases:
         shift = json.loads((SHIPPED_BASE / "scheduler" / "scheduler_config.json").read_text())["shift"]
-        assert shift == phase["settings"]["scheduler_shift"]  # the folder samples with the shift it was trained at
+        assert shift == phases[-1]["settings"]["scheduler_shift"]  # the folder samples with the shift it was trained at
     refit = report.get("vae_decoder_refit")
     if refit is not None:  # the decoder fitted again: the card and the script name that step too
         assert refit["command"] in card and "--refit_vae_decoder_on" in script
@@ -224,7 +226,7 @@ def test_a_second_pretraining_phase_trains_only_the_transformer_once_and_is_reco
         same = all(torch.equal(after[part][k], before[part][k]) for k in after[part])
         assert same == (part != "transformer"), part
     report = json.loads((out / "pretrain_report.json").read_text())
-    phase = report["continued"]
+    [phase] = report["continued"]
     assert report["transformer_steps"] == 2 and phase["transformer_steps"] == 3
     assert phase["settings"]["lr_schedule"] == "cosine" and phase["settings"]["resolution"] == 16  # the first's data
     # The shift it trained with is the folder's from now on: fine-tuning and sampling read it there.
@@ -239,7 +241,24 @@ def test_a_second_pretraining_phase_trains_only_the_transformer_once_and_is_reco
     assert _pretrain(out, corpus, 2).returncode == 0
     kept = load_file(str(next((out / "transformer").glob("*.safetensors"))))
     assert all(torch.equal(kept[k], after["transformer"][k]) for k in kept)
-    assert json.loads((out / "pretrain_report.json").read_text())["continued"] == phase
+    assert json.loads((out / "pretrain_report.json").read_text())["continued"] == [phase]
+    # A third phase (its own work folder) trains on from the second's weights with draws of its own, and is appended.
+    third = cmd[:-2] + ["--scheduler_shift", "1.0", "--pretrain_work_dir", str(tmp_path / "base.third")]
+    proc = subprocess.run(third, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = json.loads((out / "pretrain_report.json").read_text())["continued"]
+    assert phases[0] == phase and phases[1]["stream"] == 2 and phase["stream"] == 1
+    latest = load_file(str(next((out / "transformer").glob("*.safetensors"))))
+    assert not all(torch.equal(latest[k], kept[k]) for k in kept)
+    card = (out / "README.md").read_text()
+    assert "second phase" in card and "third phase" in card and phases[1]["command"] in card
+    # Re-running every phase's command changes nothing more.
+    for again_cmd in (cmd, third):
+        rerun = subprocess.run(again_cmd, capture_output=True, env=subprocess_env(), cwd=REPO, timeout=600)
+        assert rerun.returncode == 0
+    assert json.loads((out / "pretrain_report.json").read_text())["continued"] == phases
+    final = load_file(str(next((out / "transformer").glob("*.safetensors"))))
+    assert all(torch.equal(final[k], latest[k]) for k in latest)
 
 
 def test_a_second_phase_needs_a_pretrained_folder(corpus, fresh_base, tmp_path):
