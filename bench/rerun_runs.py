@@ -52,17 +52,17 @@ REDONE = {
     *(row.work for row in FILTERED_ROWS), *(row.synthetic for row in FILTERED_ROWS), MOSAICS_AND_SYNTH[0],
     UNION_ROW.work, *REPORT,
 }  # fmt: skip
-# --from synthesis: what a copy keeps (the data, base, vectors and the models stage's products).
-KEPT = {
-    "demo_settings.json", "stages", "logs", "toydata", "toydata_judge", REAL_MOSAICS, LAYOUTS, "tiny_sd35", "vectors",
-    LAYOUT_VECTORS, GENERATOR_VECTORS, GENERATOR_DATA[0], "train", "seg_judge",
-    *(row.work for row in DOWNSTREAM if row.synthetic in (None, REAL_MOSAICS)),
-}  # fmt: skip
-# --from models: what a copy keeps (the data and the segmentors that no base changes).
+# What a copy keeps, by where it starts. From the models: the data and the segmentors that no base changes; from
+# synthesis, also the base, the prompt vectors and the generator (the models stage's products).
 KEPT_FROM_MODELS = {
     "demo_settings.json", "stages", "logs", "toydata", "toydata_judge", REAL_MOSAICS, LAYOUTS, "seg_judge",
     *(row.work for row in DOWNSTREAM if row.synthetic in (None, REAL_MOSAICS)),
 }  # fmt: skip
+KEPT = {
+    "models": KEPT_FROM_MODELS,
+    "synthesis": KEPT_FROM_MODELS
+    | {"tiny_sd35", "vectors", LAYOUT_VECTORS, GENERATOR_VECTORS, GENERATOR_DATA[0], "train"},
+}
 # The stages a copy keeps as done, by where it starts.
 KEPT_STAGES = {"synthesis": ("data", "pipeline", "vectors", "models"), "models": ("data",)}
 REDONE_STAGES = ("filter", "layouts", "downstream")  # "layouts": a stage of folders made before the filter took it
@@ -83,13 +83,11 @@ def knob_values(knobs: str, start: str) -> dict[str, object]:
 
 def left_behind(run: Path, start: str, where: str, names: list[str]) -> list[str]:
     """copytree's ignore, in the run's own folder only (train/summary.json is the generator's): from the filter,
-    `REDONE` and bench scripts' caches (`bench_*`); from synthesis, all but `KEPT`; from the models, all but
-    `KEPT_FROM_MODELS`."""
+    `REDONE` and bench scripts' caches (`bench_*`); from synthesis or the models, all but what `KEPT` keeps."""
     if Path(where) != run:
         return []
-    if start in KEPT_STAGES:
-        kept = KEPT if start == "synthesis" else KEPT_FROM_MODELS
-        return [name for name in names if name not in kept]
+    if start in KEPT:
+        return [name for name in names if name not in KEPT[start]]
     return [name for name in names if name in REDONE or name.startswith("bench_")]
 
 

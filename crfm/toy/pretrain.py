@@ -476,16 +476,18 @@ def continue_pretraining(
     pipe_dir, work_dir = Path(pipe_dir), Path(work_dir)
     if not (pipe_dir / REPORT).is_file():
         raise FileNotFoundError(f"{pipe_dir} has no {REPORT}: continue a pretrained pipeline (--pretrain_on first)")
-    earlier = continued_phases(json.loads((pipe_dir / REPORT).read_text()))
+    report = json.loads((pipe_dir / REPORT).read_text())
+    earlier = continued_phases(report)
+    stream = len(earlier) + 1
     phase = _fit_once(
         work_dir / CONTINUED_MARKER,
         lambda: (
-            pretrain_transformer(pipe_dir, index_file, work_dir, settings, progress, stream=len(earlier) + 1)
-            | {"settings": asdict(settings), "stream": len(earlier) + 1, "command": command}
+            pretrain_transformer(pipe_dir, index_file, work_dir, settings, progress, stream=stream)
+            | {"settings": asdict(settings), "stream": stream, "command": command}
         ),
     )
-    if phase in earlier:
-        return json.loads((pipe_dir / REPORT).read_text())
+    if phase in earlier:  # training writes the transformer and scheduler, never the report: it is still current
+        return report
     return _record_phase(
         pipe_dir, "continued", [*earlier, phase],
         lambda report: sample_grid(
