@@ -12,13 +12,13 @@ RUN=${RUN:-outputs/bench_demo/flips_only/seed0}  # any finished demo run: only i
 OUT=${OUT:-outputs/generator_sweep}
 mkdir -p "$OUT"
 
-finetune() {  # NAME LEARNING_RATE [train.py flags]: 1500 steps, a checkpoint every 375
+finetune() {  # NAME LEARNING_RATE [train.py flags]: 1500 steps at a constant rate (no warm-up), a checkpoint every 375
   local name=$1 lr=$2
   shift 2
   python -m crfm.training.train --pretrained_model_name_or_path "$RUN/tiny_sd35" --data_root "$RUN/toydata" \
     --json_file train_.jsonl --vectors_path "$RUN/vectors" --work_dir "$OUT/ft_$name" --mask_encoding onehot \
     --num_cls 6 --resolution 64 --train_batch_size 8 --max_train_steps 1500 --learning_rate "$lr" \
-    --lr_warmup_steps 50 --checkpointing_steps 375 --checkpoints_total_limit 8 --resume_from_checkpoint latest \
+    --lr_warmup_steps 0 --checkpointing_steps 375 --checkpoints_total_limit 8 --resume_from_checkpoint latest \
     --seed 0 --no_progress "$@" > "$OUT/ft_$name.log" 2>&1
 }
 

@@ -5,6 +5,7 @@ generator, guide, judge and real-data rows, paired against the run's own rows.
         outputs/bench_demo/default/seed2 --variant views8="--filter_views 8"                  # the filter alone
     python bench/rerun_runs.py --runs ... --from synthesis --variant now=""                 # syntheses too
     python bench/rerun_runs.py --runs ... --from models --variant v6="--base outputs/base_v6/tiny_sd35_base"
+    python bench/rerun_runs.py --runs ... --from models --variant lr2e-3="--learning_rate 0.002"  # the fine-tuning
 
 `--from filter` (the default): the run's syntheses filtered again and the filtered downstream rows trained again,
 so a difference is the filter's alone (the new layouts' syntheses are the run's too: the demo's filter stage filters
@@ -39,9 +40,10 @@ from crfm.toy.demo.rows import (
 )
 from crfm.utils.runs import REPO, Job, mean_std, print_table, run_jobs_or_exit, run_logged
 
-KNOBS = ("tolerance_margin", "filter_views", "num_inference_steps", "mask_guidance_scale", "num_per_mask", "base")
+KNOBS = ("tolerance_margin", "filter_views", "num_inference_steps", "mask_guidance_scale", "num_per_mask", "base",
+         "learning_rate", "lr_schedule", "ema_decay")  # fmt: skip
 SAMPLING_KNOBS = ("num_inference_steps", "mask_guidance_scale", "num_per_mask")  # from synthesis or earlier
-MODEL_KNOBS = ("base",)  # only with --from models
+MODEL_KNOBS = ("base", "learning_rate", "lr_schedule", "ema_decay")  # the generator's: only with --from models
 # The rows trained on synthetic pairs, and the mosaics + layouts union's.
 SYNTHETIC_ROWS = [row for row in DOWNSTREAM if row.synthetic and row.synthetic != REAL_MOSAICS]
 FILTERED_ROWS = [row for row in SYNTHETIC_ROWS if row.synthetic.endswith("_filtered")]

@@ -36,8 +36,11 @@ def objective_for(args: argparse.Namespace) -> Objective:
 
 def check_run(args: argparse.Namespace, objective: Objective) -> None:
     """Refuse, before anything is built or written, inputs the objective cannot use (e.g. a latent cache that does
-    not fit the run) and an optimizer this machine cannot run."""
+    not fit the run), an optimizer this machine cannot run and a warm-up the schedule would ignore."""
     objective.check()
+    if args.lr_scheduler == "constant" and args.lr_warmup_steps > 0:
+        # diffusers' "constant" schedule takes no warm-up: the steps would be dropped without a word.
+        raise UsageError("--lr_scheduler constant has no warm-up: use constant_with_warmup, or --lr_warmup_steps 0")
     if args.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
             raise UsageError("--optimizer adamw8bit needs CUDA (bitsandbytes' 8-bit AdamW): use adamw or adafactor")

@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="adamw (torch); adamw8bit (bitsandbytes, CUDA only: 2 B of state per trained parameter instead of 8); "
         "adafactor (transformers: factored second moment, no momentum)",
     )
-    add("--learning_rate", type=non_negative, default=1e-4, help="learning rate (constant after warm-up by default)")
+    add("--learning_rate", type=non_negative, default=1e-4, help="peak learning rate (constant by default)")
     add("--lr_scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
-    add("--lr_warmup_steps", type=bounded(int, 0), default=0, help="linear warm-up steps")
+    add("--lr_warmup_steps", type=bounded(int, 0), default=0, help="linear warm-up steps (not with constant)")
     add("--max_train_steps", type=positive_int, default=1000, help="optimizer steps")
     add("--adam_beta1", type=probability, default=0.9, help="AdamW (and 8-bit AdamW) beta1")
     add("--adam_beta2", type=probability, default=0.999, help="AdamW (and 8-bit AdamW) beta2")

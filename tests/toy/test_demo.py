@@ -340,6 +340,26 @@ def test_generator_mosaics_train_on_the_labelled_pairs_and_their_real_mosaics(tm
     assert Demo(tmp_path, DemoSettings(), progress=False).generator_data()[:2] == (tmp_path / "toydata", "train_.jsonl")
 
 
+def test_the_fine_tuning_schedule_and_ema_knobs_reach_train_py(tmp_path):
+    """`--lr_schedule` and `--ema_decay` become train.py's own flags (parsed by train.py's parser); the default
+    (constant, no average) passes no EMA flag, so sampling reads the last weights as before the knobs existed."""
+    from crfm.toy.demo.stages import Demo
+    from crfm.training.train import build_parser
+
+    def parsed(**knobs):
+        flags = Demo(tmp_path, DemoSettings(**knobs), progress=False).generator_flags()
+        return build_parser().parse_args([str(flag) for flag in flags])
+
+    default, averaged = parsed(), parsed(lr_schedule="cosine", ema_decay=0.99)
+    assert (default.lr_scheduler, default.use_ema) == ("constant", False)
+    assert (averaged.lr_scheduler, averaged.use_ema, averaged.ema_decay) == ("cosine", True, 0.99)
+    assert averaged.max_train_steps == default.max_train_steps == DemoSettings().train_steps
+    for bad in (("--lr_schedule", "linear"), ("--ema_decay", "1.0")):
+        proc = _demo(tmp_path / "out", *bad)
+        assert proc.returncode == 2 and bad[0] in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_mask_guidance_needs_mask_dropout(tmp_path):
     proc = _demo(tmp_path / "out", "--mask_dropout", "0", "--mask_guidance_scale", "2")
     assert proc.returncode == 2 and "--mask_dropout" in proc.stderr and len(proc.stderr.splitlines()) == 1

@@ -55,3 +55,20 @@ def test_adamw8bit_without_cuda_is_one_error_line(toy, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --optimizer adamw8bit needs CUDA"), err
     assert not (tmp_path / "work").exists()
+
+
+def test_a_warm_up_the_constant_schedule_would_drop_is_refused_and_a_cosine_one_is_run(toy, tmp_path, capsys):
+    """diffusers' `constant` schedule takes no warm-up: train.py refuses the pair in one line instead of dropping the
+    steps; `constant_with_warmup` and `cosine` ramp the rate up as asked (the loss log's lr)."""
+    assert main(train_argv(toy, tmp_path / "work", "--lr_warmup_steps", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --lr_scheduler constant has no warm-up"), err
+    assert not (tmp_path / "work").exists()
+    for schedule in ("constant_with_warmup", "cosine"):
+        work = tmp_path / schedule
+        flags = ("--lr_scheduler", schedule, "--lr_warmup_steps", "2", "--max_train_steps", "4")
+        train(build_parser().parse_args(train_argv(toy, work, *flags)))
+        rates = [json.loads(line)["lr"] for line in (work / "loss.jsonl").read_text().splitlines()]
+        lr = build_parser().parse_args(train_argv(toy, work)).learning_rate
+        assert rates[0] == pytest.approx(lr / 2) and rates[1] == pytest.approx(lr), (schedule, rates)
+        assert rates[3] == (pytest.approx(lr) if schedule == "constant_with_warmup" else pytest.approx(0.0, abs=1e-12))

@@ -30,6 +30,7 @@ SYNTHESIS_BATCH = 8  # images per test.py batch, and per CRFM backward pass (`De
 # the uniform grid, AdamW at this rate, EMA of the weights used for sampling.
 REFLOW_LEARNING_RATE = 1e-4
 REFLOW_EMA_DECAY = 0.995
+LR_SCHEDULES = ("constant", "cosine")  # diffusers.optimization schedule names the generator's fine-tuning may take
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class DemoSettings:
     train_steps: int = 1200
     train_batch_size: int = 8
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    ema_decay: float = 0.0
     rot90: bool = True
     mixed_precision: str = "no"
     seg_config: str = "toy_segformer"
@@ -124,6 +127,10 @@ KNOB_HELP = {
     "train_steps": "MM-DiT fine-tuning steps",
     "train_batch_size": "MM-DiT batch",
     "learning_rate": "MM-DiT AdamW learning rate",
+    "lr_schedule": "MM-DiT learning rate schedule (train.py --lr_scheduler): constant (no warm-up), or cosine (a "
+    "warm-up of a tenth of the steps, at most 50, then a cosine decay to 0)",
+    "ema_decay": "MM-DiT fine-tuning: sample from an exponential moving average of the weights with this decay "
+    "(train.py --use_ema --ema_decay; 0: the last weights, no average)",
     "rot90": "random quarter turns of each pair while fine-tuning (train.py --rot90); --no-rot90: flips only, as the "
     "paper",
     "mixed_precision": "MM-DiT fine-tuning compute dtype (train.py --mixed_precision): bf16 autocast is faster on CPUs "
@@ -232,6 +239,10 @@ def check_knobs(settings: DemoSettings) -> None:
         raise UsageError(
             f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {settings.mixed_precision!r}"
         )
+    if settings.lr_schedule not in LR_SCHEDULES:
+        raise UsageError(f"--lr_schedule must be one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
+    if not 0 <= settings.ema_decay < 1:
+        raise UsageError(f"--ema_decay must lie in [0, 1) (0: no average), got {settings.ema_decay}")
     if settings.filter_views not in VIEW_COUNTS:
         raise UsageError(f"--filter_views must be one of {VIEW_COUNTS}, got {settings.filter_views}")
     if settings.mask_encoding not in MASK_ENCODINGS:

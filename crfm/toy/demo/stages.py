@@ -170,11 +170,21 @@ class Demo(StageRunner):
             "--mask_dropout", self.s.mask_dropout, "--num_cls", NUM_CLS, "--resolution", self.s.resolution,
             "--train_batch_size", self.s.train_batch_size,
             "--max_train_steps", self.s.train_steps, "--learning_rate", self.s.learning_rate,
-            "--lr_warmup_steps", min(50, self.s.train_steps // 10), "--checkpointing_steps",
+            "--lr_scheduler", self.s.lr_schedule, *self.ema_flags(), "--lr_warmup_steps", self.warmup_steps(),
+            "--checkpointing_steps",
             max(1, self.s.train_steps // 4), "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest",
             "--seed", self.s.seed, *(["--rot90"] if self.s.rot90 else []), *self.mask_add_flag(),
             "--mixed_precision", self.s.mixed_precision, *self.quiet(),
         ]  # fmt: skip
+
+    def warmup_steps(self) -> int:
+        """The generator's linear warm-up: none for the constant schedule (diffusers' takes none, and the demo's
+        generator has always trained without one), the first tenth of the steps (at most 50) before a decay."""
+        return 0 if self.s.lr_schedule == "constant" else min(50, self.s.train_steps // 10)
+
+    def ema_flags(self) -> list[object]:
+        """train.py's EMA flags of the generator's fine-tuning: none at --ema_decay 0 (the last weights are sampled)."""
+        return ["--use_ema", "--ema_decay", self.s.ema_decay] if self.s.ema_decay > 0 else []
 
     def mask_add_flag(self) -> list[str]:
         """The generator's architecture flag, for its fine-tuning and the few-step student started from it."""

@@ -1,0 +1,71 @@
+"""Held-out mask fidelity of a generator fine-tuned by bench/generator_variants.py, in the demo's own stages.
+
+    python bench/heldout_fidelity.py --run outputs/bench_v6/default/seed0 \
+        --train outputs/gv_sched/lr2e-3/seed0/train --knobs "--learning_rate 0.002" --out outputs/heldout_lr2/seed0
+
+A copy of a finished demo run (`--until models` suffices) that links the run's data, base, prompt vectors, guide and
+judge and the variant's fine-tuning folder as its generator, with the variant's knobs in its settings; then the demo's
+`synthesis` and `fidelity` stages (`--until fidelity`), so the held-out judge scores are made exactly as the demo makes
+them; `--until downstream` adds the downstream rows (`--no_ablations`: the default demo's only). Resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from crfm.utils.runs import run_logged
+
+
+def _rerun_runs():
+    """bench/rerun_runs.py, whose knob checks and demo flags this copy shares (bench scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location("rerun_runs", Path(__file__).resolve().parent / "rerun_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LINKED = ("toydata", "toydata_judge", "tiny_sd35", "vectors", "vectors_layouts", "layouts", "layouts_real",
+          "seg_judge", "seg_real", "seg_real_extra", "seg_real_mosaic")  # fmt: skip
+DONE_STAGES = ("data", "pipeline", "vectors", "models")
+
+
+def main() -> int:
+    from crfm.toy.demo.settings import recorded_knobs
+
+    rerun_runs = _rerun_runs()
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a finished demo run (at least its models stage)")
+    parser.add_argument("--train", type=Path, required=True, help="the variant's fine-tuning (holds final/)")
+    parser.add_argument("--knobs", default="", help="the variant's knobs, recorded in the copy's settings")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--until", default="fidelity", help="the demo stage to stop after (downstream: its rows too)")
+    parser.add_argument("--no_ablations", action="store_true", help="only the default demo's rows (not the run's)")
+    args = parser.parse_args()
+    run, out = args.run.resolve(), args.out.resolve()
+    # The knobs first: one that is not the generator's is refused before anything is written.
+    settings = json.loads((run / "demo_settings.json").read_text()) | rerun_runs.knob_values(args.knobs, "models")
+    if args.no_ablations:
+        settings["ablations"] = False
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    for name in (*LINKED, "train"):
+        target = args.train.resolve() if name == "train" else run / name
+        if target.exists() and not (out / name).exists():
+            (out / name).symlink_to(target)
+    for stage in DONE_STAGES:
+        shutil.copy(run / "stages" / f"{stage}.json", out / "stages")
+    (out / "demo_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    flags = rerun_runs.demo_flags(recorded_knobs(settings))
+    cmd = [sys.executable, "-m", "crfm.toy.demo", "--out", str(out), "--no_progress", *flags, "--until", args.until]
+    run_logged(cmd, out.with_suffix(".log"), threads=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

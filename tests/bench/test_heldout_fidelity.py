@@ -1,0 +1,42 @@
+"""bench/heldout_fidelity.py and bench/rerun_runs.py: the generator's fine-tuning knobs (learning rate, schedule,
+EMA) change only from the models stage on; any other knob is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def _rerun_runs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rerun_runs", REPO / "bench" / "rerun_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fine_tuning_knobs_change_only_from_the_models_stage():
+    bench = _rerun_runs()
+    knobs = "--learning_rate 0.002 --lr_schedule cosine --ema_decay 0.99"
+    assert bench.knob_values(knobs, "models") == {"learning_rate": 0.002, "lr_schedule": "cosine", "ema_decay": 0.99}
+    for start in ("synthesis", "filter"):
+        with pytest.raises(SystemExit, match="--learning_rate"):
+            bench.knob_values("--learning_rate 0.002", start)
+
+
+def test_heldout_fidelity_refuses_a_knob_that_is_not_the_generators_and_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "demo_settings.json").write_text(json.dumps({"seed": 0}))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "bench" / "heldout_fidelity.py"), "--run", str(run), "--train", str(tmp_path),
+           "--knobs", "--seg_iters 5", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 1 and "--seg_iters" in proc.stderr, proc.stderr
+    assert not out.exists()
