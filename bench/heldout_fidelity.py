@@ -29,15 +29,16 @@ def _rerun_runs():
     return module
 
 
-LINKED = ("toydata", "toydata_judge", "tiny_sd35", "vectors", "vectors_layouts", "layouts", "layouts_real",
-          "seg_judge", "seg_real", "seg_real_extra", "seg_real_mosaic")  # fmt: skip
-DONE_STAGES = ("data", "pipeline", "vectors", "models")
+# What a copy takes from the run: what `rerun_runs.py --from synthesis` keeps, but the generator is the variant's and
+# the settings, stage markers and logs are the copy's own.
+OWN = ("demo_settings.json", "stages", "logs", "train")
 
 
 def main() -> int:
     from crfm.toy.demo.settings import recorded_knobs
 
     rerun_runs = _rerun_runs()
+    linked = sorted(rerun_runs.KEPT["synthesis"] - set(OWN))
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished demo run (at least its models stage)")
@@ -54,11 +55,11 @@ def main() -> int:
         settings["ablations"] = False
     (out / "stages").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    for name in (*LINKED, "train"):
+    for name in (*linked, "train"):
         target = args.train.resolve() if name == "train" else run / name
-        if target.exists() and not (out / name).exists():
+        if target.exists() and not (out / name).exists():  # the generator's own data: only with --generator_mosaics
             (out / name).symlink_to(target)
-    for stage in DONE_STAGES:
+    for stage in rerun_runs.KEPT_STAGES["synthesis"]:
         shutil.copy(run / "stages" / f"{stage}.json", out / "stages")
     (out / "demo_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     flags = rerun_runs.demo_flags(recorded_knobs(settings))
