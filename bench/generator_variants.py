@@ -43,18 +43,24 @@ def knob_settings(knobs: str, seed: int):
     return settings_from_args(build_parser().parse_args([*shlex.split(knobs), "--seed", str(seed)]))
 
 
-def generator_owners(variants: dict[str, str]) -> dict[str, str]:
-    """variant -> the variant whose fine-tuning it uses: the first one with the same knobs but `SAMPLING_KNOBS`."""
+def generator_owners(variants: dict[str, str], recorded: dict[str, object]) -> dict[str, str]:
+    """variant -> the variant whose fine-tuning it uses: the first one with the same knobs but `SAMPLING_KNOBS`.
+    `default` samples the runs' own generator, so it is keyed by the runs' `recorded` settings, not by today's
+    defaults (a run made before a default changed was fine-tuned otherwise)."""
     import dataclasses
 
-    from crfm.toy.demo.settings import DemoSettings
+    from crfm.toy.demo.settings import recorded_knobs
 
-    reset = {name: getattr(DemoSettings(), name) for name in SAMPLING_KNOBS}
-    owners: dict[object, str] = {}
-    return {
-        name: owners.setdefault(dataclasses.replace(knob_settings(knobs, 0), **reset), name)
-        for name, knobs in variants.items()
-    }
+    def fine_tuning(values: dict[str, object]) -> str:
+        values = json.loads(json.dumps(values))  # tuples and lists alike, as the run's JSON records them
+        return json.dumps({k: v for k, v in values.items() if k not in (*SAMPLING_KNOBS, "seed")}, sort_keys=True)
+
+    owners: dict[str, str] = {}
+    result = {}
+    for name, knobs in variants.items():
+        values = recorded_knobs(recorded) if name == "default" else dataclasses.asdict(knob_settings(knobs, 0))
+        result[name] = owners.setdefault(fine_tuning(values), name)
+    return result
 
 
 def variant_dir(out: Path, variant: str, run: Path) -> Path:
@@ -189,7 +195,7 @@ def main() -> int:
     if not args.runs:
         parser.error("--runs: at least one finished demo run")
     variants = {"default": "", **dict(v.split("=", 1) for v in args.variant)}
-    owners = generator_owners(variants)
+    owners = generator_owners(variants, json.loads((args.runs[0] / "demo_settings.json").read_text()))
     jobs = []
     for name, knobs in variants.items():
         for run in args.runs:

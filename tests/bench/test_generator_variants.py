@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import shutil
 
 import pytest
 
+from crfm.toy.demo.settings import DemoSettings
 from tests.helpers import REPO
 
 
@@ -21,8 +24,22 @@ def test_sampling_only_variants_share_the_fine_tuning_of_the_first():
         "drop_g2": "--mask_dropout 0.2 --mask_guidance_scale 2",
         "drop_more": "--mask_dropout 0.3 --mask_guidance_scale 2",
     }
-    assert bench.generator_owners(variants) == {
+    today = dataclasses.asdict(DemoSettings(seed=3))  # runs made with today's defaults
+    assert bench.generator_owners(variants, today) == {
         "default": "default", "guided": "default", "drop": "drop", "drop_g2": "drop", "drop_more": "drop_more",
+    }  # fmt: skip
+
+
+def test_default_is_the_runs_own_fine_tuning_even_after_a_default_changed():
+    """`default` samples the runs' generator: a variant is that fine-tuning when it matches the runs' recorded
+    settings, not today's defaults."""
+    spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    older = json.loads(json.dumps(dataclasses.asdict(DemoSettings(learning_rate=1e-3))))  # as demo_settings.json
+    variants = {"default": "", "today": "", "older_guided": "--learning_rate 0.001 --mask_guidance_scale 2"}
+    assert bench.generator_owners(variants, older) == {
+        "default": "default", "today": "today", "older_guided": "default",
     }  # fmt: skip
 
 
