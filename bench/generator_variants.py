@@ -3,7 +3,8 @@
     python bench/generator_variants.py --runs outputs/bench_demo/default/seed0 outputs/bench_demo/default/seed1 \
         --variant mosaics="--generator_mosaics" --variant bf16="--mixed_precision bf16" --jobs 2
 
-Each run is a finished demo (default knobs): its base, labelled scenes, prompt vectors, guide and judge are reused.
+Each run is a finished demo; a variant is its recorded settings with the variant's knobs. Its base, labelled
+scenes, prompt vectors, guide and judge are reused.
 For each (variant, run) the demo's own generator stage runs with the variant's knobs (`Demo.generator`, the same
 commands; the run's own generator is the `default` variant), then 2 images per validation mask, plain and CRFM
 (test.py defaults, the run's guide), from the same noise, scored by the run's judge (it never guides). The table:
@@ -37,29 +38,34 @@ PER_MASK = 2
 SAMPLING_KNOBS = ("mask_guidance_scale", "num_inference_steps")  # knobs that leave the fine-tuned generator as it is
 
 
-def knob_settings(knobs: str, seed: int):
-    from crfm.toy.demo import build_parser, settings_from_args
+def knob_settings(knobs: str, recorded: dict[str, object]):
+    """A variant's settings: the run's `recorded` ones (`demo_settings.json`) with the variant's knobs, so a variant
+    changes only what it names even when a default changed after the run was made."""
+    import dataclasses
 
-    return settings_from_args(build_parser().parse_args([*shlex.split(knobs), "--seed", str(seed)]))
+    from crfm.toy.demo import build_parser
+    from crfm.toy.demo.settings import PRESETS, DemoSettings, check_knobs, recorded_knobs
+
+    args = build_parser().parse_args(shlex.split(knobs))
+    names = [f.name for f in dataclasses.fields(DemoSettings)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    run = {k: v for k, v in recorded_knobs(recorded).items() if k in names}  # a knob since removed is dropped
+    settings = DemoSettings(**{**run, **PRESETS[args.preset], **given})
+    check_knobs(settings)
+    return settings
 
 
 def generator_owners(variants: dict[str, str], recorded: dict[str, object]) -> dict[str, str]:
-    """variant -> the variant whose fine-tuning it uses: the first one with the same knobs but `SAMPLING_KNOBS`.
-    `default` samples the runs' own generator, so it is keyed by the runs' `recorded` settings, not by today's
-    defaults (a run made before a default changed was fine-tuned otherwise)."""
+    """variant -> the variant whose fine-tuning it uses: the first one with the same settings but `SAMPLING_KNOBS`
+    and the seed (`default`, no knobs, is the runs' own generator)."""
     import dataclasses
-
-    from crfm.toy.demo.settings import recorded_knobs
-
-    def fine_tuning(values: dict[str, object]) -> str:
-        values = json.loads(json.dumps(values))  # tuples and lists alike, as the run's JSON records them
-        return json.dumps({k: v for k, v in values.items() if k not in (*SAMPLING_KNOBS, "seed")}, sort_keys=True)
 
     owners: dict[str, str] = {}
     result = {}
     for name, knobs in variants.items():
-        values = recorded_knobs(recorded) if name == "default" else dataclasses.asdict(knob_settings(knobs, 0))
-        result[name] = owners.setdefault(fine_tuning(values), name)
+        values = dataclasses.asdict(knob_settings(knobs, recorded))
+        key = json.dumps({k: v for k, v in values.items() if k not in (*SAMPLING_KNOBS, "seed")}, sort_keys=True)
+        result[name] = owners.setdefault(key, name)
     return result
 
 
@@ -84,11 +90,11 @@ def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path, owner: st
     fine-tuning), the validation masks synthesized."""
     from crfm.toy.demo.stages import Demo
 
-    seed = json.loads((run / "demo_settings.json").read_text())["seed"]
-    settings = knob_settings(knobs, seed)
+    recorded = json.loads((run / "demo_settings.json").read_text())
+    settings = knob_settings(knobs, recorded)
     folder = variant_dir(out, variant, run)
     folder.mkdir(parents=True, exist_ok=True)
-    own_base = settings.base != json.loads((run / "demo_settings.json").read_text())["base"]
+    own_base = settings.base != recorded["base"]
     links = {name: run / name for name in SHARED if not (own_base and name == "tiny_sd35")}
     if owner == "default":
         links["train"] = run / "train"

@@ -30,17 +30,17 @@ def test_sampling_only_variants_share_the_fine_tuning_of_the_first():
     }  # fmt: skip
 
 
-def test_default_is_the_runs_own_fine_tuning_even_after_a_default_changed():
-    """`default` samples the runs' generator: a variant is that fine-tuning when it matches the runs' recorded
-    settings, not today's defaults."""
+def test_a_variant_changes_only_its_knobs_of_the_runs_recorded_settings():
+    """Runs made before a default changed: `default` is their generator, a variant keeps their other settings."""
     spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    older = json.loads(json.dumps(dataclasses.asdict(DemoSettings(learning_rate=1e-3))))  # as demo_settings.json
-    variants = {"default": "", "today": "", "older_guided": "--learning_rate 0.001 --mask_guidance_scale 2"}
-    assert bench.generator_owners(variants, older) == {
-        "default": "default", "today": "today", "older_guided": "default",
-    }  # fmt: skip
+    older = json.loads(json.dumps(dataclasses.asdict(DemoSettings(learning_rate=1e-3, seed=2))))  # demo_settings.json
+    drop = bench.knob_settings("--mask_dropout 0.2", older)
+    assert (drop.learning_rate, drop.mask_dropout, drop.seed) == (1e-3, 0.2, 2)
+    variants = {"default": "", "today": f"--learning_rate {DemoSettings().learning_rate}",
+                "guided": "--mask_guidance_scale 2"}  # fmt: skip
+    assert bench.generator_owners(variants, older) == {"default": "default", "today": "today", "guided": "default"}
 
 
 def test_a_variant_base_must_encode_prompts_as_the_run_base_does(tmp_path):
