@@ -2,16 +2,19 @@
 teacher, k-SeqRF, distillation — judge mIoU (mean ± std), NFE, images/s and straightness.
 
     python bench/demo_runs.py --seeds 0 1 2            # first: the demos (generator, guide, judge per seed)
-    python bench/fewstep_runs.py --seeds 0 1 2
+    python bench/fewstep_runs.py --seeds 0 1 2 [--demos outputs/bench_demo/default] [--out outputs/fewstep]
 
-Per seed S it reads the demo run `outputs/bench_demo/default/seedS` and writes `outputs/fewstep/seedS`:
+Per seed S it reads the demo run `<demos>/seedS` and writes `<out>/seedS`. The teacher samples as the demo does:
+its `demo_settings.json` gives the mask encoding, `--mask_add`, the mask guidance scale and the demo's step count.
 
-1. reflow pairs of the 48 labelled masks, 10 noises each, from the 1-RF teacher (20 Euler steps, uniform grid,
-   the 3 inner boundaries of 4 segments kept): `pairs_plain`, and with CRFM at test.py's defaults `pairs_crfm`
-   (the guide is the demo's `seg_real`); pair noise uses seed 1000 + S, never an evaluation noise;
-2. students, each `train.py --reflow_pairs ... --init_ckpt <1-RF> --use_ema` (STUDENTS below);
-3. `python -m crfm.evaluate_sampling` per model on the 32 held-out masks (judge `seg_judge`, trained on its own
-   scenes, never guiding) and, for the students' few-step runs, on the 16 validation masks — the "best few-step
+1. reflow pairs of the labelled masks (`train_.jsonl`), 10 noises each, from the 1-RF teacher at the demo's mask
+   guidance (20 Euler steps, uniform grid, the 3 inner boundaries of 4 segments kept): `pairs_plain`, and with CRFM
+   at test.py's defaults `pairs_crfm` (the guide is the demo's `seg_real`); pair noise uses seed 1000 + S, never an
+   evaluation noise;
+2. students, each `train.py --reflow_pairs ... --init_ckpt <1-RF> --use_ema` (STUDENTS below); a student learns
+   the guided teacher's map, so it samples with no mask guidance (one model call per step);
+3. `python -m crfm.evaluate_sampling` per model on the held-out masks (judge `seg_judge`, trained on its own
+   scenes, never guiding) and, for the students' few-step runs, on the validation masks — the "best few-step
    sampler" is chosen there, never on the held-out masks.
 
 Every step is skipped when its output exists and resumes otherwise (pairs by unit, training from its last
@@ -36,10 +39,13 @@ from pathlib import Path
 from crfm.utils.runs import Job, mean_std, run_jobs, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
-DEMOS = REPO / "outputs" / "bench_demo" / "default"
+DEMOS = REPO / "outputs" / "bench_demo" / "default"  # --demos / --out replace these two (main)
 OUT = REPO / "outputs" / "fewstep"
+PAIRS_PER_MASK = 10
 
-PAIRS = ["--num_per_mask", "10", "--num_inference_steps", "20", "--sigma_grid", "uniform", "--segments", "4"]
+PAIRS = [
+    "--num_per_mask", str(PAIRS_PER_MASK), "--num_inference_steps", "20", "--sigma_grid", "uniform", "--segments", "4",
+]  # fmt: skip
 TRAIN = [
     "--max_train_steps", "1000", "--learning_rate", "1e-4", "--train_batch_size", "8", "--prompt_dropout", "0",
     "--use_ema", "--ema_decay", "0.995", "--checkpointing_steps", "250", "--checkpoints_total_limit", "1",
@@ -65,11 +71,34 @@ FEW_STEP_RUNS = ["euler:1:uniform", "euler:2:uniform", "euler:4:uniform"]  # cho
 ORDER = ["2rf", "2rf_crfm", "seqrf4_crfm", "seqrf4", "distill4", "seqrf2"]  # per seed, most wanted first
 
 
+def settings(demo: Path) -> dict:
+    """The demo run's recorded settings (`demo_settings.json`); what a run from before a setting existed used."""
+    path = demo / "demo_settings.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    return {"mask_encoding": "rgb", "mask_add": False, "mask_guidance_scale": 1.0, "num_inference_steps": 20,
+            "resolution": 64} | recorded  # fmt: skip
+
+
 def common(demo: Path) -> list[str]:
     return [
         "--pretrained_model_name_or_path", str(demo / "tiny_sd35"), "--data_root", str(demo / "toydata"),
-        "--vectors_path", str(demo / "vectors"), "--num_cls", "6", "--resolution", "64", "--no_progress",
+        "--vectors_path", str(demo / "vectors"), "--num_cls", "6", "--resolution", str(settings(demo)["resolution"]),
+        "--mask_encoding", settings(demo)["mask_encoding"], "--no_progress",
     ]  # fmt: skip
+
+
+def teacher_guidance(demo: Path) -> list[str]:
+    """The demo's mask guidance: the 1-RF teacher samples (and makes pairs) as the demo's syntheses do."""
+    return ["--mask_guidance_scale", str(settings(demo)["mask_guidance_scale"])]
+
+
+def teacher_runs(demo: Path) -> list[str]:
+    """TEACHER_RUNS led by the demo's own sampler (Euler, its step count, the diffusers grid)."""
+    return list(dict.fromkeys([f"euler:{settings(demo)['num_inference_steps']}", *TEACHER_RUNS]))
+
+
+def crfm_runs(demo: Path) -> list[str]:
+    return list(dict.fromkeys([f"euler:{settings(demo)['num_inference_steps']}", *CRFM_RUNS]))
 
 
 def guide(demo: Path) -> list[str]:
@@ -79,11 +108,12 @@ def guide(demo: Path) -> list[str]:
 
 def pairs(seed: int, teacher: str) -> Path:
     demo, work = DEMOS / f"seed{seed}", OUT / f"seed{seed}" / f"pairs_{teacher}"
-    if not (work / "index.jsonl").is_file() or sum(1 for _ in (work / "index.jsonl").open()) < 480:
+    wanted = PAIRS_PER_MASK * sum(1 for _ in (demo / "toydata" / "train_.jsonl").open())
+    if not (work / "index.jsonl").is_file() or sum(1 for _ in (work / "index.jsonl").open()) < wanted:
         run_logged(
             [sys.executable, "-m", "crfm.reflow", *common(demo), "--lora_ckpt", str(demo / "train" / "final"),
              "--json_file", "train_.jsonl", "--work_dir", str(work), *PAIRS, "--seed", str(1000 + seed),
-             "--batch_size", "48", *(guide(demo) if teacher == "crfm" else [])],
+             "--batch_size", "48", *teacher_guidance(demo), *(guide(demo) if teacher == "crfm" else [])],
             OUT / f"seed{seed}" / "logs" / f"pairs_{teacher}.log",
         )  # fmt: skip
     return work
@@ -96,7 +126,8 @@ def student(seed: int, name: str) -> Path:
         run_logged(
             [sys.executable, "-m", "crfm.training.train", *common(demo), "--work_dir", str(work),
              "--reflow_pairs", str(pairs(seed, teacher)), "--init_ckpt", str(demo / "train" / "final"),
-             "--report_to", "none", "--seed", str(seed), *TRAIN, *flags],
+             "--report_to", "none", "--seed", str(seed), *TRAIN, *flags,
+             *(["--mask_add"] if settings(demo)["mask_add"] else [])],
             OUT / f"seed{seed}" / "logs" / f"{name}.log",
         )  # fmt: skip
     return work / "final"
@@ -124,10 +155,12 @@ def speed(seed: int) -> None:
     once, so its own images/s vary with what the other job does. A student has the teacher's architecture, so its
     images/s at K steps is the teacher's at K steps."""
     demo, teacher = check_demo(seed), DEMOS / f"seed{seed}" / "train" / "final"
+    demo_steps = f"euler:{settings(demo)['num_inference_steps']}"
     for name, runs, extra in (
-        ("plain", SPEED_RUNS, []),
-        ("crfm", ["euler:23", "euler:20", "euler:4:uniform"], guide(demo)),
-    ):
+        ("plain", list(dict.fromkeys([demo_steps, *SPEED_RUNS])), teacher_guidance(demo)),
+        ("crfm", list(dict.fromkeys([demo_steps, "euler:23", "euler:20", "euler:4:uniform"])),
+         [*guide(demo), *teacher_guidance(demo)]),
+    ):  # fmt: skip
         work = OUT / "speed" / name
         if not (work / "results.json").is_file():
             run_logged(
@@ -181,16 +214,17 @@ def tasks(seeds: list[int]) -> list[Job]:
     for seed in seeds:
         demo = check_demo(seed)
         teacher = demo / "train" / "final"
-        reference = [*guide(demo), "--straightness_segments"]
+        guided = teacher_guidance(demo)
+        reference = [*guide(demo), *guided, "--straightness_segments"]
         found += [
-            (f"{seed}/1rf", [], partial(evaluate, seed, "1rf", teacher, TEACHER_RUNS, "test")),
+            (f"{seed}/1rf", [], partial(evaluate, seed, "1rf", teacher, teacher_runs(demo), "test", guided)),
             (f"{seed}/pairs_plain", [], partial(pairs, seed, "plain")),
             (f"{seed}/pairs_crfm", [], partial(pairs, seed, "crfm")),
-            (f"{seed}/1rf_crfm", [], partial(evaluate, seed, "1rf_crfm", teacher, CRFM_RUNS, "test", reference)),
+            (f"{seed}/1rf_crfm", [], partial(evaluate, seed, "1rf_crfm", teacher, crfm_runs(demo), "test", reference)),
         ]
         for name in ORDER:
             found.append((f"{seed}/{name}", [f"{seed}/pairs_{STUDENTS[name][0]}"], partial(trained, seed, name)))
-        reference_23 = [*guide(demo), "--straightness_segments"]
+        reference_23 = [*guide(demo), *guided, "--straightness_segments"]
         found.append((f"{seed}/1rf_crfm23", [], partial(evaluate, seed, "1rf_crfm23", teacher, CRFM_23, "test",
                                                         reference_23)))  # fmt: skip
     return [Job(*task) for task in found]
@@ -312,13 +346,16 @@ def targets(seeds: list[int], best_model: str, best_run: str) -> list[str]:
     reference = ("1rf_crfm23", "euler, 23 steps on the diffusers grid")
     reference_20 = ("1rf_crfm", "euler, 20 steps on the diffusers grid")
     plain = ("1rf", "euler, 23 steps on the diffusers grid")
+    steps = settings(DEMOS / f"seed{seeds[0]}")["num_inference_steps"]  # the demo's own sampler
+    demo_crfm = ("1rf_crfm", f"euler, {steps} steps on the diffusers grid")
+    demo_plain = ("1rf", f"euler, {steps} steps on the diffusers grid")
     best = (best_model, best_run)
     lines = ["", "Targets (held-out, paired over seeds: the same masks and evaluation noise per seed):", "",
              "| comparison | Δ judge mIoU (points) | images/s ratio |", "|---|---|---|"]  # fmt: skip
-    comparisons = [(best, reference), (best, reference_20), (best, plain)]
+    comparisons = [(best, reference), (best, reference_20), (best, plain), (best, demo_crfm), (best, demo_plain)]
     for model in ("2rf_crfm", "seqrf4_crfm"):
         comparisons += [((model, f"euler, {k} steps on the uniform grid"), other) for k in (1, 2, 4)
-                        for other in (plain, reference)]  # fmt: skip
+                        for other in (plain, reference, demo_plain, demo_crfm)]  # fmt: skip
     for a, b in dict.fromkeys(comparisons):  # each once, in order
         delta, speed = paired(seeds, a, b), paired(seeds, a, b, "images_per_second")
         if delta:
@@ -333,18 +370,24 @@ def targets(seeds: list[int], best_model: str, best_run: str) -> list[str]:
 
 
 def main() -> int:
+    global DEMOS, OUT  # every step reads them; one bench per process
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--report", action="store_true", help="only aggregate what is there")
     parser.add_argument("--speed", action="store_true", help="only the images/s runs (run with nothing else running)")
+    parser.add_argument("--demos", type=Path, default=DEMOS, help="folder of the demo runs seedS (the teachers)")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder of this bench's pairs, students and scores")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results_fewstep.md", help="table written")
     args = parser.parse_args()
+    DEMOS, OUT = args.demos.resolve(), args.out.resolve()
     if args.speed:
         speed(args.seeds[0])
         return 0
     if not args.report:
         run_jobs(tasks(args.seeds), workers=2)  # two workers of one thread each on the 2-core machine
     table = report(args.seeds)
-    (REPO / "bench" / "results_fewstep.md").write_text("# Few-step synthesis (bench/fewstep_runs.py)\n\n" + table)
+    command = " ".join(["python bench/fewstep_runs.py", *sys.argv[1:]])
+    args.results.write_text(f"# Few-step synthesis (bench/fewstep_runs.py)\n\n`{command}`\n\n" + table)
     print(table)
     return 0
 

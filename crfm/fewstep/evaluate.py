@@ -26,6 +26,7 @@ from crfm.data.dataset import PairDataset
 from crfm.data.index import read_index
 from crfm.sampling.rectify import CRFMConfig, attach_guide, check_guide_flags
 from crfm.sampling.sampler import SOLVERS, SolverConfig
+from crfm.sampling.synthesis import add_guidance_flags, check_mask_guidance
 from crfm.utils.base_folder import check_resolution
 from crfm.utils.fileio import write_text_atomic
 from crfm.utils.flags import (
@@ -35,7 +36,6 @@ from crfm.utils.flags import (
     add_run_flags,
     add_segmentor_flags,
     entry_point,
-    non_negative,
     positive_int,
     resolve_device,
 )
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps of a run that names none (rk45: CRFM's grid)",
     )
     add("--resolution", type=positive_int, default=512, help="output side, px")
-    add("--guidance_scale", type=non_negative, default=1.0, help="classifier-free guidance (1.0: off)")
+    add_guidance_flags(parser)
     add("--batch_size", type=positive_int, default=16, help="images per sampler call")
     add("--limit", type=positive_int, default=None, help="only the first N masks")
     add(
@@ -117,6 +117,7 @@ def sample_all(
             seed=args.seed,
             num_inference_steps=steps,
             guidance_scale=args.guidance_scale,
+            mask_guidance_scale=args.mask_guidance_scale,
             crfm=crfm,
             solver=solver,
             observe=observe,
@@ -137,6 +138,7 @@ def evaluate_sampling(args: argparse.Namespace) -> dict:
 
     runs = [parse_run(text, args) for text in args.runs]  # bad runs are refused before any model loads
     check_guide_flags(args)
+    check_mask_guidance(args)
     check_resolution(args.pretrained_model_name_or_path, args.resolution)
     samples = load_masks(args)
     device = resolve_device(args.device)
@@ -185,6 +187,7 @@ def evaluate_sampling(args: argparse.Namespace) -> dict:
         "checkpoint": str(args.lora_ckpt),
         "masks": len(samples),
         "seed": args.seed,
+        "mask_guidance_scale": args.mask_guidance_scale,
         "runs": results,
         "straightness": paths,
     }

@@ -60,6 +60,17 @@ SYNTHESIS_FORMAT = "crfm-synthesis/1"
 ADDED_SETTINGS = {"mask_guidance_scale": 1.0}  # what a record written before a setting existed was made with
 
 
+def add_guidance_flags(parser: argparse.ArgumentParser) -> None:
+    """--guidance_scale and --mask_guidance_scale: what every sampling command offers (test.py, reflow, evaluation)."""
+    add = parser.add_argument
+    add("--guidance_scale", type=non_negative, default=1.0, help="classifier-free guidance (1.0: off)")
+    add(
+        "--mask_guidance_scale", type=non_negative, default=1.0,
+        help="guidance away from the null mask (1.0: off); needs a checkpoint trained with --mask_dropout; not with "
+        "--guidance_scale",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="test.py", description="Synthesize image-mask pairs with the trained MM-DiT (+ CRFM with a segmentor)."
@@ -74,12 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--num_inference_steps", type=positive_int, default=28, help="sampling steps (the paper: 23; rk45: CRFM's grid)"
     )
-    add("--guidance_scale", type=non_negative, default=1.0, help="classifier-free guidance (1.0: off)")
-    add(
-        "--mask_guidance_scale", type=non_negative, default=1.0,
-        help="guidance away from the null mask (1.0: off); needs a checkpoint trained with --mask_dropout; not with "
-        "--guidance_scale",
-    )  # fmt: skip
+    add_guidance_flags(parser)
     add("--resolution", type=positive_int, default=512, help="output side, px (masks resized + centre-cropped)")
     add("--batch_size", type=positive_int, default=1, help="images per sampler call")
     add("--num_per_mask", type=positive_int, default=1, help="variants per mask (different seeds)")

@@ -58,7 +58,7 @@ def test_detail_sees_blur():
 
 
 def test_evaluate_sampling_reports_fidelity_nfe_speed_and_straightness(
-    tiny_sd35_dir, trained_checkpoint, tmp_path, monkeypatch
+    tiny_sd35_dir, trained_checkpoint, tmp_path, monkeypatch, capsys
 ):
     from crfm.data.vectorize import vectorize_index
     from crfm.fewstep import evaluate as evaluate_sampling
@@ -115,6 +115,11 @@ def test_evaluate_sampling_reports_fidelity_nfe_speed_and_straightness(
     assert report["straightness"][1]["value"] <= report["straightness"][0]["value"] + 1e-9
     assert (work / "fidelity_vs_nfe.png").stat().st_size > 0
     assert evaluate_sampling.main(["--runs", "dpm:4", *_required(tiny_sd35_dir, trained_checkpoint, data)]) == 2
+    # Mask guidance as test.py has it: refused for a checkpoint whose null-mask branch was never trained.
+    argv = ["--mask_guidance_scale", "1.5", *_required(tiny_sd35_dir, trained_checkpoint, data)]
+    assert evaluate_sampling.main(argv) == 2
+    assert "trained without --mask_dropout" in capsys.readouterr().err
+    assert report["mask_guidance_scale"] == 1.0
 
 
 def _required(pipe, ckpt, data) -> list[str]:
