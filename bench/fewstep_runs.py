@@ -80,10 +80,11 @@ def settings(demo: Path) -> dict:
 
 
 def common(demo: Path) -> list[str]:
+    recorded = settings(demo)
     return [
         "--pretrained_model_name_or_path", str(demo / "tiny_sd35"), "--data_root", str(demo / "toydata"),
-        "--vectors_path", str(demo / "vectors"), "--num_cls", "6", "--resolution", str(settings(demo)["resolution"]),
-        "--mask_encoding", settings(demo)["mask_encoding"], "--no_progress",
+        "--vectors_path", str(demo / "vectors"), "--num_cls", "6", "--resolution", str(recorded["resolution"]),
+        "--mask_encoding", recorded["mask_encoding"], "--no_progress",
     ]  # fmt: skip
 
 
@@ -92,13 +93,17 @@ def teacher_guidance(demo: Path) -> list[str]:
     return ["--mask_guidance_scale", str(settings(demo)["mask_guidance_scale"])]
 
 
+def led_by_demo_sampler(demo: Path, runs: list[str]) -> list[str]:
+    """`runs` led by the demo's own sampler (Euler, its step count, the diffusers grid), each run once."""
+    return list(dict.fromkeys([f"euler:{settings(demo)['num_inference_steps']}", *runs]))
+
+
 def teacher_runs(demo: Path) -> list[str]:
-    """TEACHER_RUNS led by the demo's own sampler (Euler, its step count, the diffusers grid)."""
-    return list(dict.fromkeys([f"euler:{settings(demo)['num_inference_steps']}", *TEACHER_RUNS]))
+    return led_by_demo_sampler(demo, TEACHER_RUNS)
 
 
 def crfm_runs(demo: Path) -> list[str]:
-    return list(dict.fromkeys([f"euler:{settings(demo)['num_inference_steps']}", *CRFM_RUNS]))
+    return led_by_demo_sampler(demo, CRFM_RUNS)
 
 
 def guide(demo: Path) -> list[str]:
@@ -155,10 +160,9 @@ def speed(seed: int) -> None:
     once, so its own images/s vary with what the other job does. A student has the teacher's architecture, so its
     images/s at K steps is the teacher's at K steps."""
     demo, teacher = check_demo(seed), DEMOS / f"seed{seed}" / "train" / "final"
-    demo_steps = f"euler:{settings(demo)['num_inference_steps']}"
     for name, runs, extra in (
-        ("plain", list(dict.fromkeys([demo_steps, *SPEED_RUNS])), teacher_guidance(demo)),
-        ("crfm", list(dict.fromkeys([demo_steps, "euler:23", "euler:20", "euler:4:uniform"])),
+        ("plain", led_by_demo_sampler(demo, SPEED_RUNS), teacher_guidance(demo)),
+        ("crfm", led_by_demo_sampler(demo, ["euler:23", "euler:20", "euler:4:uniform"]),
          [*guide(demo), *teacher_guidance(demo)]),
     ):  # fmt: skip
         work = OUT / "speed" / name
