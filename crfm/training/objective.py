@@ -3,7 +3,8 @@
 As in diffusers' SD3 training examples: x_t = (1 - σ) x + σ ε, the model predicts the velocity ε - x, timesteps
 are drawn from `compute_density_for_timestep_sampling` on the scheduler's training grid and the squared error
 is weighted by `compute_loss_weighting_for_sd3`. Every random draw of a step comes from one generator, in a fixed
-order (flip, quarter turns if on, posterior sample, noise, timestep density, prompt dropout, mask dropout if on);
+order (flip, quarter turns if on, translations if on, posterior sample, noise, timestep density, prompt dropout,
+mask dropout if on);
 `step_generator` makes that generator a pure function of (seed, rank, micro-step), so a resumed run draws exactly
 what an uninterrupted one would.
 """
@@ -32,6 +33,7 @@ from crfm.models.conditioning import (
 from crfm.utils.flags import (
     UsageError,
     add_settings_flags,
+    bounded,
     non_negative,
     option,
     positive_float,
@@ -65,6 +67,14 @@ class FlowMatchingConfig:
         False,
         "random quarter turns of image and mask together (aerial scenes have no up; with flips: 8 views of each "
         "pair); drawn on pixels, so not with --latents_path",
+    )
+    # Drawn after the turns, only when on. With 16 pairs the generator learns where their roofs lie on the token grid,
+    # not how to draw one anywhere: shifts show each pair at every sub-token phase. Pixels, so not with a cache.
+    translate: int = option(
+        0,
+        "random translations of image and mask together by up to this many px along each axis, wrapping around "
+        "(0: off); drawn on pixels, so not with --latents_path",
+        kind=bounded(int, 0),
     )
     # Small classes (roads, roofs) hold few latent cells, so the plain loss barely asks for them.
     class_balance: float = option(
@@ -210,6 +220,14 @@ def quarter_turns(batch: torch.Tensor, turns: list[int] | None) -> torch.Tensor:
     return torch.stack([item.rot90(k, dims=(-2, -1)) for item, k in zip(batch, turns, strict=True)])
 
 
+def translations(batch: torch.Tensor, shifts: torch.Tensor | None) -> torch.Tensor:
+    """Item i rolled by `shifts[i]` = (rows, columns) px in its last two dimensions, wrapping around (the pair's
+    image and mask roll alike, so they stay aligned); `None`: unchanged."""
+    if shifts is None:
+        return batch
+    return torch.stack([item.roll(shift.tolist(), dims=(-2, -1)) for item, shift in zip(batch, shifts, strict=True)])
+
+
 def class_balanced_weights(fractions: torch.Tensor, power: float) -> torch.Tensor:
     """[B, K, h, w] class fractions per latent cell -> [B, 1, h, w] loss weights averaging 1: a cell weighs the sum
     of its classes' fractions times (the class's share of all labelled fractions in the batch) ** -power; a cell's
@@ -239,8 +257,8 @@ def flow_matching_loss(
     `vae` may be a `crfm.data.latents.VAEConfig`, only its config is read).
 
     `generator` (a CPU generator, e.g. `step_generator(...)`) makes every random draw, in this order: flip,
-    quarter turns (only with `rot90`), VAE posterior sample, noise, timestep density, prompt dropout, mask dropout
-    (only with `mask_dropout`); cached and fresh latents take the same draws.
+    quarter turns (only with `rot90`), translations (only with `translate`), VAE posterior sample, noise, timestep
+    density, prompt dropout, mask dropout (only with `mask_dropout`); cached and fresh latents take the same draws.
     `empty_prompt` holds the empty prompt's `prompt_embeds` [L, D] and `pooled_prompt_embeds` [P], swapped in for
     dropped prompts; `dtype` is the compute dtype of latents and text (the VAE itself runs in its own dtype). The
     VAE is not differentiated through.
@@ -251,17 +269,21 @@ def flow_matching_loss(
     flip = (torch.rand(first.shape[0], generator=generator) < config.flip_prob).to(first.device)
     # Drawn only when on, so runs without it keep every later draw (and their results) unchanged.
     turns = torch.randint(4, (first.shape[0],), generator=generator).tolist() if config.rot90 else None
+    reach = config.translate
+    shifts = torch.randint(-reach, reach + 1, (first.shape[0], 2), generator=generator) if reach else None
     fractions = None  # class fractions per latent cell, for `class_balance`
     if LATENT_KEY in batch:
-        if turns is not None:
-            raise ValueError("quarter turns (--rot90) are drawn on pixels; a latent cache stores no turned pairs")
+        if turns is not None or shifts is not None:
+            raise ValueError("quarter turns and translations are drawn on pixels; a latent cache stores neither")
         latents, mask_latents = cached_pair(batch, flip, generator, vae.config, dtype, config.use_mask)
         if config.class_balance and config.mask_encoding == "onehot":
             fractions = mask_latents.float()
     else:
-        image = quarter_turns(torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"]), turns)
+        image = torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"])
+        image = translations(quarter_turns(image, turns), shifts)
         if config.use_mask:
-            label = quarter_turns(torch.where(flip[:, None, None], batch["label"].flip(-1), batch["label"]), turns)
+            label = torch.where(flip[:, None, None], batch["label"].flip(-1), batch["label"])
+            label = translations(quarter_turns(label, turns), shifts)
             latents, mask_latents = encode_pair(
                 vae, image, label, config.num_cls, dtype, generator, config.mask_encoding
             )
@@ -397,6 +419,10 @@ class FlowMatchingObjective(Objective):
 
         if args.rot90:
             raise UsageError("--rot90 turns pixels before encoding; a latent cache holds no turned pairs: drop one")
+        if args.translate:
+            raise UsageError(
+                "--translate shifts pixels before encoding; a latent cache holds no shifted pairs: drop one"
+            )
         check_latent_cache(
             args.latents_path,
             args.pretrained_model_name_or_path,

@@ -1,5 +1,5 @@
 """bench/heldout_fidelity.py and bench/rerun_runs.py: the generator's fine-tuning knobs (learning rate, schedule,
-EMA) change only from the models stage on; any other knob is refused before anything is written."""
+EMA, translations) change only from the models stage on; any other knob is refused before anything is written."""
 
 from __future__ import annotations
 
@@ -23,11 +23,14 @@ def _rerun_runs():
 
 def test_fine_tuning_knobs_change_only_from_the_models_stage():
     bench = _rerun_runs()
-    knobs = "--learning_rate 0.002 --lr_schedule cosine --ema_decay 0.99"
-    assert bench.knob_values(knobs, "models") == {"learning_rate": 0.002, "lr_schedule": "cosine", "ema_decay": 0.99}
+    knobs = "--learning_rate 0.002 --lr_schedule cosine --ema_decay 0.99 --translate 4"
+    assert bench.knob_values(knobs, "models") == {
+        "learning_rate": 0.002, "lr_schedule": "cosine", "ema_decay": 0.99, "translate": 4,
+    }  # fmt: skip
     for start in ("synthesis", "filter"):
-        with pytest.raises(SystemExit, match="--learning_rate"):
-            bench.knob_values("--learning_rate 0.002", start)
+        for knob in ("--learning_rate 0.002", "--translate 4"):
+            with pytest.raises(SystemExit, match=knob.split()[0]):
+                bench.knob_values(knob, start)
 
 
 def test_heldout_fidelity_refuses_a_knob_that_is_not_the_generators_and_writes_nothing(tmp_path):

@@ -360,6 +360,22 @@ def test_the_fine_tuning_schedule_and_ema_knobs_reach_train_py(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_translate_knob_reaches_train_py(tmp_path):
+    """`--translate N` becomes train.py's --translate; 0 (off) passes nothing; a whole image's reach is refused."""
+    from crfm.toy.demo.stages import Demo
+    from crfm.training.train import build_parser
+
+    def parsed(**knobs):
+        flags = Demo(tmp_path, DemoSettings(**knobs), progress=False).generator_flags()
+        return [str(flag) for flag in flags], build_parser().parse_args([str(flag) for flag in flags])
+
+    (flags, default), (_, shifted) = parsed(), parsed(translate=4)
+    assert "--translate" not in flags and default.translate == 0 and shifted.translate == 4
+    proc = _demo(tmp_path / "out", "--translate", str(DemoSettings().resolution))
+    assert proc.returncode == 2 and "--translate" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_mask_guidance_needs_mask_dropout(tmp_path):
     proc = _demo(tmp_path / "out", "--mask_dropout", "0", "--mask_guidance_scale", "2")
     assert proc.returncode == 2 and "--mask_dropout" in proc.stderr and len(proc.stderr.splitlines()) == 1

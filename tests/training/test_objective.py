@@ -230,6 +230,39 @@ def test_quarter_turns_turn_image_and_mask_together(parts):
     assert not torch.allclose(noisy, runs["plain"]["noisy"])
 
 
+def test_translations_roll_image_and_mask_together(parts):
+    """--translate draws one (rows, columns) shift per item after the turns; the model sees the hand-rolled pair."""
+    batch, seed, reach = parts["batch"], 5, 3
+    gen = step_generator(seed, 0, 3)
+    torch.rand(BATCH, generator=gen)  # the flip draw (flip_prob 0: nothing flipped)
+    shifts = torch.randint(-reach, reach + 1, (BATCH, 2), generator=gen)
+    assert shifts.abs().max() > 0 and len({tuple(s) for s in shifts.tolist()}) > 1
+    rolled = {
+        key: torch.stack([x.roll(s.tolist(), dims=(-2, -1)) for x, s in zip(batch[key], shifts, strict=True)])
+        for key in ("image", "label")
+    }
+    runs = {}
+    for name, translate in (("translate", reach), ("plain", 0)):
+        stub = RecordingModel()
+        loss_of(parts, stub, seed=seed, flip_prob=0.0, translate=translate)
+        runs[name] = stub.calls[0]
+    assert torch.equal(
+        runs["translate"]["mask_hidden_states"], encode_mask_latents(parts["vae"], rolled["label"], NUM_CLS)
+    )
+    assert not torch.allclose(runs["translate"]["mask_hidden_states"], runs["plain"]["mask_hidden_states"])
+    # The image rolled alike, draws in the documented order: x_t lies on the line from the rolled image's latents.
+    vae = parts["vae"]
+    with torch.no_grad():
+        x0 = vae.encode(rolled["image"]).latent_dist.sample(generator=gen)
+    x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=gen)
+    noisy = runs["translate"]["noisy"]
+    direction = (noise - x0).flatten(1)
+    sigma = ((noisy - x0).flatten(1) * direction).sum(1) / direction.pow(2).sum(1)
+    assert torch.allclose(noisy, x0 + sigma[:, None, None, None] * (noise - x0), atol=1e-5)
+    assert not torch.allclose(noisy, runs["plain"]["noisy"])
+
+
 @pytest.mark.parametrize("use_mask", [True, False])
 def test_use_mask(parts, use_mask):
     stub = RecordingModel()

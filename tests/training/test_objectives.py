@@ -49,6 +49,8 @@ def test_each_objective_checks_its_inputs_and_writes_its_record(tmp_path):
         objective_for(parse("--reflow_pairs", "pairs", "--latents_path", str(tmp_path))).check()
     with pytest.raises(UsageError, match="--rot90"):
         objective_for(parse("--latents_path", str(tmp_path), "--rot90")).check()
+    with pytest.raises(UsageError, match="--translate"):
+        objective_for(parse("--latents_path", str(tmp_path), "--translate", "4")).check()
     assert "reflow" not in checkpoint_meta(parse())
     record = checkpoint_meta(parse("--reflow_pairs", str(tmp_path), "--seqrf_segments", "2", "--distill"))["reflow"]
     assert record == {

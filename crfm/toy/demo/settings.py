@@ -63,6 +63,7 @@ class DemoSettings:
     lr_schedule: str = "constant"
     ema_decay: float = 0.0
     rot90: bool = True
+    translate: int = 0
     mixed_precision: str = "no"
     seg_config: str = "toy_segformer"
     judge_config: str = "toy_unet"
@@ -133,6 +134,8 @@ KNOB_HELP = {
     "(train.py --use_ema --ema_decay; 0: the last weights, no average)",
     "rot90": "random quarter turns of each pair while fine-tuning (train.py --rot90); --no-rot90: flips only, as the "
     "paper",
+    "translate": "random translations of each pair by up to this many px while fine-tuning, wrapping around "
+    "(train.py --translate; 0: off): each pair at every position against the token grid",
     "mixed_precision": "MM-DiT fine-tuning compute dtype (train.py --mixed_precision): bf16 autocast is faster on CPUs "
     "with AVX-512 BF16 / AMX, slower where it is emulated (CPUs without them): use no there",
     "seg_config": "mmseg config of the CRFM guide and the downstream segmentors (the real-only one is the guide): a "
@@ -239,6 +242,8 @@ def check_knobs(settings: DemoSettings) -> None:
         raise UsageError(
             f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {settings.mixed_precision!r}"
         )
+    if not 0 <= settings.translate < settings.resolution:
+        raise UsageError(f"--translate must lie in [0, --resolution), got {settings.translate}")
     if settings.lr_schedule not in LR_SCHEDULES:
         raise UsageError(f"--lr_schedule must be one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
     if not 0 <= settings.ema_decay < 1:

@@ -173,7 +173,8 @@ class Demo(StageRunner):
             "--lr_scheduler", self.s.lr_schedule, *self.ema_flags(), "--lr_warmup_steps", self.warmup_steps(),
             "--checkpointing_steps",
             max(1, self.s.train_steps // 4), "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest",
-            "--seed", self.s.seed, *(["--rot90"] if self.s.rot90 else []), *self.mask_add_flag(),
+            "--seed", self.s.seed, *(["--rot90"] if self.s.rot90 else []),
+            *(["--translate", self.s.translate] if self.s.translate else []), *self.mask_add_flag(),
             "--mixed_precision", self.s.mixed_precision, *self.quiet(),
         ]  # fmt: skip
 
