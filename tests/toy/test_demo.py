@@ -369,8 +369,8 @@ def test_the_translate_knob_reaches_train_py(tmp_path):
         flags = Demo(tmp_path, DemoSettings(**knobs), progress=False).generator_flags()
         return [str(flag) for flag in flags], build_parser().parse_args([str(flag) for flag in flags])
 
-    (flags, default), (_, shifted) = parsed(), parsed(translate=4)
-    assert "--translate" not in flags and default.translate == 0 and shifted.translate == 4
+    (off_flags, off), (_, default) = parsed(translate=0), parsed()
+    assert "--translate" not in off_flags and off.translate == 0 and default.translate == DemoSettings().translate > 0
     proc = _demo(tmp_path / "out", "--translate", str(DemoSettings().resolution))
     assert proc.returncode == 2 and "--translate" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
