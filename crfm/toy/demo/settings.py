@@ -244,7 +244,10 @@ def check_knobs(settings: DemoSettings) -> None:
             f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {settings.mixed_precision!r}"
         )
     if not 0 <= settings.translate < settings.resolution:
-        raise UsageError(f"--translate must lie in [0, --resolution), got {settings.translate}")
+        raise UsageError(
+            f"--translate must lie in [0, --resolution {settings.resolution}), got {settings.translate}: "
+            "give a smaller reach (0: no shifts)"
+        )
     if settings.lr_schedule not in LR_SCHEDULES:
         raise UsageError(f"--lr_schedule must be one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
     if not 0 <= settings.ema_decay < 1:
