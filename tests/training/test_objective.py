@@ -195,6 +195,18 @@ def test_flip_flips_image_and_mask_together(parts):
     assert not torch.allclose(runs["flip"]["mask_hidden_states"], runs["plain"]["mask_hidden_states"])
 
 
+def assert_noised_from(vae, image: torch.Tensor, gen: torch.Generator, noisy: torch.Tensor) -> None:
+    """`noisy` lies on the line from `image`'s latents x0 to the noise, x_t = (1 - σ) x0 + σ ε, for each item's σ,
+    with x0's posterior sample and ε the next draws of `gen` (the step's draws after the flip, turns and shifts)."""
+    with torch.no_grad():
+        x0 = vae.encode(image).latent_dist.sample(generator=gen)
+    x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=gen)
+    direction = (noise - x0).flatten(1)
+    sigma = ((noisy - x0).flatten(1) * direction).sum(1) / direction.pow(2).sum(1)
+    assert torch.allclose(noisy, x0 + sigma[:, None, None, None] * (noise - x0), atol=1e-5)
+
+
 def test_quarter_turns_turn_image_and_mask_together(parts):
     """--rot90 draws one turn per item after the flip draw; the model sees the hand-turned pair's encoding."""
     batch, seed = parts["batch"], 5
@@ -215,19 +227,9 @@ def test_quarter_turns_turn_image_and_mask_together(parts):
     expected_mask = encode_mask_latents(parts["vae"], turned["label"], NUM_CLS)
     assert torch.equal(runs["rot90"]["mask_hidden_states"], expected_mask)
     assert not torch.allclose(runs["rot90"]["mask_hidden_states"], runs["plain"]["mask_hidden_states"])
-    # The image by hand, draws in the documented order: x_t lies on the line from the turned image's latents x0 to
-    # the noise, x_t = (1 - σ) x0 + σ ε, for each item's σ.
-    vae = parts["vae"]
-    with torch.no_grad():
-        x0 = vae.encode(turned["image"]).latent_dist.sample(generator=gen)
-    x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
-    noise = torch.randn(x0.shape, generator=gen)
-    noisy = runs["rot90"]["noisy"]
-    direction = (noise - x0).flatten(1)
-    sigma = ((noisy - x0).flatten(1) * direction).sum(1) / direction.pow(2).sum(1)
-    on_line = x0 + sigma[:, None, None, None] * (noise - x0)
-    assert torch.allclose(noisy, on_line, atol=1e-5)
-    assert not torch.allclose(noisy, runs["plain"]["noisy"])
+    # The image by hand, draws in the documented order.
+    assert_noised_from(parts["vae"], turned["image"], gen, runs["rot90"]["noisy"])
+    assert not torch.allclose(runs["rot90"]["noisy"], runs["plain"]["noisy"])
 
 
 def test_translations_roll_image_and_mask_together(parts):
@@ -250,17 +252,9 @@ def test_translations_roll_image_and_mask_together(parts):
         runs["translate"]["mask_hidden_states"], encode_mask_latents(parts["vae"], rolled["label"], NUM_CLS)
     )
     assert not torch.allclose(runs["translate"]["mask_hidden_states"], runs["plain"]["mask_hidden_states"])
-    # The image rolled alike, draws in the documented order: x_t lies on the line from the rolled image's latents.
-    vae = parts["vae"]
-    with torch.no_grad():
-        x0 = vae.encode(rolled["image"]).latent_dist.sample(generator=gen)
-    x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
-    noise = torch.randn(x0.shape, generator=gen)
-    noisy = runs["translate"]["noisy"]
-    direction = (noise - x0).flatten(1)
-    sigma = ((noisy - x0).flatten(1) * direction).sum(1) / direction.pow(2).sum(1)
-    assert torch.allclose(noisy, x0 + sigma[:, None, None, None] * (noise - x0), atol=1e-5)
-    assert not torch.allclose(noisy, runs["plain"]["noisy"])
+    # The image rolled alike, draws in the documented order.
+    assert_noised_from(parts["vae"], rolled["image"], gen, runs["translate"]["noisy"])
+    assert not torch.allclose(runs["translate"]["noisy"], runs["plain"]["noisy"])
 
 
 @pytest.mark.parametrize("use_mask", [True, False])
