@@ -1,6 +1,6 @@
 """One GPU check of crfm at SD3.5-medium size: training step time, memory, FLOP rate and MFU; sampling speed.
 
-    bash bench/gpu_check.sh                           # a CUDA machine: writes bench/results_gpu.md (<= 8 min, H100)
+    bash bench/gpu_check.sh                           # a CUDA machine: writes bench/results_gpu.md (277 s, H200)
     bash bench/gpu_check.sh --smoke --out /tmp/g.md   # the same code on the CPU, small sizes (< 2 min)
 
 Everything is built with random weights from SD3.5-medium's configs (`crfm/models/sd35.py`): the transformer (all
@@ -12,10 +12,11 @@ marked skipped):
 - training (train.py's own code: the model from `crfm.training.build` (`mask_model`, `configure_model`: trained
   weights fp32, frozen ones bf16, gradient checkpointing), its accelerator (bf16), optimizer and LR schedule, and
   `crfm.training.train.train_step` on cached-latent batches through the flow-matching objective, gradient
-  clipping included) in LoRA and full mode at 512 px batch 1
-  and 4 and at 1024 px batch 1: s/step, peak memory (`torch.cuda.max_memory_allocated`), the step's FLOPs
+  clipping included) in LoRA and full mode at 512 px batch 1,
+  4 and 16 and at 1024 px batch 1 and 4: s/step, peak memory (`torch.cuda.max_memory_allocated`), the step's FLOPs
   (counted analytically from the model's layers; checked against `torch.utils.flop_counter` on one forward),
-  achieved TFLOP/s and MFU against the card's dense bf16 peak (by device name, or `--peak_tflops`);
+  achieved TFLOP/s and MFU against the card's dense bf16 peak (by device name, or `--peak_tflops`), and the GPU's
+  busy share (kernel time from `torch.profiler` over wall time: low means the host sets the pace);
 - sampling through `MaskToImagePipeline` at 512 px batch 4: 23 Euler steps plain, 23 steps with CRFM on the
   first 4 (`CRFMConfig.paper()`), and 2 Euler steps (a few-step student's cost): images/s, peak memory;
 - PyTorch SDPA vs xformers (when installed) on one training step and on plain sampling.
@@ -77,7 +78,15 @@ class Sizes:
             "decode_head": {"in_channels": [64, 128, 320, 512], "channels": 768},
         }
         return cls(
-            dict(SD35_MEDIUM_TRANSFORMER), dict(SD35_VAE), segformer, 512, ((512, 1), (512, 4), (1024, 1)), 512, 4, 2, 3
+            dict(SD35_MEDIUM_TRANSFORMER),
+            dict(SD35_VAE),
+            segformer,
+            512,
+            ((512, 1), (512, 4), (512, 16), (1024, 1), (1024, 4)),
+            512,
+            4,
+            2,
+            3,
         )
 
     @classmethod
@@ -294,6 +303,26 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
     return statistics.median(seconds), peak
 
 
+def gpu_busy(fn: Callable[[], object], device: torch.device, seconds: float) -> float:
+    """Kernel time of one more call of `fn` (the profiler's device events) over its timed `seconds`; nan on the CPU.
+    Well under 1 means the host (Python, kernel launches) sets the pace, so a larger batch costs little more time."""
+    if device.type != "cuda":
+        return float("nan")
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernel_us = sum(event.self_device_time_total for event in prof.events() if event.device_type != DeviceType.CPU)
+    return kernel_us / 1e6 / seconds if kernel_us > 0 else float("nan")  # no device events recorded: unknown
+
+
+def share(value: float) -> str:
+    return "-" if value != value else f"{100 * value:.0f} %"  # nan (CPU): no device events
+
+
 def gib(value: float) -> str:
     return "-" if value != value else f"{value:.1f}"  # nan (CPU): no allocator statistics
 
@@ -392,7 +421,15 @@ def measure_training(
                 continue
             achieved = flops["step"] / seconds / 1e12
             mfu = "-" if peak is None else f"{100 * achieved / peak:.1f} %"
-            cells = [f"{seconds:.3f}", gib(peak_gib), f"{flops['step'] / 1e12:.3g}", f"{achieved:.3g}", mfu]
+            busy = gpu_busy(lambda batch=batch, trainer=trainer: trainer.step(batch), device, seconds)
+            cells = [
+                f"{seconds:.3f}",
+                gib(peak_gib),
+                f"{flops['step'] / 1e12:.3g}",
+                f"{achieved:.3g}",
+                mfu,
+                share(busy),
+            ]
             report.train.append(Row([mode, str(px), str(batch_size), *cells]))
             print(f"[gpu_check] train {mode}, {px} px, batch {batch_size}: {seconds:.3f} s/step", flush=True)
             if mode == "lora" and (px, batch_size) == sizes.train_cases[0] and xformers_available(device):
@@ -456,7 +493,9 @@ def measure_sampling(sizes: Sizes, device: torch.device, dtype: torch.dtype, rep
             report.sampling.append(Row([name, str(steps), reason]))
             continue
         seconds, peak_gib = timed(lambda steps=steps, crfm=crfm: sample(steps, crfm), device, 0, 1)
-        report.sampling.append(Row([name, str(steps), f"{seconds:.2f}", f"{batch / seconds:.2f}", gib(peak_gib)]))
+        busy = gpu_busy(lambda steps=steps, crfm=crfm: sample(steps, crfm), device, seconds)
+        cells = [f"{seconds:.2f}", f"{batch / seconds:.2f}", gib(peak_gib), share(busy)]
+        report.sampling.append(Row([name, str(steps), *cells]))
         print(f"[gpu_check] sampling {name}: {batch / seconds:.2f} images/s", flush=True)
         if crfm is None and steps == 23 and xformers_available(device):
             model.enable_xformers()
@@ -508,13 +547,15 @@ def render(report: Report, sizes: Sizes, args, dtype: torch.dtype, seconds: floa
         "",
         "## Training step (train.py's step: cached latents, autocast to the compute dtype, gradient checkpointing)",
         "",
-        *table(["mode", "px", "batch", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s", "MFU"], report.train),
+        *table(["mode", "px", "batch", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s", "MFU", "GPU busy"], report.train),
         "",
-        "TFLOP/step: model FLOPs of forward + backward (the recomputation of gradient checkpointing not counted).",
+        "TFLOP/step: model FLOPs of forward + backward (the recomputation of gradient checkpointing not counted). "
+        "GPU busy: kernel time of one profiled call over its timed wall time; well under 100 % means the host "
+        "(Python, kernel launches) sets the pace.",
         "",
         f"## Sampling (MaskToImagePipeline, {sizes.sample_px} px, batch {sizes.sample_batch})",
         "",
-        *table(["sampler", "steps", "s/batch", "images/s", "peak GiB"], report.sampling),
+        *table(["sampler", "steps", "s/batch", "images/s", "peak GiB", "GPU busy"], report.sampling),
         "",
         "## Attention: PyTorch SDPA vs xformers",
         "",

@@ -23,13 +23,13 @@ def test_smoke_run_writes_every_measurement(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     text = out.read_text()
     assert "CPU" in text and "2 layers, width 128" in text
-    # Training: LoRA and full, 3 sizes, with s/step, FLOPs and TFLOP/s (no CUDA allocator: no peak, no MFU).
+    # Training: LoRA and full, 3 sizes, with s/step, FLOPs and TFLOP/s (no CUDA: no peak, no MFU, no GPU busy).
     for mode in ("lora", "full"):
         for px, batch in ((128, 1), (128, 4), (256, 1)):
-            row = rf"^\| {mode} \| {px} \| {batch} \| {NUMBER} \| - \| {NUMBER} \| {NUMBER} \| - \|$"
+            row = rf"^\| {mode} \| {px} \| {batch} \| {NUMBER} \| - \| {NUMBER} \| {NUMBER} \| - \| - \|$"
             assert re.search(row, text, re.M), (mode, px, batch, text)
     for sampler, steps in (("plain", 23), ("CRFM", 23), ("2-step student", 2)):
-        row = rf"^\| {sampler}[^|]* \| {steps} \| {NUMBER} \| {NUMBER} \| - \|$"
+        row = rf"^\| {sampler}[^|]* \| {steps} \| {NUMBER} \| {NUMBER} \| - \| - \|$"
         assert re.search(row, text, re.M), (sampler, text)
     # The analytic FLOP count agrees with torch's counter (linear layers: the CPU build counts no flash attention).
     ratio = float(re.search(r"ratio ([0-9.]+)", text).group(1))
