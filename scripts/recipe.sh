@@ -18,6 +18,7 @@ PRECISION=${PRECISION:-bf16}                     # text encoders, MM-DiT trainin
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate_single_gpu.yaml}
 RESOLUTION=${RESOLUTION:-512}                    # generator's image size
 TRAIN_STEPS=${TRAIN_STEPS:-20000}                # MM-DiT fine-tuning steps
+TRAIN_BATCH=${TRAIN_BATCH:-1}                    # its batch per GPU; 16 keeps an H100/H200 busy (bench/results_gpu.md)
 CHECKPOINTING_STEPS=${CHECKPOINTING_STEPS:-1000}
 SEG_CONFIG=${SEG_CONFIG:-crfm/segmentation/configs/loveda_segformer_b2.py}
 JUDGE_CONFIG=${JUDGE_CONFIG:-$SEG_CONFIG}        # the fidelity judge's model (trained with another seed)
@@ -39,7 +40,7 @@ python preprocess/vectorize.py --pretrained_model_name_or_path "$BASE" --data_ro
 
 # 4. (a) the MM-DiT with its mask branch, LoRA; resumable (re-run the same command)
 ACCELERATE_CONFIG=$ACCELERATE_CONFIG PRETRAINED=$BASE DATA_ROOT=$DATA TRAIN_FILE=train_.jsonl \
-  VECTORS=$WORK/vectors_train NUM_CLS=7 RESOLUTION=$RESOLUTION BATCH_SIZE=1 MAX_TRAIN_STEPS=$TRAIN_STEPS \
+  VECTORS=$WORK/vectors_train NUM_CLS=7 RESOLUTION=$RESOLUTION BATCH_SIZE=$TRAIN_BATCH MAX_TRAIN_STEPS=$TRAIN_STEPS \
   CHECKPOINTING_STEPS=$CHECKPOINTING_STEPS WORK_DIR=$WORK/loveda \
   bash train.sh --train_mode lora --lora_rank 64 --gradient_checkpointing --learning_rate 1e-4 \
   --mixed_precision "$PRECISION"
