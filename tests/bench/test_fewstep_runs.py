@@ -60,3 +60,12 @@ def test_a_run_from_before_the_recorded_settings_keeps_its_old_sampler(bench):
     (pairs,) = bench.commands
     assert value(pairs, "--mask_guidance_scale") == "1.0" and value(pairs, "--mask_encoding") == "rgb"
     assert sorted(bench.teacher_runs(bench.DEMOS / "seed1")) == sorted(bench.TEACHER_RUNS)  # euler:20 is one
+
+
+def test_students_limits_the_trained_models_and_keeps_the_references(bench):
+    demo_run(bench, 0, {"mask_encoding": "onehot"})
+    names = [job.name for job in bench.tasks([0], ["seqrf4", "2rf"])]
+    trained = [name for name in names if name.split("/")[1] in bench.STUDENTS]
+    assert trained == ["0/2rf", "0/seqrf4"]  # the bench's order, not the caller's
+    assert {"0/1rf", "0/pairs_plain", "0/pairs_crfm", "0/1rf_crfm", "0/1rf_crfm23"} <= set(names)
+    assert len([job.name for job in bench.tasks([0], bench.ORDER)]) == len(names) + len(bench.ORDER) - 2
