@@ -38,6 +38,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -319,12 +320,9 @@ def gpu_busy(fn: Callable[[], object], device: torch.device, seconds: float) -> 
     return kernel_us / 1e6 / seconds if kernel_us > 0 else float("nan")  # no device events recorded: unknown
 
 
-def share(value: float) -> str:
-    return "-" if value != value else f"{100 * value:.0f} %"  # nan (CPU): no device events
-
-
-def gib(value: float) -> str:
-    return "-" if value != value else f"{value:.1f}"  # nan (CPU): no allocator statistics
+def cell(value: float, spec: str) -> str:
+    """`value` formatted by `spec`, or "-" for nan (the CPU: no allocator statistics, no device events)."""
+    return "-" if value != value else spec.format(value)
 
 
 class Trainer:
@@ -410,10 +408,9 @@ def measure_training(
                         else ""
                     )
                 )
+            step = partial(trainer.step, batch)
             try:
-                seconds, peak_gib = timed(
-                    lambda batch=batch, trainer=trainer: trainer.step(batch), device, sizes.warmup, sizes.repeats
-                )
+                seconds, peak_gib = timed(step, device, sizes.warmup, sizes.repeats)
             except torch.OutOfMemoryError:
                 trainer.optimizer.zero_grad(set_to_none=True)
                 free_memory(device)
@@ -421,22 +418,20 @@ def measure_training(
                 continue
             achieved = flops["step"] / seconds / 1e12
             mfu = "-" if peak is None else f"{100 * achieved / peak:.1f} %"
-            busy = gpu_busy(lambda batch=batch, trainer=trainer: trainer.step(batch), device, seconds)
+            busy = gpu_busy(step, device, seconds)
             cells = [
                 f"{seconds:.3f}",
-                gib(peak_gib),
+                cell(peak_gib, "{:.1f}"),
                 f"{flops['step'] / 1e12:.3g}",
                 f"{achieved:.3g}",
                 mfu,
-                share(busy),
+                cell(100 * busy, "{:.0f} %"),
             ]
             report.train.append(Row([mode, str(px), str(batch_size), *cells]))
             print(f"[gpu_check] train {mode}, {px} px, batch {batch_size}: {seconds:.3f} s/step", flush=True)
             if mode == "lora" and (px, batch_size) == sizes.train_cases[0] and xformers_available(device):
                 model.enable_xformers()
-                xformers_seconds, _ = timed(
-                    lambda batch=batch, trainer=trainer: trainer.step(batch), device, 1, sizes.repeats
-                )
+                xformers_seconds, _ = timed(step, device, 1, sizes.repeats)
                 model.enable_xformers(False)
                 report.attention.append(
                     Row(
@@ -492,9 +487,10 @@ def measure_sampling(sizes: Sizes, device: torch.device, dtype: torch.dtype, rep
             reason = "skipped (time budget)" if clock.left() < 20 else "skipped (no segmentor)"
             report.sampling.append(Row([name, str(steps), reason]))
             continue
-        seconds, peak_gib = timed(lambda steps=steps, crfm=crfm: sample(steps, crfm), device, 0, 1)
-        busy = gpu_busy(lambda steps=steps, crfm=crfm: sample(steps, crfm), device, seconds)
-        cells = [f"{seconds:.2f}", f"{batch / seconds:.2f}", gib(peak_gib), share(busy)]
+        call = partial(sample, steps, crfm)
+        seconds, peak_gib = timed(call, device, 0, 1)
+        busy = gpu_busy(call, device, seconds)
+        cells = [f"{seconds:.2f}", f"{batch / seconds:.2f}", cell(peak_gib, "{:.1f}"), cell(100 * busy, "{:.0f} %")]
         report.sampling.append(Row([name, str(steps), *cells]))
         print(f"[gpu_check] sampling {name}: {batch / seconds:.2f} images/s", flush=True)
         if crfm is None and steps == 23 and xformers_available(device):
