@@ -10,8 +10,10 @@ commands; the run's own generator is the `default` variant), then 2 images per v
 (test.py defaults, the run's guide), from the same noise, scored by the run's judge (it never guides). The table:
 judge mIoU and IoU per class, mean ± std over runs, the paired difference to `default`, and seconds per fine-tuning
 step (one thread). A variant with `--base FOLDER` fine-tunes from that base (its text encoders must be the run's,
-as the run's prompt vectors are reused). Variants that differ only in sampling knobs (`SAMPLING_KNOBS`, e.g.
-`--mask_guidance_scale`) share one fine-tuning: the first of them trains it, the others wait and sample from it.
+as the run's prompt vectors are reused); one whose base differs from the run's only in its VAE decoder
+(`--refit_vae_decoder_on`) shares the run's fine-tuning, which it would reproduce bit for bit. Variants that differ
+only in sampling knobs (`SAMPLING_KNOBS`, e.g. `--mask_guidance_scale`) share one fine-tuning: the first of them
+trains it, the others wait and sample from it.
 Resumable: finished fine-tunings and syntheses are kept.
 """
 
@@ -28,6 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from crfm.data.index import read_index
+from crfm.toy.pretrain import shares_latent_space
 from crfm.toy.toydata import CLASSES
 from crfm.utils.runs import REPO, Job, mean_std, print_table, run_jobs_or_exit, run_logged
 
@@ -96,7 +99,9 @@ def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path, owner: st
     folder.mkdir(parents=True, exist_ok=True)
     own_base = settings.base != recorded["base"]
     links = {name: run / name for name in SHARED if not (own_base and name == "tiny_sd35")}
-    if owner == "default":
+    if owner == "default" or (
+        owner == variant and own_base and shares_latent_space(Path(settings.base), run / "tiny_sd35")
+    ):
         links["train"] = run / "train"
     elif owner != variant:
         links["train"] = variant_dir(out, owner, run) / "train"

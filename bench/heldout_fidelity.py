@@ -6,7 +6,10 @@
 A copy of a finished demo run (`--until models` suffices) that links the run's data, base, prompt vectors, guide and
 judge and the variant's fine-tuning folder as its generator, with the variant's knobs in its settings; then the demo's
 `synthesis` and `fidelity` stages (`--until fidelity`), so the held-out judge scores are made exactly as the demo makes
-them; `--until downstream` adds the downstream rows (`--no_ablations`: the default demo's only). Resumable.
+them; `--until downstream` adds the downstream rows (`--no_ablations`: the default demo's only), `--until report`
+the demo's summary.json and figure as well. With
+`--knobs "--base FOLDER"` the copy's base is that folder (its text encoders must be the run's, whose prompt vectors are
+linked): e.g. the run's base with its VAE decoder refitted, whose fine-tuning is the run's own. Resumable.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from pathlib import Path
 from crfm.utils.runs import run_logged
 
 
-def _rerun_runs():
-    """bench/rerun_runs.py, whose knob checks and demo flags this copy shares (bench scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location("rerun_runs", Path(__file__).resolve().parent / "rerun_runs.py")
+def _bench_module(name: str):
+    """bench/NAME.py (bench scripts are not a package): rerun_runs' knob checks and demo flags, generator_variants'
+    text-encoder check."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -35,9 +39,9 @@ OWN = ("demo_settings.json", "stages", "logs", "train")
 
 
 def main() -> int:
-    from crfm.toy.demo.settings import recorded_knobs
+    from crfm.toy.demo.settings import DemoSettings, pretrained_base, recorded_knobs
 
-    rerun_runs = _rerun_runs()
+    rerun_runs = _bench_module("rerun_runs")
     linked = sorted(rerun_runs.KEPT["synthesis"] - set(OWN))
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,25 +49,34 @@ def main() -> int:
     parser.add_argument("--train", type=Path, required=True, help="the variant's fine-tuning (holds final/)")
     parser.add_argument("--knobs", default="", help="the variant's knobs, recorded in the copy's settings")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--until", default="fidelity", help="the demo stage to stop after (downstream: its rows too)")
+    parser.add_argument(
+        "--until", default="fidelity", help="the demo stage to stop after (downstream: its rows too; report: every "
+        "stage and the demo's summary.json and figure)",
+    )  # fmt: skip
     parser.add_argument("--no_ablations", action="store_true", help="only the default demo's rows (not the run's)")
     args = parser.parse_args()
     run, out = args.run.resolve(), args.out.resolve()
     # The knobs first: one that is not the generator's is refused before anything is written.
-    settings = json.loads((run / "demo_settings.json").read_text()) | rerun_runs.knob_values(args.knobs, "models")
+    recorded = json.loads((run / "demo_settings.json").read_text())
+    settings = recorded | rerun_runs.knob_values(args.knobs, "models")
     if args.no_ablations:
         settings["ablations"] = False
+    links = {name: run / name for name in linked} | {"train": args.train.resolve()}
+    if settings["base"] != recorded["base"]:
+        # A base named by the knobs (e.g. the run's with its decoder refitted) is the copy's: it decodes the samples.
+        links["tiny_sd35"] = pretrained_base(DemoSettings(base=settings["base"])).resolve()
+        _bench_module("generator_variants").check_same_text_encoders(links["tiny_sd35"], run / "tiny_sd35")
     (out / "stages").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    for name in (*linked, "train"):
-        target = args.train.resolve() if name == "train" else run / name
+    for name, target in links.items():
         if target.exists() and not (out / name).exists():  # the generator's own data: only with --generator_mosaics
             (out / name).symlink_to(target)
     for stage in rerun_runs.KEPT_STAGES["synthesis"]:
         shutil.copy(run / "stages" / f"{stage}.json", out / "stages")
     (out / "demo_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     flags = rerun_runs.demo_flags(recorded_knobs(settings))
-    cmd = [sys.executable, "-m", "crfm.toy.demo", "--out", str(out), "--no_progress", *flags, "--until", args.until]
+    cmd = [sys.executable, "-m", "crfm.toy.demo", "--out", str(out), "--no_progress", *flags]
+    cmd += [] if args.until == "report" else ["--until", args.until]  # the demo's report follows its last stage
     run_logged(cmd, out.with_suffix(".log"), threads=1)
     return 0
 

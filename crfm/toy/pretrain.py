@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from crfm.data.dataset import load_index_images
 from crfm.data.index import read_index
+from crfm.toy.patch_critic import PatchCritic, adaptive_weight, critic_hinge_loss
 from crfm.utils.fileio import atomic_path, write_text_atomic
 from crfm.utils.flags import resolve_dtype
 
@@ -57,6 +58,7 @@ class PretrainSettings:
     checkpoint_every: int = 500
     vae_steps: int = 3000
     vae_edge_weight: float = 1.0
+    vae_adversarial_weight: float = 0.0  # the patch critic's term (`crfm.toy.patch_critic`); 0: none
     rot90: bool = True  # quarter turns as well as flips: aerial scenes have no up
     mixed_precision: str = "no"  # bf16: autocast, for CPUs with AVX-512 BF16 / AMX (weights and optimizer fp32)
     seed: int = 0
@@ -97,6 +99,7 @@ def fit_vae(
     work_dir: str | Path | None = None,
     checkpoint_every: int = 500,
     decoder_only: bool = False,
+    adversarial_weight: float = 0.0,
 ) -> dict[str, float]:
     """Train the tiny VAE as an autoencoder on a dataset's images, in place, so decoded latents look like images.
 
@@ -110,6 +113,10 @@ def fit_vae(
     `decoder_only`: the encoder (hence the latent space, its shift and scale, and every transformer trained on it)
     stays as it is and only the decoder learns, as SD's VAE decoders were fine-tuned after release: sharper images
     from the same latents, no retraining of the MM-DiT.
+
+    `adversarial_weight` > 0 adds the patch critic's term (`crfm.toy.patch_critic`), scaled adaptively against the
+    pixel loss; the critic learns alone for the first quarter of the steps (at most 500) before the decoder is
+    charged, so that its first verdicts are not noise.
     """
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
@@ -128,15 +135,26 @@ def fit_vae(
     else:
         trained = list(vae.parameters())
     optimizer = torch.optim.Adam(trained, lr=learning_rate)
+    modules: dict[str, torch.nn.Module] = {"vae.safetensors": vae}
+    critic = critic_optimizer = None
+    critic_warmup = min(500, steps // 4)
+    if adversarial_weight > 0:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            critic = PatchCritic()
+        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=2e-4, betas=(0.5, 0.9))
+        modules["critic.safetensors"] = critic
 
     def cosine(step: int) -> float:  # the learning rate's factor: 1 at the start, a tenth at the end
         return 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     checkpoint = Path(work_dir) / VAE_CHECKPOINT if work_dir is not None else None
-    start, _, saved = _load_checkpoint(checkpoint, {"vae.safetensors": vae}) if checkpoint else (0, 0.0, None)
+    start, _, saved = _load_checkpoint(checkpoint, modules) if checkpoint else (0, 0.0, None)
     if saved:
         optimizer.load_state_dict(saved["optimizer"])
+        if critic_optimizer is not None:
+            critic_optimizer.load_state_dict(saved["critic_optimizer"])
         for _ in range(start):  # LambdaLR's state is its step count
             schedule.step()
     bar = tqdm(range(start, steps), desc="fit tiny VAE", unit="step", disable=not progress)
@@ -148,17 +166,29 @@ def fit_vae(
         recon = vae.decode(posterior.sample(generator=gen)).sample
         mse = torch.nn.functional.mse_loss(recon, batch)
         loss = mse + (recon - batch).abs().mean() + edge_weight * edge_loss(recon, batch)
+        if critic is not None and step >= critic_warmup:
+            critic.requires_grad_(False)
+            fooled = -critic(recon).mean()
+            scale = adaptive_weight(loss, fooled, vae.decoder.conv_out.weight)
+            loss = loss + adversarial_weight * scale * fooled
+            critic.requires_grad_(True)
         if not decoder_only:
             loss = loss + kl_weight * posterior.kl().mean()
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if critic is not None:
+            critic_hinge_loss(critic, batch, recon).backward()
+            critic_optimizer.step()
+            critic_optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(mse=f"{mse.item():.4f}")
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            _save_checkpoint(
-                checkpoint, {"vae.safetensors": vae.state_dict()}, {"optimizer": optimizer.state_dict()}, step + 1, 0.0
-            )
+            state = {"optimizer": optimizer.state_dict()}
+            if critic_optimizer is not None:
+                state["critic_optimizer"] = critic_optimizer.state_dict()
+            weights = {name: module.state_dict() for name, module in modules.items()}
+            _save_checkpoint(checkpoint, weights, state, step + 1, 0.0)
     vae.eval()
     with torch.no_grad():
         # The scaling statistics need every image's latents; a decoder refit keeps the encoder's and needs only the
@@ -174,7 +204,8 @@ def fit_vae(
         shift, scale = latents.mean().item(), 1.0 / latents.std().item()
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     vae.save_pretrained(pipe_dir / "vae")
-    return {"reconstruction_mse": recon_mse, "edge_error": recon_edge, "shift_factor": shift, "scaling_factor": scale}
+    stats = {"reconstruction_mse": recon_mse, "edge_error": recon_edge, "shift_factor": shift, "scaling_factor": scale}
+    return stats | ({"adversarial_weight": adversarial_weight} if adversarial_weight > 0 else {})
 
 
 @torch.no_grad()
@@ -395,6 +426,7 @@ def run_pretraining(
             steps=settings.vae_steps,
             size=settings.resolution,
             edge_weight=settings.vae_edge_weight,
+            adversarial_weight=settings.vae_adversarial_weight,
             seed=settings.seed,
             work_dir=work_dir,
             progress=progress,
@@ -425,6 +457,7 @@ def refit_vae_decoder(
     seed: int,
     command: str,
     progress: bool = True,
+    adversarial_weight: float = 0.0,
 ) -> dict:
     """The VAE decoder of a pretrained pipeline fitted again on the corpus (`fit_vae(decoder_only=True)`), resumably;
     the result goes into the pipeline's report (`vae_decoder_refit`) and model card. The encoder, the latent space
@@ -434,12 +467,36 @@ def refit_vae_decoder(
         work_dir / DECODER_MARKER,
         lambda: fit_vae(
             pipe_dir, index_file, steps=steps, size=size, edge_weight=edge_weight, seed=seed, progress=progress,
-            work_dir=work_dir, decoder_only=True,
+            work_dir=work_dir, decoder_only=True, adversarial_weight=adversarial_weight,
         ) | {"steps": steps, "edge_weight": edge_weight, "command": command},
     )  # fmt: skip
-    if (pipe_dir / REPORT).is_file():
-        _record_phase(pipe_dir, "vae_decoder_refit", refit)
+    if (pipe_dir / REPORT).is_file():  # the card's samples decode through the new decoder
+        _record_phase(pipe_dir, "vae_decoder_refit", refit, lambda report: _card_samples(pipe_dir, report))
     return refit
+
+
+def _card_samples(pipe_dir: Path, report: dict) -> None:
+    """The model card's sample grid (`samples.png`) drawn again by the pipeline as it now is."""
+    settings = report["settings"]
+    sample_grid(
+        pipe_dir, report["grid_prompts"], pipe_dir / "samples.png", settings["resolution"],
+        settings["max_sequence_length"],
+    )  # fmt: skip
+
+
+def shares_latent_space(base: Path, other: Path) -> bool:
+    """Whether pipeline `base` differs from `other` at most in its VAE decoder (`refit_vae_decoder`): the same
+    transformer, VAE encoder and latent scaling, so a generator fine-tuned on one is exactly what the other would
+    train (its images decode through its own decoder)."""
+    weights = "diffusion_pytorch_model.safetensors"
+    if (base / "transformer" / weights).read_bytes() != (other / "transformer" / weights).read_bytes():
+        return False
+    ours, theirs = (load_file(str(folder / "vae" / weights)) for folder in (base, other))
+    encoder = [k for k in theirs if not k.startswith(("decoder.", "post_quant_conv."))]
+    if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in encoder):
+        return False
+    configs = [json.loads((folder / "vae" / "config.json").read_text()) for folder in (base, other)]
+    return all(configs[0][k] == configs[1][k] for k in ("shift_factor", "scaling_factor", "latent_channels"))
 
 
 def _record_phase(pipe_dir: Path, key: str, record: dict, on_change: Callable[[dict], None] | None = None) -> dict:
@@ -489,11 +546,7 @@ def continue_pretraining(
     if phase in earlier:  # training writes the transformer and scheduler, never the report: it is still current
         return report
     return _record_phase(
-        pipe_dir, "continued", [*earlier, phase],
-        lambda report: sample_grid(
-            pipe_dir, report["grid_prompts"], pipe_dir / "samples.png", settings.resolution,
-            settings.max_sequence_length,
-        ),
+        pipe_dir, "continued", [*earlier, phase], lambda report: _card_samples(pipe_dir, report)
     )  # fmt: skip
 
 
@@ -511,6 +564,12 @@ def _corpus_recipe(index_file: Path) -> dict:
     return {**recipe, "command": f"python -m crfm.toy.toydata {index_file.parent} {flags}"}
 
 
+def adversarial_words(fit: dict) -> str:
+    """The model card's words on a VAE fit's patch-critic term, or nothing when it had none."""
+    weight = fit.get("adversarial_weight", 0)
+    return f" + {weight} x the patch critic's adaptive adversarial term" if weight else ""
+
+
 def decoder_line(report: dict) -> str:
     """The model card's words on a decoder refit (`refit_vae_decoder`), or nothing."""
     refit = report.get("vae_decoder_refit")
@@ -518,8 +577,9 @@ def decoder_line(report: dict) -> str:
         return ""
     return (
         f" Then the decoder alone (encoder, latent space and transformer unchanged) fitted again, {refit['steps']} "
-        f"steps, L1 + MSE + {refit['edge_weight']} x image-gradient error, {refit['seconds']} s: reconstruction MSE "
-        f"{refit['reconstruction_mse']:.4f}, gradient error {refit['edge_error']:.4f}."
+        f"steps, L1 + MSE + {refit['edge_weight']} x image-gradient error{adversarial_words(refit)}, "
+        f"{refit['seconds']} s: reconstruction MSE {refit['reconstruction_mse']:.4f}, gradient error "
+        f"{refit['edge_error']:.4f}."
     )
 
 
@@ -557,7 +617,8 @@ def write_model_card(pipe_dir: Path, report: dict) -> None:
     prompts = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(report["grid_prompts"]))
     schedule, continued = settings.get("lr_schedule", "constant"), continued_line(report)
     refit = [report["vae_decoder_refit"]["command"]] if "vae_decoder_refit" in report else []
-    later_steps = refit + [phase["command"] for phase in continued_phases(report)]
+    # A decoder refit reads only the encoder's latents, so it commutes with the transformer's phases; it runs last.
+    later_steps = [phase["command"] for phase in continued_phases(report)] + refit
     rebuild = "\n".join([report["command"], *later_steps])
     # Only the shipped folder is what the demo and the scripts load; any other pretrained folder is a candidate.
     shipped = pipe_dir.resolve() == SHIPPED_BASE
@@ -585,8 +646,8 @@ SD3.5-medium that users of crfm fine-tune with masks. {role}
   {report["corpus"].get("size", "?")} px and resized to {settings["resolution"]} px; only images and their class-list
   prompts were read, never the masks. The demo draws its scenes with other seeds.
 - **VAE:** fitted as an autoencoder, {settings["vae_steps"]} steps, batch 8, loss L1 + MSE +
-  {settings.get("vae_edge_weight", 0)} x image-gradient error (edges), cosine learning rate, flips and quarter
-  turns, {vae["seconds"]} s; reconstruction
+  {settings.get("vae_edge_weight", 0)} x image-gradient error (edges){adversarial_words(vae)}, cosine learning rate,
+  flips and quarter turns, {vae["seconds"]} s; reconstruction
   MSE {vae["reconstruction_mse"]:.4f} (pixels in [-1, 1]), gradient error {vae.get("edge_error", float("nan")):.4f};
   shift {vae["shift_factor"]:.4f}, scale {vae["scaling_factor"]:.4f}.{decoder_line(report)}
 - **Transformer:** all parameters, SD3's rectified-flow objective (logit-normal timesteps), AdamW lr
@@ -606,7 +667,7 @@ SD3.5-medium that users of crfm fine-tune with masks. {role}
 {rebuild}
 ```
 
-`bash scripts/pretrain_base.sh` runs {"them all" if continued else "both"}; re-run after an interruption, it continues
+`bash scripts/pretrain_base.sh` runs {"them all" if later_steps else "both"}; re-run after an interruption, it continues
 from the last checkpoint (every draw of step i and its learning rate are functions of the seed and i, so a resumed
 run equals an uninterrupted one).
 

@@ -348,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the image-gradient term of the VAE fit (keeps edges)",
     )
     add(
+        "vae_adversarial_weight",
+        type=bounded(float, 0),
+        default=PretrainSettings.vae_adversarial_weight,
+        help="weight of the patch critic's adversarial term of the VAE fit or decoder refit, scaled adaptively "
+        "against the pixel loss (0: none; SD's autoencoders use 0.5)",
+    )
+    add(
         "rot90",
         action=argparse.BooleanOptionalAction,
         default=PretrainSettings.rot90,
@@ -412,6 +419,8 @@ def build(args: argparse.Namespace) -> int:
             args.fit_vae_on,
             steps=args.vae_steps,
             size=args.vae_size,
+            edge_weight=args.vae_edge_weight,
+            adversarial_weight=args.vae_adversarial_weight,
             seed=args.seed,
             progress=not args.no_progress,
         )
@@ -433,7 +442,7 @@ def refit_decoder(args: argparse.Namespace) -> int:
     command = "python -m crfm.toy.tiny " + shlex.join(sys.argv[1:])
     stats = refit_vae_decoder(
         out, args.refit_vae_decoder_on, work, args.vae_steps, args.vae_edge_weight, args.vae_size, args.seed, command,
-        progress=not args.no_progress,
+        progress=not args.no_progress, adversarial_weight=args.vae_adversarial_weight,
     )  # fmt: skip
     print(f"refitted the VAE decoder of {out}: MSE {stats['reconstruction_mse']:.4f}, edges {stats['edge_error']:.4f}")
     return 0
@@ -489,6 +498,7 @@ def pretrain(args: argparse.Namespace, config: TinyConfig) -> int:
         max_sequence_length=args.max_sequence_length,
         vae_steps=args.vae_steps,
         vae_edge_weight=args.vae_edge_weight,
+        vae_adversarial_weight=args.vae_adversarial_weight,
         rot90=args.rot90,
         seed=args.seed,
         **optimisation_settings(args),

@@ -43,3 +43,20 @@ def test_heldout_fidelity_refuses_a_knob_that_is_not_the_generators_and_writes_n
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 1 and "--seg_iters" in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_heldout_fidelity_refuses_a_base_whose_text_encoders_are_not_the_runs(tmp_path):
+    """`--knobs "--base FOLDER"`: the copy decodes through that base but reuses the run's prompt vectors, so a base
+    that encodes prompts otherwise is refused before anything is written."""
+    run, base = tmp_path / "run", tmp_path / "base"
+    for folder, content in ((run / "tiny_sd35", "run's"), (base, "other")):
+        for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+            (folder / part).mkdir(parents=True)
+            (folder / part / "config.json").write_text(content if part == "text_encoder_2" else "same")
+    (run / "demo_settings.json").write_text(json.dumps({"seed": 0, "base": "pretrained"}))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "bench" / "heldout_fidelity.py"), "--run", str(run), "--train", str(tmp_path),
+           "--knobs", f"--base {base}", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 1 and "text_encoder_2/config.json differs" in proc.stderr, proc.stderr
+    assert not out.exists()

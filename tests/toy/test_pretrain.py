@@ -128,11 +128,19 @@ def test_the_shipped_base_loads_offline_and_is_documented():
     if refit is not None:  # the decoder fitted again: the card and the script name that step too
         assert refit["command"] in card and "--refit_vae_decoder_on" in script
         refit_step = script.split("--refit_vae_decoder_on")[1]
-        for flag in ("--vae_steps", "--vae_edge_weight"):
+        for flag in (
+            "--vae_steps",
+            "--vae_edge_weight",
+            *(["--vae_adversarial_weight"] if "adversarial_weight" in refit else []),
+        ):
             assert f"{flag} {refit['command'].split(flag + ' ')[1].split()[0]}" in refit_step, flag
 
 
-def test_an_interrupted_vae_fit_resumes_to_the_same_weights(corpus, fresh_base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("adversarial_weight", [0.0, 0.5])
+def test_an_interrupted_vae_fit_resumes_to_the_same_weights(
+    corpus, fresh_base, tmp_path, monkeypatch, adversarial_weight
+):
+    """Also with the patch critic, whose weights and optimizer resume with the VAE's."""
     from safetensors.torch import load_file
 
     import crfm.toy.pretrain as pretrain
@@ -141,7 +149,9 @@ def test_an_interrupted_vae_fit_resumes_to_the_same_weights(corpus, fresh_base, 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     for folder in (whole, parts):
         shutil.copytree(fresh_base, folder)
-    fit = dict(steps=4, size=16, batch_size=2, progress=False, checkpoint_every=2)
+    fit = dict(
+        steps=4, size=16, batch_size=2, progress=False, checkpoint_every=2, adversarial_weight=adversarial_weight
+    )
     pretrain.fit_vae(whole, index, work_dir=tmp_path / "whole.work", **fit)
 
     calls = {"n": 0}
@@ -156,7 +166,9 @@ def test_an_interrupted_vae_fit_resumes_to_the_same_weights(corpus, fresh_base, 
     monkeypatch.setattr(pretrain, "edge_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pretrain.fit_vae(parts, index, work_dir=tmp_path / "parts.work", **fit)
-    assert json.loads((tmp_path / "parts.work" / pretrain.VAE_CHECKPOINT / "step.json").read_text())["step"] == 2
+    checkpoint = tmp_path / "parts.work" / pretrain.VAE_CHECKPOINT
+    assert json.loads((checkpoint / "step.json").read_text())["step"] == 2
+    assert (checkpoint / "critic.safetensors").is_file() == (adversarial_weight > 0)
     monkeypatch.setattr(pretrain, "edge_loss", edge_loss)
     pretrain.fit_vae(parts, index, work_dir=tmp_path / "parts.work", **fit)
     resumed = load_file(str(parts / "vae" / "diffusion_pytorch_model.safetensors"))
@@ -181,14 +193,18 @@ def test_a_decoder_refit_changes_only_the_decoder_and_is_recorded(corpus, tmp_pa
     """`--refit_vae_decoder_on`: the decoder learns; the encoder, the latent scaling and the transformer stay
     bit-identical (a transformer trained on the latents stays valid); the report and card record it; a re-run
     finds it done."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
+
+    from crfm.toy.pretrain import shares_latent_space
 
     out = tmp_path / "base"
     assert _pretrain(out, corpus, 2).returncode == 0
+    shutil.copytree(out, tmp_path / "before")
+    grid = (out / "samples.png").read_bytes()
     before = {part: load_file(str(next((out / part).glob("*.safetensors")))) for part in ("vae", "transformer")}
     scaling = json.loads((out / "vae" / "config.json").read_text())
     cmd = [sys.executable, "-m", "crfm.toy.tiny", str(out), "--refit_vae_decoder_on", str(corpus), "--vae_steps", "3"]
-    cmd += ["--vae_size", "16", "--no_progress"]
+    cmd += ["--vae_size", "16", "--vae_adversarial_weight", "0.5", "--no_progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     vae = load_file(str(next((out / "vae").glob("*.safetensors"))))
@@ -199,7 +215,20 @@ def test_a_decoder_refit_changes_only_the_decoder_and_is_recorded(corpus, tmp_pa
     config = json.loads((out / "vae" / "config.json").read_text())
     assert (config["shift_factor"], config["scaling_factor"]) == (scaling["shift_factor"], scaling["scaling_factor"])
     report = json.loads((out / "pretrain_report.json").read_text())
-    assert report["vae_decoder_refit"]["steps"] == 3 and "--refit_vae_decoder_on" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert report["vae_decoder_refit"]["steps"] == 3 and "--refit_vae_decoder_on" in card
+    assert report["vae_decoder_refit"]["adversarial_weight"] == 0.5 and "0.5 x the patch critic's" in card
+    assert (out / "samples.png").read_bytes() != grid  # the card's samples decode through the new decoder
+    # A generator fine-tuned on the base before the refit is the one the refitted base would train...
+    assert shares_latent_space(out, tmp_path / "before")
+    # ...but not when the encoder differs (another latent space).
+    other = shutil.copytree(tmp_path / "before", tmp_path / "other_encoder")
+    weights = other / "vae" / "diffusion_pytorch_model.safetensors"
+    changed_encoder = load_file(str(weights))
+    key = next(k for k in changed_encoder if k.startswith("encoder."))
+    changed_encoder[key] = changed_encoder[key] + 1e-3
+    save_file(changed_encoder, str(weights))
+    assert not shares_latent_space(out, other)
     again = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
     assert again.returncode == 0 and torch.equal(
         load_file(str(next((out / "vae").glob("*.safetensors"))))[sorted(changed)[0]], vae[sorted(changed)[0]]
