@@ -3,7 +3,7 @@
 # the VAE fitted as an autoencoder with the edge-keeping loss (about 55 minutes on one core), then text-to-image
 # pretraining of the transformer (about 50 minutes), then its second phase at the flow-matching shift 1.0 with a
 # cosine-decayed learning rate (about 30 minutes), then a third, longer cosine cycle (about 50 minutes on two threads,
-# 65 on one). Resumable: run it again after an interruption and it continues
+# 65 on one), then the VAE decoder fitted again with an adversarial patch term (about 20 minutes). Resumable: run it again after an interruption and it continues
 # from the last checkpoint (a finished phase is not run again). Log: outputs/pretrain_base.log when run with nohup:
 #   nohup bash scripts/pretrain_base.sh > outputs/pretrain_base.log 2>&1 &
 set -euo pipefail
@@ -29,3 +29,7 @@ python -m crfm.toy.tiny "$BASE" --continue_pretraining_on "$CORPUS/index.jsonl" 
 # still learning (bench/results_base.md, part 5).
 python -m crfm.toy.tiny "$BASE" --continue_pretraining_on "$CORPUS/index.jsonl" --pretrain_steps 12000 \
   --pretrain_lr_schedule cosine --scheduler_shift 1.0 --pretrain_work_dir "${WORK3:-outputs/tiny_sd35_base.phase3}" "$@"
+# Then the VAE decoder alone (encoder, latent space and transformer unchanged), with the patch critic's adversarial
+# term: the real images through the VAE keep more of their roads and roofs (bench/results_base.md, part 6).
+python -m crfm.toy.tiny "$BASE" --refit_vae_decoder_on "$CORPUS/index.jsonl" --vae_steps 6000 --vae_edge_weight 1.0 \
+  --vae_size 64 --vae_adversarial_weight 0.5 --pretrain_work_dir "${WORK4:-outputs/tiny_sd35_base.decoder}" "$@"
