@@ -3,8 +3,9 @@
 # the VAE fitted as an autoencoder with the edge-keeping loss (about 55 minutes on one core), then text-to-image
 # pretraining of the transformer (about 50 minutes), then its second phase at the flow-matching shift 1.0 with a
 # cosine-decayed learning rate (about 30 minutes), then a third, longer cosine cycle (about 50 minutes on two threads,
-# 65 on one), then the VAE decoder fitted again with an adversarial patch term (about 20 minutes). Resumable: run it again after an interruption and it continues
-# from the last checkpoint (a finished phase is not run again). Log: outputs/pretrain_base.log when run with nohup:
+# 65 on one), then the VAE decoder fitted again with an adversarial patch term (about 20 minutes). Resumable: run it
+# again after an interruption and it continues from the last checkpoint (a finished phase is not run again).
+# Log: outputs/pretrain_base.log when run with nohup:
 #   nohup bash scripts/pretrain_base.sh > outputs/pretrain_base.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
