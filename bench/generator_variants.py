@@ -61,15 +61,29 @@ def knob_settings(knobs: str, recorded: dict[str, object]):
 def generator_owners(variants: dict[str, str], recorded: dict[str, object]) -> dict[str, str]:
     """variant -> the variant whose fine-tuning it uses: the first one with the same settings but `SAMPLING_KNOBS`
     and the seed (`default`, no knobs, is the runs' own generator)."""
-    import dataclasses
-
     owners: dict[str, str] = {}
     result = {}
     for name, knobs in variants.items():
-        values = dataclasses.asdict(knob_settings(knobs, recorded))
-        key = json.dumps({k: v for k, v in values.items() if k not in (*SAMPLING_KNOBS, "seed")}, sort_keys=True)
-        result[name] = owners.setdefault(key, name)
+        result[name] = owners.setdefault(fine_tuning_key(knob_settings(knobs, recorded)), name)
     return result
+
+
+def fine_tuning_key(settings, ignore: tuple[str, ...] = ()) -> str:
+    """What a fine-tuning depends on: the settings but `SAMPLING_KNOBS`, the seed and `ignore`."""
+    import dataclasses
+
+    skip = (*SAMPLING_KNOBS, "seed", *ignore)
+    return json.dumps({k: v for k, v in dataclasses.asdict(settings).items() if k not in skip}, sort_keys=True)
+
+
+def shares_run_fine_tuning(settings, recorded: dict[str, object], run_base: Path) -> bool:
+    """Whether a variant would reproduce the run's fine-tuning bit for bit: its base differs from the run's in the VAE
+    decoder alone (`shares_latent_space`) and it changes no other fine-tuning knob."""
+    return (
+        settings.base != recorded["base"]
+        and fine_tuning_key(settings, ("base",)) == fine_tuning_key(knob_settings("", recorded), ("base",))
+        and shares_latent_space(Path(settings.base), run_base)
+    )
 
 
 def variant_dir(out: Path, variant: str, run: Path) -> Path:
@@ -99,9 +113,7 @@ def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path, owner: st
     folder.mkdir(parents=True, exist_ok=True)
     own_base = settings.base != recorded["base"]
     links = {name: run / name for name in SHARED if not (own_base and name == "tiny_sd35")}
-    if owner == "default" or (
-        owner == variant and own_base and shares_latent_space(Path(settings.base), run / "tiny_sd35")
-    ):
+    if owner == "default" or (owner == variant and shares_run_fine_tuning(settings, recorded, run / "tiny_sd35")):
         links["train"] = run / "train"
     elif owner != variant:
         links["train"] = variant_dir(out, owner, run) / "train"
@@ -164,7 +176,9 @@ def read_variant(folder: Path) -> dict[str, float]:
     return values
 
 
-def table(results: dict[str, list[dict[str, float]]]) -> str:
+def table(results: dict[str, list[dict[str, float]]], reference: str = "default") -> str:
+    """Mean ± std over runs of every quantity per variant, then each other variant's paired difference to
+    `reference` (same run)."""
     parts = ("", *(f" IoU.{c}" for c in CLASSES), " detail")
     scores = [f"{images}{part}" for images in SYNTHESES for part in parts]
     keys = [*scores, "s/step", "final loss"]
@@ -174,13 +188,19 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     for key in keys:
         cells = [mean_std([r[key] for r in results[n] if key in r], digits=3 if key == "s/step" else 2) for n in names]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    base = results.get("default")
-    if base:
-        lines += ["", "Paired difference to `default` (same run):", "", "| quantity | " + " | ".join(names[1:]) + " |"]
-        lines.append("|---|" + "---|" * len(names[1:]))
+    base = results.get(reference)
+    others = [n for n in names if n != reference]
+    if base and others:
+        lines += [
+            "",
+            f"Paired difference to `{reference}` (same run):",
+            "",
+            "| quantity | " + " | ".join(others) + " |",
+        ]
+        lines.append("|---|" + "---|" * len(others))
         for key in scores:
             cells = []
-            for n in names[1:]:
+            for n in others:
                 diffs = [r[key] - b[key] for r, b in zip(results[n], base, strict=True) if key in r and key in b]
                 cells.append(mean_std(diffs))
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
@@ -194,6 +214,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "generator_variants")
     parser.add_argument("--jobs", type=int, default=1, help="variants at once (each on one thread)")
     parser.add_argument("--table", type=Path, help="also write the markdown table here")
+    parser.add_argument(
+        "--reference", default="default", help="the variant the paired differences are taken to (default: the run's)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("RUN", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--knobs", default="", help=argparse.SUPPRESS)  # of --one
     parser.add_argument("--owner", default=None, help=argparse.SUPPRESS)  # of --one: whose fine-tuning
@@ -206,6 +229,8 @@ def main() -> int:
     if not args.runs:
         parser.error("--runs: at least one finished demo run")
     variants = {"default": "", **dict(v.split("=", 1) for v in args.variant)}
+    if args.reference not in variants:
+        parser.error(f"--reference {args.reference}: not a variant ({', '.join(variants)})")
     owners = generator_owners(variants, json.loads((args.runs[0] / "demo_settings.json").read_text()))
     jobs = []
     for name, knobs in variants.items():
@@ -217,7 +242,9 @@ def main() -> int:
             jobs.append(Job(f"{name}/{run.name}", after, partial(run_logged, [*cmd, "--owner", owner], log)))
     run_jobs_or_exit(jobs, args.jobs)
     results = {name: [read_variant(variant_dir(args.out, name, run)) for run in args.runs] for name in variants}
-    print_table(table(results), args.table, "python bench/generator_variants.py " + shlex.join(sys.argv[1:]))
+    print_table(
+        table(results, args.reference), args.table, "python bench/generator_variants.py " + shlex.join(sys.argv[1:])
+    )
     return 0
 
 

@@ -57,3 +57,37 @@ def test_a_variant_base_must_encode_prompts_as_the_run_base_does(tmp_path):
     (candidate / "tokenizer_3" / "tokenizer_config.json").write_text("{}")
     with pytest.raises(SystemExit, match="tokenizer_3/tokenizer_config.json differs"):
         bench.check_same_text_encoders(candidate, run_base)
+
+
+def test_paired_differences_are_taken_to_the_reference_variant():
+    """`--reference`: a candidate is compared with the variant it should beat (e.g. the shipped base), run by run."""
+    spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = {
+        "default": [{"plain": 60.0}, {"plain": 70.0}],
+        "shipped": [{"plain": 61.0}, {"plain": 72.0}],
+        "longer": [{"plain": 64.0}, {"plain": 73.0}],
+    }
+    to_default = bench.table(results).split("Paired difference to `default`")[1]
+    assert "| plain | 1.50 ± 0.71 | 3.50 ± 0.71 |" in to_default
+    to_shipped = bench.table(results, "shipped").split("Paired difference to `shipped`")[1]
+    assert "| quantity | default | longer |" in to_shipped
+    assert "| plain | -1.50 ± 0.71 | 2.00 ± 1.41 |" in to_shipped
+
+
+def test_a_decoder_only_base_shares_the_runs_fine_tuning_unless_a_knob_changes_it():
+    """A base whose decoder alone differs reuses the run's generator; with --train_steps it must fine-tune anew."""
+    from crfm.toy.pretrain import SHIPPED_BASE
+
+    spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recorded = json.loads(json.dumps(dataclasses.asdict(DemoSettings(seed=1))))
+    same = bench.knob_settings(f"--base {SHIPPED_BASE}", recorded)
+    longer = bench.knob_settings(f"--base {SHIPPED_BASE} --train_steps 1800", recorded)
+    guided = bench.knob_settings(f"--base {SHIPPED_BASE} --mask_guidance_scale 3", recorded)
+    assert bench.shares_run_fine_tuning(same, recorded, SHIPPED_BASE)
+    assert bench.shares_run_fine_tuning(guided, recorded, SHIPPED_BASE)  # a sampling knob leaves the generator
+    assert not bench.shares_run_fine_tuning(longer, recorded, SHIPPED_BASE)
+    assert not bench.shares_run_fine_tuning(bench.knob_settings("", recorded), recorded, SHIPPED_BASE)
