@@ -1,5 +1,5 @@
 """bench/heldout_fidelity.py and bench/rerun_runs.py: the generator's fine-tuning knobs (learning rate, schedule,
-EMA, translations) change only from the models stage on; any other knob is refused before anything is written."""
+EMA, translations, steps) change only from the models stage on; any other knob is refused before anything is written."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ def _rerun_runs():
 
 def test_fine_tuning_knobs_change_only_from_the_models_stage():
     bench = _rerun_runs()
-    knobs = "--learning_rate 0.002 --lr_schedule cosine --ema_decay 0.99 --translate 4"
+    knobs = "--learning_rate 0.002 --lr_schedule cosine --ema_decay 0.99 --translate 4 --train_steps 1800"
     assert bench.knob_values(knobs, "models") == {
-        "learning_rate": 0.002, "lr_schedule": "cosine", "ema_decay": 0.99, "translate": 4,
+        "learning_rate": 0.002, "lr_schedule": "cosine", "ema_decay": 0.99, "translate": 4, "train_steps": 1800,
     }  # fmt: skip
     for start in ("synthesis", "filter"):
-        for knob in ("--learning_rate 0.002", "--translate 4"):
+        for knob in ("--learning_rate 0.002", "--translate 4", "--train_steps 1800"):
             with pytest.raises(SystemExit, match=knob.split()[0]):
                 bench.knob_values(knob, start)
 
