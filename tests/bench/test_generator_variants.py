@@ -85,7 +85,7 @@ def test_a_decoder_only_base_shares_the_runs_fine_tuning_unless_a_knob_changes_i
     spec.loader.exec_module(bench)
     recorded = json.loads(json.dumps(dataclasses.asdict(DemoSettings(seed=1))))
     same = bench.knob_settings(f"--base {SHIPPED_BASE}", recorded)
-    longer = bench.knob_settings(f"--base {SHIPPED_BASE} --train_steps 1800", recorded)
+    longer = bench.knob_settings(f"--base {SHIPPED_BASE} --train_steps {DemoSettings().train_steps + 600}", recorded)
     guided = bench.knob_settings(f"--base {SHIPPED_BASE} --mask_guidance_scale 3", recorded)
     assert bench.shares_run_fine_tuning(same, recorded, SHIPPED_BASE)
     assert bench.shares_run_fine_tuning(guided, recorded, SHIPPED_BASE)  # a sampling knob leaves the generator
