@@ -13,10 +13,16 @@ from crfm.toy.demo.settings import DemoSettings
 from tests.helpers import REPO
 
 
-def test_sampling_only_variants_share_the_fine_tuning_of_the_first():
+@pytest.fixture(scope="module")
+def bench():
+    """bench/generator_variants.py (bench scripts are not a package)."""
     spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampling_only_variants_share_the_fine_tuning_of_the_first(bench):
     variants = {
         "default": "",
         "guided": "--mask_guidance_scale 2 --num_inference_steps 20",  # the default fine-tuning, sampled otherwise
@@ -30,11 +36,8 @@ def test_sampling_only_variants_share_the_fine_tuning_of_the_first():
     }  # fmt: skip
 
 
-def test_a_variant_changes_only_its_knobs_of_the_runs_recorded_settings():
+def test_a_variant_changes_only_its_knobs_of_the_runs_recorded_settings(bench):
     """Runs made before a default changed: `default` is their generator, a variant keeps their other settings."""
-    spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     older = json.loads(json.dumps(dataclasses.asdict(DemoSettings(learning_rate=1e-3, seed=2))))  # demo_settings.json
     drop = bench.knob_settings("--mask_dropout 0.2", older)
     assert (drop.learning_rate, drop.mask_dropout, drop.seed) == (1e-3, 0.2, 2)
@@ -43,13 +46,10 @@ def test_a_variant_changes_only_its_knobs_of_the_runs_recorded_settings():
     assert bench.generator_owners(variants, older) == {"default": "default", "today": "today", "guided": "default"}
 
 
-def test_a_variant_base_must_encode_prompts_as_the_run_base_does(tmp_path):
+def test_a_variant_base_must_encode_prompts_as_the_run_base_does(bench, tmp_path):
     """A `--base FOLDER` variant reuses the run's prompt vectors: refused when the text encoders differ."""
     from crfm.toy.pretrain import SHIPPED_BASE
 
-    spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     run_base, candidate = tmp_path / "run", tmp_path / "candidate"
     for folder in (run_base, candidate):
         shutil.copytree(SHIPPED_BASE, folder, ignore=shutil.ignore_patterns("transformer", "vae"))
@@ -59,11 +59,8 @@ def test_a_variant_base_must_encode_prompts_as_the_run_base_does(tmp_path):
         bench.check_same_text_encoders(candidate, run_base)
 
 
-def test_paired_differences_are_taken_to_the_reference_variant():
+def test_paired_differences_are_taken_to_the_reference_variant(bench):
     """`--reference`: a candidate is compared with the variant it should beat (e.g. the shipped base), run by run."""
-    spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     results = {
         "default": [{"plain": 60.0}, {"plain": 70.0}],
         "shipped": [{"plain": 61.0}, {"plain": 72.0}],
@@ -76,13 +73,10 @@ def test_paired_differences_are_taken_to_the_reference_variant():
     assert "| plain | -1.50 ± 0.71 | 2.00 ± 1.41 |" in to_shipped
 
 
-def test_a_decoder_only_base_shares_the_runs_fine_tuning_unless_a_knob_changes_it():
+def test_a_decoder_only_base_shares_the_runs_fine_tuning_unless_a_knob_changes_it(bench):
     """A base whose decoder alone differs reuses the run's generator; with --train_steps it must fine-tune anew."""
     from crfm.toy.pretrain import SHIPPED_BASE
 
-    spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     recorded = json.loads(json.dumps(dataclasses.asdict(DemoSettings(seed=1))))
     same = bench.knob_settings(f"--base {SHIPPED_BASE}", recorded)
     longer = bench.knob_settings(f"--base {SHIPPED_BASE} --train_steps {DemoSettings().train_steps + 600}", recorded)
