@@ -10,10 +10,10 @@ commands; the run's own generator is the `default` variant), then 2 images per v
 (test.py defaults, the run's guide), from the same noise, scored by the run's judge (it never guides). The table:
 judge mIoU and IoU per class, mean ± std over runs, the paired difference to `default`, and seconds per fine-tuning
 step (one thread). A variant with `--base FOLDER` fine-tunes from that base (its text encoders must be the run's,
-as the run's prompt vectors are reused); one whose base differs from the run's only in its VAE decoder
-(`--refit_vae_decoder_on`) shares the run's fine-tuning, which it would reproduce bit for bit. Variants that differ
-only in sampling knobs (`SAMPLING_KNOBS`, e.g. `--mask_guidance_scale`) share one fine-tuning: the first of them
-trains it, the others wait and sample from it.
+as the run's prompt vectors are reused). Variants that would train the same generator share one fine-tuning
+(`fine_tuning_key`): they differ only in sampling knobs (`SAMPLING_KNOBS`, e.g. `--mask_guidance_scale`) or in a base
+whose VAE decoder alone differs (`--refit_vae_decoder_on`); the first of them trains it (the run's own when that is
+`default`), the others wait and sample from it.
 Resumable: finished fine-tunings and syntheses are kept.
 """
 
@@ -58,32 +58,29 @@ def knob_settings(knobs: str, recorded: dict[str, object]):
     return settings
 
 
-def generator_owners(variants: dict[str, str], recorded: dict[str, object]) -> dict[str, str]:
-    """variant -> the variant whose fine-tuning it uses: the first one with the same settings but `SAMPLING_KNOBS`
-    and the seed (`default`, no knobs, is the runs' own generator)."""
+def generator_owners(variants: dict[str, str], recorded: dict[str, object], run_base: Path) -> dict[str, str]:
+    """variant -> the variant whose fine-tuning it uses: the first one with the same `fine_tuning_key` (`default`, no
+    knobs, is the runs' own generator, so a variant that would reproduce it bit for bit uses the runs' own)."""
     owners: dict[str, str] = {}
     result = {}
     for name, knobs in variants.items():
-        result[name] = owners.setdefault(fine_tuning_key(knob_settings(knobs, recorded)), name)
+        result[name] = owners.setdefault(fine_tuning_key(knob_settings(knobs, recorded), recorded, run_base), name)
     return result
 
 
-def fine_tuning_key(settings, ignore: tuple[str, ...] = ()) -> str:
-    """What a fine-tuning depends on: the settings but `SAMPLING_KNOBS`, the seed and `ignore`."""
+def fine_tuning_key(settings, recorded: dict[str, object], run_base: Path) -> str:
+    """What a fine-tuning depends on: the settings but `SAMPLING_KNOBS` and the seed, and of the base only its latent
+    space: a base that differs from the run's (`run_base`, made from `recorded["base"]`) in its VAE decoder alone
+    (`shares_latent_space`) fine-tunes exactly the run's generator, so it counts as the run's base."""
     import dataclasses
 
-    skip = (*SAMPLING_KNOBS, "seed", *ignore)
-    return json.dumps({k: v for k, v in dataclasses.asdict(settings).items() if k not in skip}, sort_keys=True)
+    from crfm.toy.demo.settings import pretrained_base
 
-
-def shares_run_fine_tuning(settings, recorded: dict[str, object], run_base: Path) -> bool:
-    """Whether a variant would reproduce the run's fine-tuning bit for bit: its base differs from the run's in the VAE
-    decoder alone (`shares_latent_space`) and it changes no other fine-tuning knob."""
-    return (
-        settings.base != recorded["base"]
-        and fine_tuning_key(settings, ("base",)) == fine_tuning_key(knob_settings("", recorded), ("base",))
-        and shares_latent_space(Path(settings.base), run_base)
-    )
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in (*SAMPLING_KNOBS, "seed")}
+    base = pretrained_base(settings)
+    if settings.base != recorded["base"] and base is not None and shares_latent_space(base, run_base):
+        fields["base"] = recorded["base"]
+    return json.dumps(fields, sort_keys=True)
 
 
 def variant_dir(out: Path, variant: str, run: Path) -> Path:
@@ -113,7 +110,7 @@ def prepare_and_sample(run: Path, variant: str, knobs: str, out: Path, owner: st
     folder.mkdir(parents=True, exist_ok=True)
     own_base = settings.base != recorded["base"]
     links = {name: run / name for name in SHARED if not (own_base and name == "tiny_sd35")}
-    if owner == "default" or (owner == variant and shares_run_fine_tuning(settings, recorded, run / "tiny_sd35")):
+    if owner == "default":
         links["train"] = run / "train"
     elif owner != variant:
         links["train"] = variant_dir(out, owner, run) / "train"
@@ -231,7 +228,8 @@ def main() -> int:
     variants = {"default": "", **dict(v.split("=", 1) for v in args.variant)}
     if args.reference not in variants:
         parser.error(f"--reference {args.reference}: not a variant ({', '.join(variants)})")
-    owners = generator_owners(variants, json.loads((args.runs[0] / "demo_settings.json").read_text()))
+    first = args.runs[0]  # the runs are seeds of one setting: their bases agree
+    owners = generator_owners(variants, json.loads((first / "demo_settings.json").read_text()), first / "tiny_sd35")
     jobs = []
     for name, knobs in variants.items():
         for run in args.runs:

@@ -8,8 +8,10 @@ import json
 import shutil
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from crfm.toy.demo.settings import DemoSettings
+from crfm.toy.pretrain import SHIPPED_BASE
 from tests.helpers import REPO
 
 
@@ -31,7 +33,7 @@ def test_sampling_only_variants_share_the_fine_tuning_of_the_first(bench):
         "drop_more": "--mask_dropout 0.3 --mask_guidance_scale 2",
     }
     today = dataclasses.asdict(DemoSettings(seed=3))  # runs made with today's defaults
-    assert bench.generator_owners(variants, today) == {
+    assert bench.generator_owners(variants, today, SHIPPED_BASE) == {
         "default": "default", "guided": "default", "drop": "drop", "drop_g2": "drop", "drop_more": "drop_more",
     }  # fmt: skip
 
@@ -43,13 +45,12 @@ def test_a_variant_changes_only_its_knobs_of_the_runs_recorded_settings(bench):
     assert (drop.learning_rate, drop.mask_dropout, drop.seed) == (1e-3, 0.2, 2)
     variants = {"default": "", "today": f"--learning_rate {DemoSettings().learning_rate}",
                 "guided": "--mask_guidance_scale 2"}  # fmt: skip
-    assert bench.generator_owners(variants, older) == {"default": "default", "today": "today", "guided": "default"}
+    owners = bench.generator_owners(variants, older, SHIPPED_BASE)
+    assert owners == {"default": "default", "today": "today", "guided": "default"}
 
 
 def test_a_variant_base_must_encode_prompts_as_the_run_base_does(bench, tmp_path):
     """A `--base FOLDER` variant reuses the run's prompt vectors: refused when the text encoders differ."""
-    from crfm.toy.pretrain import SHIPPED_BASE
-
     run_base, candidate = tmp_path / "run", tmp_path / "candidate"
     for folder in (run_base, candidate):
         shutil.copytree(SHIPPED_BASE, folder, ignore=shutil.ignore_patterns("transformer", "vae"))
@@ -73,15 +74,25 @@ def test_paired_differences_are_taken_to_the_reference_variant(bench):
     assert "| plain | -1.50 ± 0.71 | 2.00 ± 1.41 |" in to_shipped
 
 
-def test_a_decoder_only_base_shares_the_runs_fine_tuning_unless_a_knob_changes_it(bench):
-    """A base whose decoder alone differs reuses the run's generator; with --train_steps it must fine-tune anew."""
-    from crfm.toy.pretrain import SHIPPED_BASE
+def test_a_decoder_only_base_shares_the_fine_tuning_its_other_knobs_select(bench, tmp_path):
+    """A base whose decoder alone differs trains what the run's base trains: with no fine-tuning knob it reuses the
+    run's generator, with one (e.g. --train_steps) it shares the fine-tuning of the variant with the same knob."""
+    run_base, decoder, other = tmp_path / "run_base", tmp_path / "decoder", tmp_path / "other"
+    for folder in (run_base, decoder, other):
+        shutil.copytree(SHIPPED_BASE, folder)
+    weights = "diffusion_pytorch_model.safetensors"
+    vae = load_file(str(decoder / "vae" / weights))
+    save_file({k: v + 1 if k.startswith("decoder.") else v for k, v in vae.items()}, str(decoder / "vae" / weights))
+    transformer = load_file(str(other / "transformer" / weights))
+    save_file({k: v + 1 for k, v in transformer.items()}, str(other / "transformer" / weights))
 
-    recorded = json.loads(json.dumps(dataclasses.asdict(DemoSettings(seed=1))))
-    same = bench.knob_settings(f"--base {SHIPPED_BASE}", recorded)
-    longer = bench.knob_settings(f"--base {SHIPPED_BASE} --train_steps {DemoSettings().train_steps + 600}", recorded)
-    guided = bench.knob_settings(f"--base {SHIPPED_BASE} --mask_guidance_scale 3", recorded)
-    assert bench.shares_run_fine_tuning(same, recorded, SHIPPED_BASE)
-    assert bench.shares_run_fine_tuning(guided, recorded, SHIPPED_BASE)  # a sampling knob leaves the generator
-    assert not bench.shares_run_fine_tuning(longer, recorded, SHIPPED_BASE)
-    assert not bench.shares_run_fine_tuning(bench.knob_settings("", recorded), recorded, SHIPPED_BASE)
+    recorded = json.loads(json.dumps(dataclasses.asdict(DemoSettings(base=str(run_base), seed=1))))
+    longer = f"--train_steps {DemoSettings().train_steps + 600}"
+    variants = {
+        "default": "", "decoder": f"--base {decoder}", "decoder_guided": f"--base {decoder} --mask_guidance_scale 3",
+        "longer": longer, "decoder_longer": f"--base {decoder} {longer}", "other": f"--base {other}",
+    }  # fmt: skip
+    assert bench.generator_owners(variants, recorded, run_base) == {
+        "default": "default", "decoder": "default", "decoder_guided": "default",
+        "longer": "longer", "decoder_longer": "longer", "other": "other",
+    }  # fmt: skip
