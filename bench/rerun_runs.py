@@ -41,7 +41,7 @@ from crfm.toy.demo.rows import (
 from crfm.utils.runs import REPO, Job, mean_std, print_table, run_jobs_or_exit, run_logged
 
 KNOBS = ("tolerance_margin", "filter_views", "num_inference_steps", "mask_guidance_scale", "num_per_mask", "base",
-         "learning_rate", "lr_schedule", "ema_decay", "translate", "train_steps")  # fmt: skip
+         "learning_rate", "lr_schedule", "ema_decay", "translate", "train_steps", "uniform_timestep_share")  # fmt: skip
 SAMPLING_KNOBS = ("num_inference_steps", "mask_guidance_scale", "num_per_mask")  # from synthesis or earlier
 MODEL_KNOBS = (
     "base",
@@ -50,6 +50,7 @@ MODEL_KNOBS = (
     "ema_decay",
     "translate",
     "train_steps",
+    "uniform_timestep_share",
 )  # the generator's: only with --from models
 # The rows trained on synthetic pairs, and the mosaics + layouts union's.
 SYNTHETIC_ROWS = [row for row in DOWNSTREAM if row.synthetic and row.synthetic != REAL_MOSAICS]

@@ -59,6 +59,14 @@ class FlowMatchingConfig:
     logit_mean: float = option(0.0, "logit-normal mean (> 0 favours noisier timesteps)")
     logit_std: float = option(1.0, "logit-normal std", kind=positive_float)
     mode_scale: float = option(1.29, "scale of the 'mode' weighting scheme")
+    # Logit-normal draws almost never reach the clean end (σ <= 0.03: 2.5e-4 of them), where a fine-tuned generator's
+    # velocity is then left to chance: spikes there ruin a 40-step uniform path (bench/results_fewstep_s1800.md).
+    uniform_timestep_share: float = option(
+        0.0,
+        "share of the timestep draws taken uniformly over [0, 1] instead of from --weighting_scheme's density, so "
+        "that every σ is trained (0: off)",
+        kind=probability,
+    )
     # Probability of the empty prompt (trains the unconditional branch of CFG).
     prompt_dropout: float = option(0.1, "probability of the empty prompt (for CFG)", kind=probability)
     flip_prob: float = 0.5  # horizontal flip of image and mask together
@@ -258,7 +266,8 @@ def flow_matching_loss(
 
     `generator` (a CPU generator, e.g. `step_generator(...)`) makes every random draw, in this order: flip,
     quarter turns (only with `rot90`), translations (only with `translate`), VAE posterior sample, noise, timestep
-    density, prompt dropout, mask dropout (only with `mask_dropout`); cached and fresh latents take the same draws.
+    density, its uniform share (only with `uniform_timestep_share`), prompt dropout, mask dropout (only with
+    `mask_dropout`); cached and fresh latents take the same draws.
     `empty_prompt` holds the empty prompt's `prompt_embeds` [L, D] and `pooled_prompt_embeds` [P], swapped in for
     dropped prompts; `dtype` is the compute dtype of latents and text (the VAE itself runs in its own dtype). The
     VAE is not differentiated through.
@@ -304,6 +313,9 @@ def flow_matching_loss(
         mode_scale=config.mode_scale,
         generator=generator,
     )
+    if config.uniform_timestep_share:  # drawn only when on, like the mask dropout
+        uniform = torch.rand(batch_size, generator=generator) < config.uniform_timestep_share
+        u = torch.where(uniform, torch.rand(batch_size, generator=generator), u)
     timesteps, sigmas = schedule.lookup(u, device, latents.dtype)
     noisy = noisy_latents(latents, noise, sigmas)
 

@@ -417,3 +417,24 @@ def test_mask_dropout_needs_a_onehot_mask_and_is_recorded():
     FlowMatchingObjective(args).check()
     assert FlowMatchingObjective(args).record() == {"mask_dropout": 0.1}
     assert FlowMatchingObjective(build_parser().parse_args(base)).record() == {}
+
+
+def test_uniform_timestep_share_reaches_the_clean_end_and_draws_only_when_on(parts):
+    """The logit-normal density almost never draws the grid's clean end; a uniform share draws it as often as any
+    other part. Off (0), the step's draws are what they were: the noise and timesteps of a run without it."""
+    model = RecordingModel()
+    plain = loss_of(parts, model, seed=3)
+    off = loss_of(parts, model, seed=3, uniform_timestep_share=0.0)
+    torch.testing.assert_close(off.timesteps, plain.timesteps)
+    assert torch.equal(off.per_sample, plain.per_sample)
+
+    grid = parts["timesteps"].sigmas
+
+    def clean_end_share(**config) -> float:
+        """Share of the drawn grid positions in the last tenth of the grid (u >= 0.9, the smallest σ)."""
+        drawn = torch.cat([loss_of(parts, model, seed=seed, **config).sigmas.flatten() for seed in range(80)])
+        positions = torch.tensor([int((grid - sigma).abs().argmin()) for sigma in drawn])
+        return float((positions >= 0.9 * len(grid)).float().mean())
+
+    assert clean_end_share() < 0.05  # N(0, 1) beyond logit(0.9): 1.4 % of 240 draws
+    assert 0.04 < clean_end_share(uniform_timestep_share=1.0) < 0.2  # uniform: 10 %

@@ -56,6 +56,7 @@ class DemoSettings:
     generator_mosaics: bool = False
     class_balance: float = 0.0
     mask_dropout: float = 0.1
+    uniform_timestep_share: float = 0.0
     mask_add: bool = True
     train_steps: int = 1800  # chosen on the validation masks within the demo's time (bench/results_generator.md)
     train_batch_size: int = 8
@@ -124,6 +125,8 @@ KNOB_HELP = {
     "(train.py --class_balance; 0: the plain loss)",
     "mask_dropout": "MM-DiT fine-tuning: probability of the null mask (train.py --mask_dropout), so that the "
     "syntheses can use --mask_guidance_scale",
+    "uniform_timestep_share": "MM-DiT fine-tuning: share of timesteps drawn uniformly instead of logit-normal "
+    "(train.py --uniform_timestep_share), so that the clean end σ < 0.05 is trained too",
     "mask_add": "MM-DiT: also add each mask token to the image token at its position (train.py --mask_add)",
     "train_steps": "MM-DiT fine-tuning steps",
     "train_batch_size": "MM-DiT batch",

@@ -175,6 +175,7 @@ class Demo(StageRunner):
             max(1, self.s.train_steps // 4), "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest",
             "--seed", self.s.seed, *(["--rot90"] if self.s.rot90 else []),
             *(["--translate", self.s.translate] if self.s.translate else []), *self.mask_add_flag(),
+            *(["--uniform_timestep_share", self.s.uniform_timestep_share] if self.s.uniform_timestep_share else []),
             "--mixed_precision", self.s.mixed_precision, *self.quiet(),
         ]  # fmt: skip
 
