@@ -2,9 +2,10 @@
 
     python bench/velocity_by_sigma.py outputs/heldout_steps/steps1800/seed1 [more demo runs] [--steps 200]
 
-Per finished demo run: its generator (`train/final`) samples the first `--masks` held-out masks on a `--steps`-step
-Euler path of the uniform grid (the demo's mask guidance, no CRFM, the run's seed), and the median over images of
-the mean squared velocity |v|² is printed at the `--at` σ (the nearest grid point). A well-trained flow keeps |v|²
+Per finished demo run: its generator (`train/final`) samples the first `--masks` masks of `--json_file` (held-out
+by default; `val_.jsonl` for choices) on a `--steps`-step Euler path of the uniform grid (the demo's mask guidance,
+no CRFM, the run's seed), and the median over images of the mean squared velocity |v|² is printed at the `--at` σ
+(the nearest grid point). A well-trained flow keeps |v|²
 near its neighbours'; one σ far above them is where the path bends (bench/results_fewstep_s1800.md: a spike at
 σ = 0.025, a σ the fine-tuning's logit-normal density almost never draws).
 """
@@ -18,8 +19,8 @@ from pathlib import Path
 AT = (0.5, 0.1, 0.05, 0.04, 0.03, 0.025, 0.02, 0.015, 0.01, 0.005)
 
 
-def median_speed_by_sigma(run: Path, steps: int, masks: int) -> dict[float, float]:
-    """σ of each evaluation -> median over the images of mean |v|² (the run's generator, held-out masks)."""
+def median_speed_by_sigma(run: Path, steps: int, masks: int, index: str = "test_.jsonl") -> dict[float, float]:
+    """σ of each evaluation -> median over the images of mean |v|² (the run's generator, the masks of `index`)."""
     import torch
 
     from crfm.fewstep import evaluate
@@ -32,7 +33,7 @@ def median_speed_by_sigma(run: Path, steps: int, masks: int) -> dict[float, floa
         "--pretrained_model_name_or_path", str(run / "tiny_sd35"), "--data_root", str(run / "toydata"),
         "--vectors_path", str(run / "vectors"), "--num_cls", "6", "--resolution", str(recorded["resolution"]),
         "--mask_encoding", recorded["mask_encoding"], "--lora_ckpt", str(run / "train" / "final"),
-        "--json_file", "test_.jsonl", "--judge_config", "-", "--judge_ckpt", "-", "--runs", f"euler:{steps}:uniform",
+        "--json_file", index, "--judge_config", "-", "--judge_ckpt", "-", "--runs", f"euler:{steps}:uniform",
         "--work_dir", "-", "--seed", str(recorded["seed"]), "--device", "cpu",
         "--mask_guidance_scale", str(recorded["mask_guidance_scale"]), "--no_progress",
     ])  # fmt: skip
@@ -62,13 +63,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="+", help="finished demo runs")
     parser.add_argument("--steps", type=int, default=200, help="Euler steps of the uniform path")
-    parser.add_argument("--masks", type=int, default=16, help="held-out masks sampled (the first ones)")
+    parser.add_argument("--masks", type=int, default=16, help="masks sampled (the first ones)")
+    parser.add_argument("--json_file", default="test_.jsonl", help="the masks' index (val_.jsonl for choices)")
     parser.add_argument("--at", type=float, nargs="+", default=AT, help="σ printed")
     args = parser.parse_args()
     print("| run | " + " | ".join(f"σ {sigma:g}" for sigma in args.at) + " |")
     print("|---|" + "---|" * len(args.at))
     for run in args.runs:
-        speeds = median_speed_by_sigma(run, args.steps, args.masks)
+        speeds = median_speed_by_sigma(run, args.steps, args.masks, args.json_file)
         print(f"| {run} | " + " | ".join(f"{nearest(speeds, sigma)[1]:.1f}" for sigma in args.at) + " |", flush=True)
     return 0
 
