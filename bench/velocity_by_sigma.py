@@ -5,9 +5,9 @@
 Per finished demo run: its generator (`train/final`) samples the first `--masks` masks of `--json_file` (held-out
 by default; `val_.jsonl` for choices) on a `--steps`-step Euler path of the uniform grid (the demo's mask guidance,
 no CRFM, the run's seed), and the median over images of the mean squared velocity |v|² is printed at the `--at` σ
-(the nearest grid point). A well-trained flow keeps |v|²
-near its neighbours'; one σ far above them is where the path bends (bench/results_fewstep_s1800.md: a spike at
-σ = 0.025, a σ the fine-tuning's logit-normal density almost never draws).
+(the nearest grid point). A well-trained flow keeps |v|² near its neighbours'; one σ far above them is where the
+path bends (bench/results_fewstep_s1800.md: a spike at σ = 0.025, a σ the fine-tuning's logit-normal density almost
+never draws).
 """
 
 from __future__ import annotations
@@ -53,10 +53,9 @@ def median_speed_by_sigma(run: Path, steps: int, masks: int, index: str = "test_
     }
 
 
-def nearest(speeds: dict[float, float], sigma: float) -> tuple[float, float]:
-    """The grid point nearest `sigma` and its value."""
-    grid = min(speeds, key=lambda s: abs(s - sigma))
-    return grid, speeds[grid]
+def nearest(speeds: dict[float, float], sigma: float) -> float:
+    """The value at the grid point nearest `sigma`."""
+    return speeds[min(speeds, key=lambda grid: abs(grid - sigma))]
 
 
 def main() -> int:
@@ -71,7 +70,7 @@ def main() -> int:
     print("|---|" + "---|" * len(args.at))
     for run in args.runs:
         speeds = median_speed_by_sigma(run, args.steps, args.masks, args.json_file)
-        print(f"| {run} | " + " | ".join(f"{nearest(speeds, sigma)[1]:.1f}" for sigma in args.at) + " |", flush=True)
+        print(f"| {run} | " + " | ".join(f"{nearest(speeds, sigma):.1f}" for sigma in args.at) + " |", flush=True)
     return 0
 
 
