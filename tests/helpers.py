@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -11,6 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLES = REPO.parent / "shared" / "rs_samples"
 TOY_SEGFORMER = REPO / "crfm" / "segmentation" / "configs" / "toy_segformer.py"
 NUM_CLS = 6  # the toy data's classes
+
+
+def load_script(relative: str) -> ModuleType:
+    """A script of the repository that is not in a package (bench/, scripts/), as a module under its file's stem.
+    It is registered in sys.modules while it runs, since dataclasses look their module up then."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(path.stem, None)
+    return module
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -3,12 +3,11 @@ keeps its two commands (the test command being the one CI runs) and links to doc
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_script
 
 README_PATH = REPO / "README.md"
 README = README_PATH.read_text(encoding="utf-8")
@@ -19,10 +18,7 @@ NOT_YET_INSTALLABLE = {"mmcv", "mmseg", "mmengine"}  # mmcv is compiled at set-u
 
 
 def _flags_table():
-    spec = importlib.util.spec_from_file_location("flags_table", REPO / "scripts" / "flags_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/flags_table.py")
 
 
 FLAGS_TABLE = _flags_table()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import load_script
 
 
 def test_the_samplers_give_the_same_latents_and_both_are_timed(tiny_sd35_dir):
@@ -15,9 +14,7 @@ def test_the_samplers_give_the_same_latents_and_both_are_timed(tiny_sd35_dir):
 
     from crfm.models.mmdit import MaskSD3Transformer2DModel
 
-    spec = importlib.util.spec_from_file_location("bench_sampling", REPO / "bench" / "bench_sampling.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/bench_sampling.py")
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd35_dir)
     pipe.set_progress_bar_config(disable=True)
     model = MaskSD3Transformer2DModel.from_sd3(tiny_sd35_dir)

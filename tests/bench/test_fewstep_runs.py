@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import load_script
 
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("fewstep_runs", REPO / "bench" / "fewstep_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench/fewstep_runs.py")
     monkeypatch.setattr(module, "DEMOS", tmp_path / "demos")
     monkeypatch.setattr(module, "OUT", tmp_path / "out")
     commands = []

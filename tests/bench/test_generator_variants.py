@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 
@@ -12,16 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from crfm.toy.demo.settings import DemoSettings
 from crfm.toy.pretrain import SHIPPED_BASE
-from tests.helpers import REPO
+from tests.helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
     """bench/generator_variants.py (bench scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location("generator_variants", REPO / "bench" / "generator_variants.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/generator_variants.py")
 
 
 def test_sampling_only_variants_share_the_fine_tuning_of_the_first(bench):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, load_script, subprocess_env
 
 NUMBER = r"[0-9][0-9.e+-]*"
 
@@ -38,12 +37,7 @@ def test_smoke_run_writes_every_measurement(tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("gpu_check", None)
+    return load_script("bench/gpu_check.py")
 
 
 def test_refusals_are_one_line(gpu_check, capsys):

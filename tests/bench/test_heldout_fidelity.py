@@ -9,16 +9,11 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_script
 
 
 def _rerun_runs():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rerun_runs", REPO / "bench" / "rerun_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/rerun_runs.py")
 
 
 def test_fine_tuning_knobs_change_only_from_the_models_stage():

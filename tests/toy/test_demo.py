@@ -180,12 +180,14 @@ def test_summary_table_is_well_formed(demo_run):
             assert numbers and all(math.isfinite(float(n)) for n in numbers), line
 
 
-def test_figure_has_a_row_per_mask_and_six_columns(demo_run):
+def test_figure_has_a_row_per_mask_and_seven_columns(demo_run):
     out, _ = demo_run
     settings = DemoSettings(**PRESETS["ci"])
+    assert settings.resolution < settings.scene_size  # so the real image comes at both sizes
     image = Image.open(out / "samples.png")
     gap, cell = 4, settings.scene_size
-    assert image.width == 6 * cell + 5 * gap  # mask | plain | CRFM paper | CRFM default | few-step | real
+    # mask | plain | CRFM paper | CRFM default | few-step | real at the generator's px | real at the scenes' px
+    assert image.width == 7 * cell + 6 * gap
     assert image.height > settings.figure_rows * cell + (settings.figure_rows - 1) * gap  # + title strip
 
 

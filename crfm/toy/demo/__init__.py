@@ -38,7 +38,7 @@ Independent commands of a stage (vectors, syntheses, filters, segmentors) run si
     (`crfm.reflow`), a k-SeqRF (or 2-RF) student trained on them (`train.py --reflow_pairs`), and the held-out masks
     drawn by the student in `--few_step` Euler steps with no segmentor, scored like the other syntheses;
 11. report: `summary.json`, `summary.md`, `samples.png` (mask | plain | CRFM paper | CRFM default | few-step |
-    real).
+    real at the generator's resolution | real at the scenes').
 
 Every tool runs as `python -m <module>` of the installed (or checked-out) package, so no checkout is needed.
 The parts: `settings` (knobs, presets, checks), `rows` (the image sets and downstream rows), `runner` (commands and
