@@ -20,6 +20,7 @@ from tests.helpers import REPO
 pytest.importorskip("mmseg")
 
 from crfm.toy.demo import DOWNSTREAM, PRESETS, STAGES, DemoSettings  # noqa: E402
+from crfm.toy.demo.rows import ROWS  # noqa: E402
 
 
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -154,6 +155,12 @@ def test_summary_table_is_well_formed(demo_run):
     assert down["real_extra"]["real_train"] == settings.train_scenes * (1 + settings.num_per_mask)
     assert down["real_extra"]["iters"] == mixed["iters"] > real["iters"]
     assert down["tstr"]["real_draws_per_image"] == 0 and down["trtr"] == real  # TSTR: no real image drawn
+    # The union adds the synthetic layouts to the real mosaics: each of its pairs drawn as often as a real mosaic in
+    # the mosaic row (so the mosaics are not drawn half as often), the labelled scenes as often as ever.
+    union, mosaic = down["real_mosaic_synth_layouts"], down["real_mosaic"]
+    assert union["synthetic_draws_per_image"] == pytest.approx(mosaic["synthetic_draws_per_image"], rel=0.01)
+    assert union["real_draws_per_image"] == pytest.approx(real["real_draws_per_image"], rel=0.1)
+    assert union["iters"] > mosaic["iters"]
     assert set(summary["stage_seconds"]) == {stage.name for stage in STAGES}
     # Each row's IoU per class (the segmentors' PerClassIoUMetric), whose mean over the classes it saw is its mIoU.
     from crfm.toy.toydata import CLASSES
@@ -433,3 +440,14 @@ def test_commands_side_by_side_take_one_thread_each_and_a_lone_command_every_lan
     runner.run_together([records_threads("beside")], lanes=1, beside=lambda: None)
     threads = {name: (tmp_path / name).read_text() for name in ("a", "b", "c", "alone", "beside")}
     assert threads == {"a": "1", "b": "1", "c": "1", "alone": "2", "beside": "1"}
+
+
+@pytest.mark.parametrize("synth_ratio", [0.25, 0.5, 0.8])
+def test_a_union_row_draws_each_part_as_often_as_a_one_set_row_draws_its_set(synth_ratio):
+    one_set, union = ROWS["real_mosaic"], ROWS["real_mosaic_synth_layouts"]
+    assert one_set.synthetic_share(synth_ratio) == pytest.approx(synth_ratio)
+    assert union.parts == 2
+    share = union.synthetic_share(synth_ratio)
+    # Per labelled draw: a one-set row draws its set r / (1 - r) times; the union each half of its draws as often.
+    per_part = share / (1 - share) / union.parts
+    assert per_part == pytest.approx(synth_ratio / (1 - synth_ratio))

@@ -33,7 +33,7 @@ Independent commands of a stage (vectors, syntheses, filters, segmentors) run si
     layouts (with `--ablations` also plain, unfiltered, hardness-resampled, new layouts alone, and the synthetic
     pairs alone), all scored on the held-out real scenes
     like the real-data rows of stage 4; mixed runs see each real image as often as the real-only run
-    (`--match_real_exposure`);
+    (`--match_real_exposure`), and the union each real mosaic as often as the mosaic row (`DownstreamRow.parts`);
 10. few-step (docs/fewstep.md): reflow pairs of the labelled masks from the CRFM-guided generator
     (`crfm.reflow`), a k-SeqRF (or 2-RF) student trained on them (`train.py --reflow_pairs`), and the held-out masks
     drawn by the student in `--few_step` Euler steps with no segmentor, scored like the other syntheses;

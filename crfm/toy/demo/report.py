@@ -164,8 +164,9 @@ def summary_markdown(summary: dict) -> str:
         "",
         f"Downstream ({Path(s['seg_config']).stem}): mIoU (%) on the {held_out} held-out real scenes. Mixed runs "
         f"draw {100 * s['synth_ratio']:.0f}% synthetic samples and run longer, so each real image is seen as often as "
-        "in the real-only run"
-        + ("; the extra-real run has the mixed runs' iterations." if "real_extra" in down else "."),
+        "in the real-only run; the union of real mosaics and synthetic layouts draws each as often as the one-set rows "
+        "draw theirs (so it runs longer still)"
+        + ("; the extra-real run has the one-set mixed runs' iterations." if "real_extra" in down else "."),
         "",
         "| training data | images | iterations | mIoU | aAcc | − real only |",
         "|---|---|---|---|---|---|",

@@ -46,6 +46,14 @@ class DownstreamRow:
     name: str  # summary.md's row name
     synthetic: str | None  # the set added to the labelled scenes, `synth_ratio` of the draws; None: real data only
     knob: str | None = None  # the `DemoSettings` knob the row needs on (None: always trained)
+    parts: int = 1  # equal-sized sets in `synthetic` (a union), each to be drawn as often as a one-set row's set
+
+    def synthetic_share(self, synth_ratio: float) -> float:
+        """The share of synthetic draws at which each of the row's `parts` is drawn, per labelled draw, as often as
+        a one-set row at `synth_ratio` draws its set: a union adds its parts to each other instead of splitting one
+        set's draws between them (at 0.5 and two parts, 2/3: labelled, first and second part 1 : 1 : 1)."""
+        per_labelled_draw = self.parts * synth_ratio / (1 - synth_ratio)
+        return per_labelled_draw / (1 + per_labelled_draw)
 
 
 DOWNSTREAM = (
@@ -90,6 +98,8 @@ DOWNSTREAM = (
         "seg_real_mosaic_synth_layouts",
         "real + real mosaics + CRFM new layouts, filtered (synthesis on top of copy-paste)",
         MOSAICS_AND_SYNTH[0],
+        # The mosaics drawn as often as in `real_mosaic`, the synthetic layouts on top (bench/results_layouts.md).
+        parts=len(MOSAICS_AND_SYNTH[1]),
     ),
     DownstreamRow(
         "real_extra", "seg_real_extra", "real + as many extra real scenes (upper bound)", None, knob="upper_bound"

@@ -364,9 +364,11 @@ class Demo(StageRunner):
 
     def mixed_run(self, row: DownstreamRow) -> tuple[str, list[object]]:
         """(work dir, flags) of a downstream segmentor on the labelled scenes + the row's synthetic set,
-        `synth_ratio` of the draws, each real image drawn as often as in the real-only run."""
+        `synth_ratio` of the draws (a union of sets: each set as often as that), each real image drawn as often as
+        in the real-only run."""
         return (row.work, self.segmentor_args(
-            row.work, self.s.seed, "--synth_root", self.path(row.synthetic), "--synth_ratio", self.s.synth_ratio,
+            row.work, self.s.seed, "--synth_root", self.path(row.synthetic),
+            "--synth_ratio", row.synthetic_share(self.s.synth_ratio),
             "--match_real_exposure", config=self.s.config_path(self.s.seg_config),
         ))  # fmt: skip
 

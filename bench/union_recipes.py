@@ -1,0 +1,116 @@
+"""How the union of real mosaics and synthetic layouts should be drawn, on the VALIDATION scenes of finished demo runs.
+
+    python bench/union_recipes.py outputs/heldout_steps/steps1800/seed0 outputs/heldout_steps/steps1800/seed1 \
+        outputs/heldout_steps/steps1800/seed2 --out outputs/distinct
+
+Per run, into `--out/seedS` (links to the run's data, generator, guide and sets; resumable: a segmentor whose
+metrics.json exists is kept), the demo's downstream recipe (`Demo.segmentor_args`) scored on `val.jsonl`, never on
+the held-out scenes:
+
+- `val_mosaic`: real + real mosaics, 50 % of the draws (the demo's control row), and `val_mosaic3000` the same at
+  3000 iterations (what a longer run alone gives);
+- `val_union_same`: real + the run's union (real mosaics + filtered CRFM layouts of the same masks) as one set at 50 %
+  (the demo's union row before the eighteenth session);
+- `val_union_distinct`: the union with CRFM layouts of 48 *other* mosaics (layouts seed + 1000: synthesized with the
+  run's generator at the demo's settings, filtered by its guide);
+- `val_union_additive`: the run's union with each part drawn as often as the mosaic row draws its set
+  (`DownstreamRow.synthetic_share`, 2/3 at 50 %: 3000 iterations), the recipe adopted (bench/results_layouts.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+LINKED = ("toydata", "tiny_sd35", "train", "seg_real", "vectors", "layouts_real", "mosaics_and_synth_layouts")
+OTHER_LAYOUTS_SEED = 1000  # added to the run's seed: mosaics other than the real ones
+ROWS = ("val_mosaic", "val_mosaic3000", "val_union_same", "val_union_distinct", "val_union_additive")
+
+
+def experiment(run: Path, out: Path):
+    """A `Demo` on `out`, whose parts are links to the finished run's."""
+    from crfm.toy.demo.settings import DemoSettings
+    from crfm.toy.demo.stages import Demo
+
+    out.mkdir(parents=True, exist_ok=True)
+    for part in LINKED:
+        if not (out / part).exists():
+            (out / part).symlink_to(run.resolve() / part)
+    recorded = json.loads((run / "demo_settings.json").read_text())
+    known = {field.name for field in dataclasses.fields(DemoSettings)}
+    return Demo(out.resolve(), DemoSettings(**{k: v for k, v in recorded.items() if k in known}), progress=False)
+
+
+def other_layouts(demo) -> str:
+    """CRFM images of 48 other mosaics of the labelled masks, filtered; then their union with the real mosaics."""
+    if not demo.path("layouts_b", "index.jsonl").is_file():
+        demo.run(
+            "crfm.data.layouts", "--data_root", demo.path("toydata"), "--json_file", "train.jsonl",
+            "--work_dir", demo.path("layouts_b"), "--num_layouts", demo.s.extra_scenes,
+            "--seed", demo.s.seed + OTHER_LAYOUTS_SEED, "--no_progress",
+        )  # fmt: skip
+    if not demo.path("layouts_b", "index_.jsonl").is_file():
+        demo.run_together([demo.vectorize_job("layouts_b", "vectors_layouts_b")])
+    if not demo.path("synth_layouts_b", "synthesis.json").is_file():
+        synthesis = demo.synthesis_job(
+            "index_.jsonl", "synth_layouts_b", "default", root="layouts_b", vectors="vectors_layouts_b"
+        )
+        demo.run_together([synthesis])
+    if not demo.path("synth_layouts_b_filtered", "index.jsonl").is_file():
+        demo.run_together([demo.filter_job("synth_layouts_b")])
+    demo.union_dataset("union_distinct", ["layouts_real/index.jsonl", "synth_layouts_b_filtered/index.jsonl"])
+    return "union_distinct"
+
+
+def segmentors(demo, distinct: str) -> list[tuple[str, list[object]]]:
+    from crfm.segmentation.downstream import exposure_matched_iters
+    from crfm.toy.demo.rows import ROWS as DEMO_ROWS
+
+    config = demo.s.config_path(demo.s.seg_config)
+    ratio = demo.s.synth_ratio
+    union = DEMO_ROWS["real_mosaic_synth_layouts"]
+
+    def mixed(work: str, synthetic: str, share: float, iters: int | None = None) -> tuple[str, list[object]]:
+        return (work, demo.segmentor_args(
+            work, demo.s.seed, "--synth_root", demo.path(synthetic), "--synth_ratio", share, "--match_real_exposure",
+            config=config, val="val.jsonl", iters=iters,
+        ))  # fmt: skip
+
+    additive = union.synthetic_share(ratio)
+    # The control: the mosaic row run as long as the additive union (its requested iterations, before the exposure
+    # matching of `--match_real_exposure` divides them by the real share).
+    control_request = round(exposure_matched_iters(demo.s.seg_iters, 1 - additive) * (1 - ratio))
+    return [
+        mixed("val_mosaic", "layouts_real", ratio),
+        mixed("val_mosaic3000", "layouts_real", ratio, control_request),
+        mixed("val_union_same", "mosaics_and_synth_layouts", ratio),
+        mixed("val_union_distinct", distinct, ratio),
+        mixed("val_union_additive", "mosaics_and_synth_layouts", additive),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="finished demo runs (the default preset suffices)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lanes", type=int, default=2, help="segmentors trained side by side")
+    args = parser.parse_args(argv)
+    scores: dict[str, list[float]] = {row: [] for row in ROWS}
+    for run in args.runs:
+        demo = experiment(run, args.out / run.name)
+        demo.train_segmentors(segmentors(demo, other_layouts(demo)), lanes=args.lanes)
+        for row in ROWS:
+            scores[row].append(json.loads(demo.path(row, "metrics.json").read_text())["mIoU"])
+    print("| validation mIoU (%) | " + " | ".join(run.name for run in args.runs) + " | mean ± std |")
+    print("|---" * (len(args.runs) + 2) + "|")
+    for row, values in scores.items():
+        spread = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        print(f"| {row} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {spread} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
