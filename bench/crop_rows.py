@@ -28,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-FARMLAND = 1  # crfm.toy.toydata.CLASSES
-
 
 def scene_pair(seed: int, index: int, size: int):
     """(image with rows, the same image without rows, label) of toy scene `index`, uint8 arrays."""
@@ -53,6 +51,14 @@ def scene_pair(seed: int, index: int, size: int):
     return image, plain, label
 
 
+def through_vae(vae, images):
+    """[N, 3, H, W] images through the VAE (encode, posterior mode, decode), as the fidelity stage's ceiling."""
+    import torch
+
+    with torch.no_grad():
+        return vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+
+
 def luminance(image) -> np.ndarray:
     """HxW mean of the channels, in the [-1, 1] units of every stage; `image` a 3xHxW tensor."""
     return image.float().mean(0).numpy()
@@ -60,7 +66,6 @@ def luminance(image) -> np.ndarray:
 
 def laplacian_energy(grey, where) -> tuple[float, int]:
     """Sum of the squared Laplacian of `grey` over `where`, and the pixel count (edges padded by replication)."""
-
     padded = np.pad(grey, 1, mode="edge")
     lap = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:] - 4 * grey
     return float((lap[where] ** 2).sum()), int(where.sum())
@@ -74,6 +79,7 @@ def measure(run: Path, index: str) -> dict[str, float]:
 
     from crfm.data.dataset import image_to_tensor
     from crfm.data.index import read_index
+    from crfm.toy.toydata import FARM
 
     recorded = json.loads((run / "demo_settings.json").read_text())
     side = recorded["resolution"]
@@ -94,27 +100,23 @@ def measure(run: Path, index: str) -> dict[str, float]:
         image, plain, label = scene_pair(recorded["seed"], scene, recorded["scene_size"])
         written = np.asarray(Image.open(root / item.target).convert("RGB"))
         assert (written == image).all(), f"{item.target} is not scene {scene} of seed {recorded['seed']}"
-        farm_full = ndimage.binary_erosion(label == FARMLAND)
-        rows_full = luminance(image_to_tensor(Image.fromarray(image))) - luminance(
-            image_to_tensor(Image.fromarray(plain))
-        )
+        farm_full = ndimage.binary_erosion(label == FARM)
         if farm_full.any():
-            sums["full"] += float((rows_full[farm_full] ** 2).mean())
             full = torch.stack([image_to_tensor(Image.fromarray(x)) for x in (image, plain)])
-            with torch.no_grad():
-                decoded = vae.decode(vae.encode(full).latent_dist.mode()).sample.clamp(-1, 1)
+            rows_full = luminance(full[0]) - luminance(full[1])
+            sums["full"] += float((rows_full[farm_full] ** 2).mean())
+            decoded = through_vae(vae, full)
             sums["full_vae_dot"] += float(
                 ((luminance(decoded[0]) - luminance(decoded[1])) * rows_full)[farm_full].mean()
             )
 
         low, low_plain = (image_to_tensor(Image.fromarray(x), side) for x in (image, plain))
         low_label = np.asarray(Image.fromarray(label).resize((side, side), Image.Resampling.NEAREST))
-        farm = ndimage.binary_erosion(low_label == FARMLAND)
+        farm = ndimage.binary_erosion(low_label == FARM)
         if not farm.any():
             continue
         rows = (luminance(low) - luminance(low_plain))[farm]
-        with torch.no_grad():
-            decoded = vae.decode(vae.encode(torch.stack([low, low_plain])).latent_dist.mode()).sample.clamp(-1, 1)
+        decoded = through_vae(vae, torch.stack([low, low_plain]))
         vae_rows = (luminance(decoded[0]) - luminance(decoded[1]))[farm]
         sums["low"] += float((rows**2).mean())
         sums["vae_dot"] += float((vae_rows * rows).mean())

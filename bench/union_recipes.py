@@ -20,7 +20,6 @@ the held-out scenes:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -32,26 +31,20 @@ ROWS = ("val_mosaic", "val_mosaic3000", "val_union_same", "val_union_distinct", 
 
 def experiment(run: Path, out: Path):
     """A `Demo` on `out`, whose parts are links to the finished run's."""
-    from crfm.toy.demo.settings import DemoSettings
+    from crfm.toy.demo.settings import SETTINGS_FILE, DemoSettings, recorded_knobs
     from crfm.toy.demo.stages import Demo
 
     out.mkdir(parents=True, exist_ok=True)
     for part in LINKED:
         if not (out / part).exists():
             (out / part).symlink_to(run.resolve() / part)
-    recorded = json.loads((run / "demo_settings.json").read_text())
-    known = {field.name for field in dataclasses.fields(DemoSettings)}
-    return Demo(out.resolve(), DemoSettings(**{k: v for k, v in recorded.items() if k in known}), progress=False)
+    settings = DemoSettings(**recorded_knobs(json.loads((run / SETTINGS_FILE).read_text())))
+    return Demo(out.resolve(), settings, progress=False)
 
 
 def other_layouts(demo) -> str:
     """CRFM images of 48 other mosaics of the labelled masks, filtered; then their union with the real mosaics."""
-    if not demo.path("layouts_b", "index.jsonl").is_file():
-        demo.run(
-            "crfm.data.layouts", "--data_root", demo.path("toydata"), "--json_file", "train.jsonl",
-            "--work_dir", demo.path("layouts_b"), "--num_layouts", demo.s.extra_scenes,
-            "--seed", demo.s.seed + OTHER_LAYOUTS_SEED, "--no_progress",
-        )  # fmt: skip
+    demo.mosaics("layouts_b", seed=demo.s.seed + OTHER_LAYOUTS_SEED)
     if not demo.path("layouts_b", "index_.jsonl").is_file():
         demo.run_together([demo.vectorize_job("layouts_b", "vectors_layouts_b")])
     if not demo.path("synth_layouts_b", "synthesis.json").is_file():

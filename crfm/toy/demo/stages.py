@@ -318,17 +318,18 @@ class Demo(StageRunner):
         filtered = [self.path(f"{synth}_filtered", "index.jsonl") for synth in self.filtered_sets()]
         return [*filtered, self.path(MOSAICS_AND_SYNTH[0], "index.jsonl")]
 
-    def mosaics(self, work: str, *images: str) -> None:
+    def mosaics(self, work: str, *images: str, seed: int | None = None) -> None:
         """2 x 2 mosaics of the labelled masks, as many as synthetic pairs per run (with `--with_images`, cut from the
-        real pairs too); the same seed, so the synthetic layouts and the real-image control share their masks. A set
-        whose index exists (written last) is complete and kept."""
+        real pairs too); the run's seed, so the synthetic layouts and the real-image control share their masks
+        (another `seed`: other mosaics, bench/union_recipes.py). A set whose index exists (written last) is complete
+        and kept."""
         if self.path(work, "index.jsonl").is_file():
             print(f"{work}: made in an earlier run, kept", flush=True)
             return
         self.run(
             "crfm.data.layouts", "--data_root", self.path("toydata"), "--json_file", "train.jsonl",
-            "--work_dir", self.path(work), "--num_layouts", self.s.extra_scenes, "--seed", self.s.seed,
-            *images, *self.quiet(),
+            "--work_dir", self.path(work), "--num_layouts", self.s.extra_scenes,
+            "--seed", self.s.seed if seed is None else seed, *images, *self.quiet(),
         )  # fmt: skip
 
     def union_dataset(self, work: str, indexes: Iterable[str]) -> None:
