@@ -51,14 +51,6 @@ def scene_pair(seed: int, index: int, size: int):
     return image, plain, label
 
 
-def through_vae(vae, images):
-    """[N, 3, H, W] images through the VAE (encode, posterior mode, decode), as the fidelity stage's ceiling."""
-    import torch
-
-    with torch.no_grad():
-        return vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
-
-
 def luminance(image) -> np.ndarray:
     """HxW mean of the channels, in the [-1, 1] units of every stage; `image` a 3xHxW tensor."""
     return image.float().mean(0).numpy()
@@ -79,6 +71,7 @@ def measure(run: Path, index: str) -> dict[str, float]:
 
     from crfm.data.dataset import image_to_tensor
     from crfm.data.index import read_index
+    from crfm.models.conditioning import vae_round_trip
     from crfm.toy.toydata import FARM
 
     recorded = json.loads((run / "demo_settings.json").read_text())
@@ -105,7 +98,7 @@ def measure(run: Path, index: str) -> dict[str, float]:
             full = torch.stack([image_to_tensor(Image.fromarray(x)) for x in (image, plain)])
             rows_full = luminance(full[0]) - luminance(full[1])
             sums["full"] += float((rows_full[farm_full] ** 2).mean())
-            decoded = through_vae(vae, full)
+            decoded = vae_round_trip(vae, full)
             sums["full_vae_dot"] += float(
                 ((luminance(decoded[0]) - luminance(decoded[1])) * rows_full)[farm_full].mean()
             )
@@ -116,7 +109,7 @@ def measure(run: Path, index: str) -> dict[str, float]:
         if not farm.any():
             continue
         rows = (luminance(low) - luminance(low_plain))[farm]
-        decoded = through_vae(vae, torch.stack([low, low_plain]))
+        decoded = vae_round_trip(vae, torch.stack([low, low_plain]))
         vae_rows = (luminance(decoded[0]) - luminance(decoded[1]))[farm]
         sums["low"] += float((rows**2).mean())
         sums["vae_dot"] += float((vae_rows * rows).mean())

@@ -19,27 +19,9 @@ the held-out scenes:
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-from pathlib import Path
-
 LINKED = ("toydata", "tiny_sd35", "train", "seg_real", "vectors", "layouts_real", "mosaics_and_synth_layouts")
 OTHER_LAYOUTS_SEED = 1000  # added to the run's seed: mosaics other than the real ones
 ROWS = ("val_mosaic", "val_mosaic3000", "val_union_same", "val_union_distinct", "val_union_additive")
-
-
-def experiment(run: Path, out: Path):
-    """A `Demo` on `out`, whose parts are links to the finished run's."""
-    from crfm.toy.demo.settings import SETTINGS_FILE, DemoSettings, recorded_knobs
-    from crfm.toy.demo.stages import Demo
-
-    out.mkdir(parents=True, exist_ok=True)
-    for part in LINKED:
-        if not (out / part).exists():
-            (out / part).symlink_to(run.resolve() / part)
-    settings = DemoSettings(**recorded_knobs(json.loads((run / SETTINGS_FILE).read_text())))
-    return Demo(out.resolve(), settings, progress=False)
 
 
 def other_layouts(demo) -> str:
@@ -86,22 +68,15 @@ def segmentors(demo, distinct: str) -> list[tuple[str, list[object]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="finished demo runs (the default preset suffices)")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--lanes", type=int, default=2, help="segmentors trained side by side")
-    args = parser.parse_args(argv)
-    scores: dict[str, list[float]] = {row: [] for row in ROWS}
-    for run in args.runs:
-        demo = experiment(run, args.out / run.name)
-        demo.train_segmentors(segmentors(demo, other_layouts(demo)), lanes=args.lanes)
-        for row in ROWS:
-            scores[row].append(json.loads(demo.path(row, "metrics.json").read_text())["mIoU"])
+    from crfm.toy.demo.experiments import experiment_parser, segmentor_metrics, spread
+
+    args = experiment_parser(__doc__).parse_args(argv)
+    metrics = segmentor_metrics(args, LINKED, lambda demo: segmentors(demo, other_layouts(demo)))
     print("| validation mIoU (%) | " + " | ".join(run.name for run in args.runs) + " | mean ± std |")
     print("|---" * (len(args.runs) + 2) + "|")
-    for row, values in scores.items():
-        spread = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-        print(f"| {row} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {spread} |")
+    for row in ROWS:
+        values = [m["mIoU"] for m in metrics[row]]
+        print(f"| {row} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {spread(values)} |")
     return 0
 
 

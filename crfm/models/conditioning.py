@@ -145,6 +145,14 @@ def _vae_mode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return (posterior.mode() - vae.config.shift_factor) * vae.config.scaling_factor
 
 
+def vae_round_trip(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] through the VAE (encode, posterior mode, decode), clamped to [-1, 1]: what
+    the VAE alone keeps of them, the ceiling of every image the generator decodes."""
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return vae.decode(latents).sample.clamp(-1, 1)
+
+
 def encode_mask_latents(vae, label: torch.Tensor, num_cls: int) -> torch.Tensor:
     """Class-index maps [B, H, W] -> SD3-scaled grey mask latents, encoded deterministically (posterior mode), as
     the condition must be the same at training and sampling time. The `grey` encoding."""

@@ -53,12 +53,10 @@ class VAEReconstructions:
         return len(self.dataset)
 
     def __getitem__(self, position: int) -> dict:
-        import torch
+        from crfm.models.conditioning import vae_round_trip
 
         sample = dict(self.dataset[position])
-        with torch.no_grad():
-            latents = self.vae.encode(sample["image"][None]).latent_dist.mode()
-            sample["image"] = self.vae.decode(latents).sample[0].clamp(-1, 1)
+        sample["image"] = vae_round_trip(self.vae, sample["image"][None])[0]
         return sample
 
 
@@ -363,14 +361,14 @@ class Demo(StageRunner):
     def downstream_results(self) -> list[Path]:
         return [self.path(work, "metrics.json") for work, _ in self.downstream_runs()]
 
-    def mixed_run(self, row: DownstreamRow) -> tuple[str, list[object]]:
+    def mixed_run(self, row: DownstreamRow, val: str = "test.jsonl") -> tuple[str, list[object]]:
         """(work dir, flags) of a downstream segmentor on the labelled scenes + the row's synthetic set,
         `synth_ratio` of the draws (a union of sets: each set as often as that), each real image drawn as often as
-        in the real-only run."""
+        in the real-only run; scored on `val` (the held-out scenes; bench/ chooses on the validation ones)."""
         return (row.work, self.segmentor_args(
             row.work, self.s.seed, "--synth_root", self.path(row.synthetic),
             "--synth_ratio", row.synthetic_share(self.s.synth_ratio),
-            "--match_real_exposure", config=self.s.config_path(self.s.seg_config),
+            "--match_real_exposure", config=self.s.config_path(self.s.seg_config), val=val,
         ))  # fmt: skip
 
     def downstream_runs(self) -> list[tuple[str, list[object]]]:

@@ -1,0 +1,112 @@
+"""Where the generator's new layouts lose to copy-paste: the real mosaics at the generator's resolution, then through
+its VAE, then filtered like the synthetic layouts (held-out scenes of finished demo runs; a measurement, no choice).
+
+    python bench/layout_gap.py outputs/heldout_steps/steps1800/seed0 outputs/heldout_steps/steps1800/seed1 \\
+        outputs/heldout_steps/steps1800/seed2 --out outputs/layout_gap          # ~20 min on 2 cores; resumable
+
+The demo's rows real + real mosaics (`seg_real_mosaic`, the 128 px mosaics cut from the labelled pairs) and real +
+CRFM new layouts, filtered (`seg_real_synth_layouts`, the generator's 64 px images of the same masks) differ in
+three things at once. Per run, into `--out/seedS` (links to the run's parts; a set whose index exists and a segmentor
+whose metrics.json exists are kept), the same masks' real images one step at a time, each trained by the demo's own
+row recipe (`Demo.mixed_run`) and scored on the held-out scenes:
+
+- `gap_mosaic_64`: the real mosaics at the generator's resolution (image and mask as the generator's data loader
+  resizes them): what the resolution alone costs;
+- `gap_mosaic_vae`: those images through the run's VAE (encode, posterior mode, decode), the ceiling of any image
+  the generator decodes;
+- `gap_mosaic_vae_filtered`: those, filtered by the run's guide as the synthetic layouts are (FreeMask, the demo's
+  filter settings).
+
+What is left between the last row and `seg_real_synth_layouts` is the generator's own share (its images are not the
+real ones of their masks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LINKED = ("toydata", "tiny_sd35", "train", "seg_real", "vectors", "layouts_real", "seg_real_mosaic",
+          "seg_real_synth_layouts")  # fmt: skip
+MOSAICS_64, MOSAICS_VAE = "mosaics_64", "mosaics_vae"
+# (row label, segmentor work dir); the first and the last are the run's own demo rows.
+ROWS = (
+    ("real + real mosaics (128 px; the demo's row)", "seg_real_mosaic"),
+    ("… at the generator's 64 px", "gap_mosaic_64"),
+    ("… through the VAE", "gap_mosaic_vae"),
+    ("… filtered by the guide", "gap_mosaic_vae_filtered"),
+    ("real + CRFM new layouts, filtered (the demo's row)", "seg_real_synth_layouts"),
+)
+CLASSES = ("bare soil", "farmland", "forest", "water", "road", "building")
+
+
+def write_pairs(dataset, items, classes: Path, folder: Path) -> None:
+    """A `PairDataset`-like `dataset` (images in [-1, 1], class-index labels) written as an index of PNG pairs with
+    the `classes` file, the files named as `items`' images; the index last, so a set whose index exists is complete."""
+    from crfm.data.index import CLASSES_FILE
+    from crfm.sampling.sampler import to_uint8
+    from crfm.sampling.synthesis import write_unit
+    from crfm.utils.fileio import write_jsonl_atomic
+
+    records = []
+    for position, item in enumerate(items):
+        sample = dataset[position]
+        name = Path(item.target).stem
+        write_unit(folder, name, to_uint8(sample["image"][None])[0], sample["label"].numpy())
+        records.append({"source": f"label/{name}.png", "target": f"img/{name}.png", "prompt": item.prompt})
+    (folder / CLASSES_FILE).write_bytes(classes.read_bytes())
+    write_jsonl_atomic(folder / "index.jsonl", records)
+
+
+def image_sets(demo) -> None:
+    """The real mosaics at the generator's resolution, through the VAE, and those filtered."""
+    from crfm.data.dataset import PairDataset
+    from crfm.data.index import CLASSES_FILE, read_index
+    from crfm.toy.demo.rows import REAL_MOSAICS
+    from crfm.toy.demo.settings import NUM_CLS
+    from crfm.toy.demo.stages import VAEReconstructions
+
+    items = read_index(demo.path(REAL_MOSAICS, "index.jsonl"))
+    resized = PairDataset(items, demo.path(REAL_MOSAICS), resolution=demo.s.resolution, num_cls=NUM_CLS)
+    vae = demo.path("tiny_sd35", "vae")
+    for work, dataset in ((MOSAICS_64, lambda: resized), (MOSAICS_VAE, lambda: VAEReconstructions(resized, vae))):
+        if not demo.path(work, "index.jsonl").is_file():
+            write_pairs(dataset(), items, demo.path(REAL_MOSAICS, CLASSES_FILE), demo.path(work))
+    if not demo.path(f"{MOSAICS_VAE}_filtered", "index.jsonl").is_file():
+        demo.run_together([demo.filter_job(MOSAICS_VAE)])
+
+
+def segmentors(demo) -> list[tuple[str, list[object]]]:
+    """The three steps' rows (their sets made first), and the run's own two rows (linked, so kept) by the same
+    recipe."""
+    from crfm.toy.demo.rows import ROWS as DEMO_ROWS
+    from crfm.toy.demo.rows import DownstreamRow
+
+    sets = {"gap_mosaic_64": MOSAICS_64, "gap_mosaic_vae": MOSAICS_VAE,
+            "gap_mosaic_vae_filtered": f"{MOSAICS_VAE}_filtered"}  # fmt: skip
+    image_sets(demo)
+    steps = [DownstreamRow(work, work, work, synthetic) for work, synthetic in sets.items()]
+    return [demo.mixed_run(row) for row in (DEMO_ROWS["real_mosaic"], *steps, DEMO_ROWS["real_synth_layouts"])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from crfm.toy.demo.experiments import experiment_parser, paired, segmentor_metrics, spread
+
+    args = experiment_parser(__doc__).parse_args(argv)
+    metrics = segmentor_metrics(args, LINKED, segmentors)
+    print("| held-out mIoU (%) | " + " | ".join(run.name for run in args.runs) + " | mean ± std | "
+          + " | ".join(CLASSES) + " |")  # fmt: skip
+    print("|---" * (len(args.runs) + 2 + len(CLASSES)) + "|")
+    for label, work in ROWS:
+        miou = [m["mIoU"] for m in metrics[work]]
+        per_class = [spread([m[f"IoU.{name}"] for m in metrics[work]]) for name in CLASSES]
+        print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in miou) + f" | {spread(miou)} | " + " | ".join(per_class)
+              + " |")  # fmt: skip
+    print("\nPaired steps (mean ± std over runs):")
+    for (before, first), (after, second) in zip(ROWS, ROWS[1:], strict=False):
+        miou = {work: [m["mIoU"] for m in metrics[work]] for work in (first, second)}
+        print(f"- {after}  −  {before}: {paired(miou[second], miou[first])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
