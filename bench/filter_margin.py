@@ -3,7 +3,9 @@ scenes of finished demo runs.
 
     python bench/filter_margin.py outputs/heldout_steps/steps1800/seed0 outputs/heldout_steps/steps1800/seed1 \\
         outputs/heldout_steps/steps1800/seed2 --margins 1.5 2.0 --out outputs/filter_margin   # ~27 min; resumable
-    python bench/filter_margin.py ... --reference outputs/layout_gap --out outputs/filter_margin       # ~25 min more
+    python bench/filter_margin.py ... --reference ref_vae --out outputs/filter_margin                 # ~25 min more
+    python bench/filter_margin.py outputs/fresh/seed3 outputs/fresh/seed4 outputs/fresh/seed5 \\
+        --reference ref_vae_layouts --out outputs/filter_per_set                  # fresh runs made --until filter
 
 FreeMask ignores a synthetic pixel whose loss under the guide exceeds `--tolerance_margin` times the guide's mean
 loss of its class on the labelled scenes (the ones the guide was trained on). bench/layout_gap.py found the demo's
@@ -11,9 +13,10 @@ loss of its class on the labelled scenes (the ones the guide was trained on). be
 (links to the run's parts; the run's own margin reuses its filtered sets), every filtered set of the default demo
 filtered again and the rows that draw on them, by the demo's row recipes (`Demo.mixed_run`), scored on `val.jsonl`,
 never on the held-out scenes: the paper's recipe (CRFM x3 of the labelled masks), the new layouts, and the union of
-real mosaics and new layouts. With `--reference FOLDER` (bench/layout_gap.py's `--out`), one more variant, `ref_vae`
-at the run's margin: the class means measured on the run's real mosaics through its VAE (`FOLDER/seedS/mosaics_vae`),
-real images rendered as the generator at best could, in arrangements the guide was not trained on.
+real mosaics and new layouts. `--reference` adds variants at the run's margin whose class means are measured on the
+run's real mosaics through its VAE (`mosaics_vae`, made from the labelled pairs alone: real images as the generator
+at best could draw them, in arrangements the guide was not trained on): `ref_vae` for every filtered set,
+`ref_vae_layouts` for the new layouts only (the labelled masks' x3 keep the demo's filter).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 LINKED = ("toydata", "tiny_sd35", "train", "seg_real", "vectors", "layouts_real", "synth_train", "synth_layouts")
 ROWS = ("real_synth_filtered", "real_synth_layouts", "real_mosaic_synth_layouts")  # demo rows, by key
+FILTERED = ("synth_train", "synth_layouts")  # the default demo's filtered sets: the labelled masks x3, the new layouts
+REFERENCE_VARIANTS = {"ref_vae": FILTERED, "ref_vae_layouts": ("synth_layouts",)}
 
 
 def on_reference(flags: list[object], reference: Path) -> list[object]:
@@ -32,27 +37,32 @@ def on_reference(flags: list[object], reference: Path) -> list[object]:
     return [*flags, "--data_root", reference, "--json_file", "index.jsonl"]
 
 
-def variant_demo(run: Path, out: Path, margin: float, reference: Path | None = None):
-    """A `Demo` on the run at `margin` (and the class means on `reference`'s images): the run's filtered sets where
-    both are the run's, else every set filtered again."""
-    from crfm.toy.demo.experiments import linked_demo
+def variant_demo(run: Path, out: Path, margin: float, reference_sets: tuple[str, ...] = ()):
+    """A `Demo` on the run at `margin`, the sets in `reference_sets` filtered with the class means of the run's real
+    mosaics through its VAE (`real_mosaic_sets`, made in `out`): a set filtered as the run did is the run's own."""
+    from crfm.toy.demo.experiments import linked_demo, real_mosaic_sets
     from crfm.toy.demo.rows import MOSAICS_AND_SYNTH
 
     demo = linked_demo(run, out, LINKED, tolerance_margin=margin)
-    recorded = json.loads((run / "demo_settings.json").read_text())["tolerance_margin"]
-    if margin == recorded and reference is None:
-        for synth in (*(f"{s}_filtered" for s in ("synth_train", "synth_layouts")), MOSAICS_AND_SYNTH[0]):
-            if not (out / synth).exists():
-                (out / synth).symlink_to(run.resolve() / synth)
-        return demo
+    as_run = margin == json.loads((run / "demo_settings.json").read_text())["tolerance_margin"]
+    if reference_sets:
+        real_mosaic_sets(demo)
     pending = []
-    for synth in ("synth_train", "synth_layouts"):
-        if demo.path(f"{synth}_filtered", "index.jsonl").is_file():
-            continue
-        log, module, flags = demo.filter_job(synth)
-        pending.append((log, module, flags if reference is None else on_reference(flags, reference)))
+    for synth in FILTERED:
+        filtered = f"{synth}_filtered"
+        if as_run and synth not in reference_sets:
+            if not (out / filtered).exists():
+                (out / filtered).symlink_to(run.resolve() / filtered)
+        elif not demo.path(filtered, "index.jsonl").is_file():
+            log, module, flags = demo.filter_job(synth)
+            reference = synth in reference_sets
+            pending.append((log, module, on_reference(flags, demo.path("mosaics_vae")) if reference else flags))
     demo.run_together(pending)
-    demo.union_dataset(*MOSAICS_AND_SYNTH)
+    if as_run and not reference_sets:
+        if not (out / MOSAICS_AND_SYNTH[0]).exists():
+            (out / MOSAICS_AND_SYNTH[0]).symlink_to(run.resolve() / MOSAICS_AND_SYNTH[0])
+    else:
+        demo.union_dataset(*MOSAICS_AND_SYNTH)
     return demo
 
 
@@ -69,19 +79,20 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = experiment_parser(__doc__)
     parser.add_argument("--margins", nargs="*", type=float, default=[], help="candidates beside the runs' own")
-    parser.add_argument("--reference", type=Path, help="bench/layout_gap.py's --out: the `ref_vae` variant too")
+    parser.add_argument(
+        "--reference", nargs="*", default=[], choices=sorted(REFERENCE_VARIANTS),
+        help="class means on the real mosaics through the VAE: for every filtered set, or the new layouts only",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     own = {json.loads((run / "demo_settings.json").read_text())["tolerance_margin"] for run in args.runs}
     (margin,) = own  # the runs of one default
-    variants = {"control": (margin, False), **{f"m{m:g}": (m, False) for m in args.margins if m != margin}}
-    if args.reference:
-        variants["ref_vae"] = (margin, True)
+    variants = {"control": (margin, ()), **{f"m{m:g}": (m, ()) for m in args.margins if m != margin}}
+    variants |= {name: (margin, REFERENCE_VARIANTS[name]) for name in args.reference}
     scores: dict[tuple[str, str], list[float]] = {}
     for run in args.runs:
         demos = {
-            name: variant_demo(run, args.out / (f"m{margin:g}" if name == "control" else name) / run.name, m,
-                               args.reference / run.name / "mosaics_vae" if ref else None)
-            for name, (m, ref) in variants.items()
+            name: variant_demo(run, args.out / (f"m{margin:g}" if name == "control" else name) / run.name, m, sets)
+            for name, (m, sets) in variants.items()
         }  # fmt: skip
         # Every variant's segmentors in one queue (each logs in its own folder), so no lane idles between them.
         jobs = [demo.job(work, "crfm.segmentation.downstream", flags) for demo in demos.values()

@@ -23,8 +23,6 @@ real ones of their masks).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 LINKED = ("toydata", "tiny_sd35", "train", "seg_real", "vectors", "layouts_real", "seg_real_mosaic",
           "seg_real_synth_layouts")  # fmt: skip
 MOSAICS_64, MOSAICS_VAE = "mosaics_64", "mosaics_vae"
@@ -39,38 +37,11 @@ ROWS = (
 CLASSES = ("bare soil", "farmland", "forest", "water", "road", "building")
 
 
-def write_pairs(dataset, items, classes: Path, folder: Path) -> None:
-    """A `PairDataset`-like `dataset` (images in [-1, 1], class-index labels) written as an index of PNG pairs with
-    the `classes` file, the files named as `items`' images; the index last, so a set whose index exists is complete."""
-    from crfm.data.index import CLASSES_FILE
-    from crfm.sampling.sampler import to_uint8
-    from crfm.sampling.synthesis import write_unit
-    from crfm.utils.fileio import write_jsonl_atomic
-
-    records = []
-    for position, item in enumerate(items):
-        sample = dataset[position]
-        name = Path(item.target).stem
-        write_unit(folder, name, to_uint8(sample["image"][None])[0], sample["label"].numpy())
-        records.append({"source": f"label/{name}.png", "target": f"img/{name}.png", "prompt": item.prompt})
-    (folder / CLASSES_FILE).write_bytes(classes.read_bytes())
-    write_jsonl_atomic(folder / "index.jsonl", records)
-
-
 def image_sets(demo) -> None:
     """The real mosaics at the generator's resolution, through the VAE, and those filtered."""
-    from crfm.data.dataset import PairDataset
-    from crfm.data.index import CLASSES_FILE, read_index
-    from crfm.toy.demo.rows import REAL_MOSAICS
-    from crfm.toy.demo.settings import NUM_CLS
-    from crfm.toy.demo.stages import VAEReconstructions
+    from crfm.toy.demo.experiments import real_mosaic_sets
 
-    items = read_index(demo.path(REAL_MOSAICS, "index.jsonl"))
-    resized = PairDataset(items, demo.path(REAL_MOSAICS), resolution=demo.s.resolution, num_cls=NUM_CLS)
-    vae = demo.path("tiny_sd35", "vae")
-    for work, dataset in ((MOSAICS_64, lambda: resized), (MOSAICS_VAE, lambda: VAEReconstructions(resized, vae))):
-        if not demo.path(work, "index.jsonl").is_file():
-            write_pairs(dataset(), items, demo.path(REAL_MOSAICS, CLASSES_FILE), demo.path(work))
+    real_mosaic_sets(demo, MOSAICS_64, MOSAICS_VAE)
     if not demo.path(f"{MOSAICS_VAE}_filtered", "index.jsonl").is_file():
         demo.run_together([demo.filter_job(MOSAICS_VAE)])
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 
-from crfm.toy.demo.experiments import linked_demo, paired, spread
+import torch
+
+from crfm.data.dataset import PairDataset
+from crfm.data.index import CLASSES_FILE, read_index
+from crfm.toy.demo.experiments import linked_demo, paired, spread, write_pairs
 from crfm.toy.demo.settings import SETTINGS_FILE
+from crfm.toy.toydata import write_dataset
 
 
 def test_linked_demo_stands_on_the_run_and_keeps_its_settings(tmp_path):
@@ -57,3 +62,20 @@ def test_segmentor_metrics_collects_each_runs_rows(tmp_path):
     metrics = segmentor_metrics(args, [], finished_rows)
     assert [m["mIoU"] for m in metrics["a"]] == [31, 41] and [m["work"] for m in metrics["b"]] == ["b", "b"]
     assert (tmp_path / "out" / "seed4" / "b" / "metrics.json").is_file()  # each run in its own folder
+
+
+def test_written_pairs_read_back_as_the_resized_set(tmp_path):
+    index = write_dataset(tmp_path / "real", 3, 128, seed=5, progress=False)
+    items = read_index(index)
+    resized = PairDataset(items, tmp_path / "real", resolution=64, num_cls=6)
+    out = tmp_path / "written"
+    write_pairs(resized, items, tmp_path / "real" / CLASSES_FILE, out)
+
+    written = PairDataset(read_index(out / "index.jsonl"), out, num_cls=6)  # no resizing on the way back
+    assert len(written) == len(resized)
+    for position in range(len(resized)):
+        before, after = resized[position], written[position]
+        assert after["image"].shape == (3, 64, 64) and after["prompt"] == before["prompt"]
+        assert torch.equal(after["label"], before["label"])  # ignore pixels (255) included
+        assert (after["image"] - before["image"]).abs().max() <= 1 / 127.5 + 1e-6  # uint8 rounding only
+    assert (out / CLASSES_FILE).read_bytes() == (tmp_path / "real" / CLASSES_FILE).read_bytes()

@@ -1,5 +1,6 @@
 """Experiments on finished demo runs (bench/): a `Demo` standing on a run's folders, their shared command line, the
-segmentor rows they train on each run, and the tables' mean ± std."""
+segmentor rows they train on each run, the real mosaics as the generator could at best draw them, and the tables'
+mean ± std."""
 
 from __future__ import annotations
 
@@ -48,6 +49,43 @@ def segmentor_metrics(
         for work, _ in runs:
             metrics.setdefault(work, []).append(json.loads(demo.path(work, "metrics.json").read_text()))
     return metrics
+
+
+def write_pairs(dataset, items, classes: Path, folder: Path) -> None:
+    """A `PairDataset`-like `dataset` (images in [-1, 1], class-index labels) written as an index of PNG pairs with
+    the `classes` file, the files named as `items`' images; the index last, so a set whose index exists is complete."""
+    from crfm.data.index import CLASSES_FILE
+    from crfm.sampling.sampler import to_uint8
+    from crfm.sampling.synthesis import write_unit
+    from crfm.utils.fileio import write_jsonl_atomic
+
+    records = []
+    for position, item in enumerate(items):
+        sample = dataset[position]
+        name = Path(item.target).stem
+        write_unit(folder, name, to_uint8(sample["image"][None])[0], sample["label"].numpy())
+        records.append({"source": f"label/{name}.png", "target": f"img/{name}.png", "prompt": item.prompt})
+    (folder / CLASSES_FILE).write_bytes(classes.read_bytes())
+    write_jsonl_atomic(folder / "index.jsonl", records)
+
+
+def real_mosaic_sets(demo: Demo, resized: str = "mosaics_64", through_vae: str = "mosaics_vae") -> None:
+    """The run's real mosaics (made from the labelled pairs only) at the generator's resolution, as its data loader
+    resizes image and mask (`resized`), and those through its VAE (`through_vae`): real images as the generator could
+    at best draw them. A set whose index exists is kept."""
+    from crfm.data.dataset import PairDataset
+    from crfm.data.index import CLASSES_FILE, read_index
+    from crfm.toy.demo.rows import REAL_MOSAICS
+    from crfm.toy.demo.settings import NUM_CLS
+    from crfm.toy.demo.stages import VAEReconstructions
+
+    items = read_index(demo.path(REAL_MOSAICS, "index.jsonl"))
+    at_resolution = PairDataset(items, demo.path(REAL_MOSAICS), resolution=demo.s.resolution, num_cls=NUM_CLS)
+    vae = demo.path("tiny_sd35", "vae")
+    sets = ((resized, lambda: at_resolution), (through_vae, lambda: VAEReconstructions(at_resolution, vae)))
+    for work, dataset in sets:
+        if not demo.path(work, "index.jsonl").is_file():
+            write_pairs(dataset(), items, demo.path(REAL_MOSAICS, CLASSES_FILE), demo.path(work))
 
 
 def spread(values: list[float]) -> str:
