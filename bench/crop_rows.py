@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from crfm.utils.runs import mean_std
+
     args = build_parser().parse_args(argv)
     rows = {str(run): measure(run, args.json_file) for run in args.runs}
     keys = list(next(iter(rows.values())))
@@ -150,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {run} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for run, v in rows.items()]
     if len(rows) > 1:
         spread = {k: [v[k] for v in rows.values()] for k in keys}
-        lines.append(
-            "| mean ± std | "
-            + " | ".join(f"{statistics.mean(x):.3f} ± {statistics.stdev(x):.3f}" for x in spread.values())
-            + " |"
-        )
+        lines.append("| mean ± std | " + " | ".join(mean_std(x, digits=3) for x in spread.values()) + " |")
     table = "\n".join(lines) + "\n"
     print(table, end="")
     if args.out:

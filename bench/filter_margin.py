@@ -37,31 +37,27 @@ def on_reference(flags: list[object], reference: Path) -> list[object]:
     return [*flags, "--data_root", reference, "--json_file", "index.jsonl"]
 
 
-def variant_demo(run: Path, out: Path, margin: float, reference_sets: tuple[str, ...] = ()):
+def variant_demo(run: Path, out: Path, margin: float, run_margin: float, reference_sets: tuple[str, ...] = ()):
     """A `Demo` on the run at `margin`, the sets in `reference_sets` filtered with the class means of the run's real
-    mosaics through its VAE (`real_mosaic_sets`, made in `out`): a set filtered as the run did is the run's own."""
+    mosaics through its VAE (`real_mosaic_sets`, made in `out`): a set filtered as the run did (at `run_margin`, the
+    run's) is the run's own, linked; the others are filtered again."""
     from crfm.toy.demo.experiments import linked_demo, real_mosaic_sets
     from crfm.toy.demo.rows import MOSAICS_AND_SYNTH
 
-    demo = linked_demo(run, out, LINKED, tolerance_margin=margin)
-    as_run = margin == json.loads((run / "demo_settings.json").read_text())["tolerance_margin"]
+    as_run = [synth for synth in FILTERED if margin == run_margin and synth not in reference_sets]
+    own = [f"{synth}_filtered" for synth in as_run] + ([MOSAICS_AND_SYNTH[0]] if len(as_run) == len(FILTERED) else [])
+    demo = linked_demo(run, out, [*LINKED, *own], tolerance_margin=margin)
     if reference_sets:
         real_mosaic_sets(demo)
     pending = []
     for synth in FILTERED:
-        filtered = f"{synth}_filtered"
-        if as_run and synth not in reference_sets:
-            if not (out / filtered).exists():
-                (out / filtered).symlink_to(run.resolve() / filtered)
-        elif not demo.path(filtered, "index.jsonl").is_file():
-            log, module, flags = demo.filter_job(synth)
-            reference = synth in reference_sets
-            pending.append((log, module, on_reference(flags, demo.path("mosaics_vae")) if reference else flags))
+        if synth in as_run or demo.path(f"{synth}_filtered", "index.jsonl").is_file():
+            continue
+        log, module, flags = demo.filter_job(synth)
+        reference = synth in reference_sets
+        pending.append((log, module, on_reference(flags, demo.path("mosaics_vae")) if reference else flags))
     demo.run_together(pending)
-    if as_run and not reference_sets:
-        if not (out / MOSAICS_AND_SYNTH[0]).exists():
-            (out / MOSAICS_AND_SYNTH[0]).symlink_to(run.resolve() / MOSAICS_AND_SYNTH[0])
-    else:
+    if len(as_run) < len(FILTERED):
         demo.union_dataset(*MOSAICS_AND_SYNTH)
     return demo
 
@@ -75,7 +71,9 @@ def segmentors(demo) -> list[tuple[str, list[object]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from crfm.toy.demo.experiments import experiment_parser, paired, spread
+    from crfm.toy.demo.experiments import experiment_parser, paired
+    from crfm.toy.demo.settings import SETTINGS_FILE, recorded_knobs
+    from crfm.utils.runs import mean_std
 
     parser = experiment_parser(__doc__)
     parser.add_argument("--margins", nargs="*", type=float, default=[], help="candidates beside the runs' own")
@@ -84,16 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         help="class means on the real mosaics through the VAE: for every filtered set, or the new layouts only",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    own = {json.loads((run / "demo_settings.json").read_text())["tolerance_margin"] for run in args.runs}
-    (margin,) = own  # the runs of one default
+    (margin,) = {recorded_knobs(json.loads((run / SETTINGS_FILE).read_text()))["tolerance_margin"] for run in args.runs}
     variants = {"control": (margin, ()), **{f"m{m:g}": (m, ()) for m in args.margins if m != margin}}
     variants |= {name: (margin, REFERENCE_VARIANTS[name]) for name in args.reference}
     scores: dict[tuple[str, str], list[float]] = {}
     for run in args.runs:
-        demos = {
-            name: variant_demo(run, args.out / (f"m{margin:g}" if name == "control" else name) / run.name, m, sets)
-            for name, (m, sets) in variants.items()
-        }  # fmt: skip
+        folders = {name: args.out / (f"m{margin:g}" if name == "control" else name) / run.name for name in variants}
+        demos = {name: variant_demo(run, folders[name], m, margin, sets) for name, (m, sets) in variants.items()}
         # Every variant's segmentors in one queue (each logs in its own folder), so no lane idles between them.
         jobs = [demo.job(work, "crfm.segmentation.downstream", flags) for demo in demos.values()
                 for work, flags in segmentors(demo) if not demo.path(work, "metrics.json").is_file()]  # fmt: skip
@@ -105,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| validation mIoU (%) | filter | " + " | ".join(run.name for run in args.runs) + " | mean ± std |")
     print("|---" * (len(args.runs) + 3) + "|")
     for (name, key), values in scores.items():
-        print(f"| {key} | {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {spread(values)} |")
+        print(f"| {key} | {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {mean_std(values)} |")
     print(f"\nPaired with the control (margin {margin:g}), by run:")
     for name in list(variants)[1:]:
         for key in ROWS:

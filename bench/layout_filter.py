@@ -69,7 +69,8 @@ def segmentors(demo) -> list[tuple[str, list[object]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from crfm.toy.demo.experiments import experiment_parser, paired, segmentor_metrics, spread
+    from crfm.toy.demo.experiments import experiment_parser, paired, segmentor_metrics
+    from crfm.utils.runs import mean_std
 
     args = experiment_parser(__doc__).parse_args(argv)
     metrics = segmentor_metrics(args, LINKED, segmentors)
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (len(args.runs) + 4) + "|")
     for work in ROWS:
         miou = [m["mIoU"] for m in metrics[work]]
-        classes = [spread([m[f"IoU.{name}"] for m in metrics[work]]) for name in ("road", "building")]
-        print(f"| {work} | " + " | ".join(f"{v:.2f}" for v in miou) + f" | {spread(miou)} | " + " | ".join(classes)
+        classes = [mean_std([m[f"IoU.{name}"] for m in metrics[work]]) for name in ("road", "building")]
+        print(f"| {work} | " + " | ".join(f"{v:.2f}" for v in miou) + f" | {mean_std(miou)} | " + " | ".join(classes)
               + " |")  # fmt: skip
     print("\nPaired, by run:")
     for label, first, second in DIFFERENCES:

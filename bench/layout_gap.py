@@ -34,7 +34,6 @@ ROWS = (
     ("… filtered by the guide", "gap_mosaic_vae_filtered"),
     ("real + CRFM new layouts, filtered (the demo's row)", "seg_real_synth_layouts"),
 )
-CLASSES = ("bare soil", "farmland", "forest", "water", "road", "building")
 
 
 def image_sets(demo) -> None:
@@ -60,7 +59,9 @@ def segmentors(demo) -> list[tuple[str, list[object]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from crfm.toy.demo.experiments import experiment_parser, paired, segmentor_metrics, spread
+    from crfm.toy.demo.experiments import experiment_parser, paired, segmentor_metrics
+    from crfm.toy.toydata import CLASSES
+    from crfm.utils.runs import mean_std
 
     args = experiment_parser(__doc__).parse_args(argv)
     metrics = segmentor_metrics(args, LINKED, segmentors)
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (len(args.runs) + 2 + len(CLASSES)) + "|")
     for label, work in ROWS:
         miou = [m["mIoU"] for m in metrics[work]]
-        per_class = [spread([m[f"IoU.{name}"] for m in metrics[work]]) for name in CLASSES]
-        print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in miou) + f" | {spread(miou)} | " + " | ".join(per_class)
+        per_class = [mean_std([m[f"IoU.{name}"] for m in metrics[work]]) for name in CLASSES]
+        print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in miou) + f" | {mean_std(miou)} | " + " | ".join(per_class)
               + " |")  # fmt: skip
     print("\nPaired steps (mean ± std over runs):")
     for (before, first), (after, second) in zip(ROWS, ROWS[1:], strict=False):

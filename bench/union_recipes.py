@@ -68,7 +68,8 @@ def segmentors(demo, distinct: str) -> list[tuple[str, list[object]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from crfm.toy.demo.experiments import experiment_parser, segmentor_metrics, spread
+    from crfm.toy.demo.experiments import experiment_parser, segmentor_metrics
+    from crfm.utils.runs import mean_std
 
     args = experiment_parser(__doc__).parse_args(argv)
     metrics = segmentor_metrics(args, LINKED, lambda demo: segmentors(demo, other_layouts(demo)))
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (len(args.runs) + 2) + "|")
     for row in ROWS:
         values = [m["mIoU"] for m in metrics[row]]
-        print(f"| {row} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {spread(values)} |")
+        print(f"| {row} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {mean_std(values)} |")
     return 0
 
 

@@ -1,12 +1,11 @@
 """Experiments on finished demo runs (bench/): a `Demo` standing on a run's folders, their shared command line, the
-segmentor rows they train on each run, the real mosaics as the generator could at best draw them, and the tables'
-mean ± std."""
+segmentor rows they train on each run, the real mosaics as the generator could at best draw them, and paired
+differences run by run."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -88,12 +87,9 @@ def real_mosaic_sets(demo: Demo, resized: str = "mosaics_64", through_vae: str =
             write_pairs(dataset(), items, demo.path(REAL_MOSAICS, CLASSES_FILE), demo.path(work))
 
 
-def spread(values: list[float]) -> str:
-    """mean ± sample std (the tables' format); one value: empty."""
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-
-
 def paired(first: list[float], second: list[float]) -> str:
     """first − second, run by run: mean ± std (each run's difference)."""
+    from crfm.utils.runs import mean_std
+
     steps = [a - b for a, b in zip(first, second, strict=True)]
-    return f"{spread(steps)} ({' / '.join(f'{v:+.2f}' for v in steps)})"
+    return f"{mean_std(steps)} ({' / '.join(f'{v:+.2f}' for v in steps)})"
